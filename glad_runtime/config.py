@@ -1,0 +1,261 @@
+"""GLAD configuration and the named presets (spec Appendix A), as plain data.
+
+A :class:`GladConfig` holds everything the runtime needs to reproduce a detector: the model architecture name,
+resolutions, noise schedule, ADS / SAFF parameters and scoring options. It is stored as ``config.json`` in the
+model bundle. Presets are selected explicitly by name (project decision 9), never by matching substrings of data
+paths.
+
+Preset names:
+
+* ``tiny``: the CPU model the project trains itself (small UNet2DConditionModel / AutoencoderKL, 128 px, a ViT
+  feature extractor); used by tests and the offline demo.
+* ``sd14-dino-vitb8``: Stable Diffusion v1-4 UNet and VAE with DINO ViT-B/8, the MVTec-AD defaults.
+* ``mvtec-<class>``, ``mpdd-<class>``, ``visa-<class>``, ``pcbbank-<class>``: the official single-class settings.
+* ``multi-mvtec``, ``multi-mpdd``, ``multi-visa``, ``multi-pcbbank``: the official multi-class settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["GladConfig", "PRESETS", "get_preset", "preset_names"]
+
+ARCHITECTURES = ("tiny", "sd14-dino-vitb8")
+
+
+@dataclass(frozen=True)
+class GladConfig:
+    """All runtime settings of one GLAD detector (one category).
+
+    Attributes (units and sources):
+        preset: the preset name this config came from (informational).
+        architecture: ``"sd14-dino-vitb8"`` or ``"tiny"``; selects the networks (export/models.py).
+        resolution: square input size in pixels the VAE sees (512 official).
+        latent_channels, latent_downsample: latent is ``[latent_channels, res/latent_downsample, ...]``.
+        scaling_factor: VAE latent scaling (0.18215 for SD v1).
+        beta_start, beta_end, num_train_timesteps: the scaled-linear schedule (spec section 1).
+        t_max: ``denoise_step``, the maximum noise level T_max.
+        num_inference_steps: DDIM steps n (25 MVTec/MPDD, 15 VisA/PCB-Bank).
+        noise_at: ``"t_max"`` (official) or ``"first_timestep"`` (see ``schedule.noising_timestep``).
+        noise_offset: added to T_max for the noising step (-1 for VisA/PCB-Bank, official ``randint(T-1, T)``).
+        guidance_scale: classifier-free guidance, baked into the UNet graph (9 official; 1 disables CFG).
+        ads_enabled: run the ADS check (spec section 2); False gives plain DDIM reconstruction.
+        tau: ADS threshold on the top-10 mean distance (``input_threshold``).
+        min_step: latest step of the ADS decision; at ``t < min_step`` the decision is forced.
+        ads_top_k: 10 (official).
+        ads_layer: index into ``feature_layers`` of the layer used by ADS and SAFF (-1 = last).
+        ads_imagenet_norm: False reproduces the official code (raw [-1, 1] decodes fed to DINO).
+        saff_enabled: fuse with the sigmoid mask at a triggered step (spec section 3); False uses x~0 only.
+        dino_resolution: square size the scoring features are computed at (512 MVTec, 256 VisA).
+        patch_size: feature extractor patch size (8 for DINO ViT-B/8, 14 for ViT-S/14).
+        feature_layers: 0-indexed transformer blocks whose pre-norm tokens are scored ([2, 5, 8, 11] official).
+        pixel_weight: v of the pixel term (0 MVTec/MPDD, 1-7 VisA/PCB-Bank).
+        bidirectional: ``"none"``, ``"sum"`` (single-class transistor, pcb1, pcb4) or ``"mean"`` (multi-class).
+        blur_sigma: Gaussian sigma in pixels at dino_resolution (6).
+        foreground_mode: 1 dark object, 2 bright object, 3 none (spec section 5).
+        top_k: image score = mean of the top-K map values (250).
+        score_reference: ``"input"`` (official) or ``"vae_roundtrip"`` (score the reconstruction against
+            decode(encode(x)) so that VAE blur is not counted as anomaly; data.md measurements).
+        num_seeds: average the anomaly maps over this many noise seeds (seed, seed+1, ...).
+        seed: base noise seed; every image uses the same seeds, so results do not depend on batch mates.
+        ads_resolution: square size of the decoded images fed to the feature extractor by ADS; None means
+            ``resolution`` (official: 512, a 64x64 grid equal to the latent grid). The distance map is resized to
+            the latent grid for SAFF when the grids differ (patch-14 extractors).
+        chunk_size: query tokens per chunk in nearest-neighbour distances.
+        conditioning: names the baked text conditioning ("a photo of sks" / "").
+    """
+
+    preset: str = "sd14-dino-vitb8"
+    architecture: str = "sd14-dino-vitb8"
+    resolution: int = 512
+    latent_channels: int = 4
+    latent_downsample: int = 8
+    scaling_factor: float = 0.18215
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+    t_max: int = 750
+    num_inference_steps: int = 25
+    noise_at: str = "t_max"
+    noise_offset: int = 0
+    guidance_scale: float = 9.0
+    ads_enabled: bool = True
+    tau: float = 0.35
+    min_step: int = 350
+    ads_top_k: int = 10
+    ads_layer: int = -1
+    ads_imagenet_norm: bool = False
+    saff_enabled: bool = True
+    dino_resolution: int = 512
+    patch_size: int = 8
+    feature_layers: tuple[int, ...] = (2, 5, 8, 11)
+    pixel_weight: float = 0.0
+    bidirectional: str = "none"
+    blur_sigma: float = 6.0
+    foreground_mode: int = 3
+    top_k: int = 250
+    score_reference: str = "input"
+    num_seeds: int = 1
+    seed: int = 0
+    ads_resolution: int | None = None
+    chunk_size: int = 1024
+    conditioning: dict[str, str] = field(default_factory=lambda: {"prompt": "a photo of sks", "negative": ""})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "feature_layers", tuple(int(x) for x in self.feature_layers))
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for any inconsistent value."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid GLAD config ({self.preset}): {msg}")
+
+        need(self.architecture in ARCHITECTURES, f"architecture must be one of {ARCHITECTURES}")
+        need(self.resolution > 0 and self.resolution % self.latent_downsample == 0,
+             "resolution must be a positive multiple of latent_downsample")
+        need(self.dino_resolution % self.patch_size == 0, "dino_resolution must be a multiple of patch_size")
+        need(self.ads_size % self.patch_size == 0, "ads_resolution must be a multiple of patch_size")
+        need(1 <= self.num_inference_steps <= self.t_max <= 999, "need 1 <= num_inference_steps <= t_max <= 999")
+        need(self.noise_at in ("t_max", "first_timestep"), "noise_at must be 't_max' or 'first_timestep'")
+        need(0 <= self.min_step <= 1000, "min_step must be in [0, 1000]")
+        need(len(self.feature_layers) > 0, "feature_layers must not be empty")
+        need(-len(self.feature_layers) <= self.ads_layer < len(self.feature_layers), "ads_layer out of range")
+        need(self.bidirectional in ("none", "sum", "mean"), "bidirectional must be 'none', 'sum' or 'mean'")
+        need(self.foreground_mode in (1, 2, 3), "foreground_mode must be 1, 2 or 3")
+        need(self.score_reference in ("input", "vae_roundtrip"), "score_reference must be 'input' or 'vae_roundtrip'")
+        need(self.num_seeds >= 1 and self.top_k >= 1 and self.ads_top_k >= 1 and self.chunk_size >= 1,
+             "num_seeds, top_k, ads_top_k and chunk_size must be >= 1")
+        need(self.guidance_scale >= 0, "guidance_scale must be >= 0")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def latent_size(self) -> int:
+        """Latent height and width ``resolution // latent_downsample``."""
+        return self.resolution // self.latent_downsample
+
+    @property
+    def ads_size(self) -> int:
+        """Square input size of the ADS feature check (``ads_resolution`` or ``resolution``)."""
+        return self.ads_resolution or self.resolution
+
+    def replace(self, **changes: Any) -> "GladConfig":
+        """A copy with fields changed; unknown fields raise ``TypeError``."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ I/O
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["feature_layers"] = list(self.feature_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GladConfig":
+        """Build from a dict (e.g. ``config.json``); unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown GLAD config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+_SD = GladConfig()
+
+#: The tiny CPU preset (data.md "a measured starting point"): 128 px, 4x32x32 latents, DDIM 5 steps over T=300,
+#: a ViT-S/14 stand-in at 224 px (16x16 grid, resized to the 32x32 latent grid for SAFF), layer 7 for scoring.
+TINY = GladConfig(
+    preset="tiny", architecture="tiny", resolution=128, latent_downsample=4, scaling_factor=1.0,
+    t_max=300, num_inference_steps=5, guidance_scale=1.0, tau=0.35, min_step=150,
+    dino_resolution=224, ads_resolution=224, patch_size=14, feature_layers=(7,), blur_sigma=4.0, top_k=50,
+    score_reference="vae_roundtrip", chunk_size=1024,
+)
+
+# Appendix A, single class: (T_max, tau, v, min_step, bidirectional)
+_MVTEC = {
+    "carpet": (750, 0.32, 0, 350), "grid": (750, 0.47, 0, 350), "leather": (750, 0.35, 0, 350),
+    "tile": (750, 0.35, 0, 350), "wood": (750, 0.37, 0, 350), "bottle": (750, 0.32, 0, 350),
+    "cable": (750, 0.40, 0, 350), "capsule": (600, 0.40, 0, 350), "hazelnut": (750, 0.50, 0, 350),
+    "metal_nut": (750, 0.40, 0, 350), "pill": (750, 0.35, 0, 350), "screw": (750, 0.32, 0, 350),
+    "toothbrush": (750, 0.50, 0, 350), "transistor": (850, 0.50, 0, 350), "zipper": (750, 0.35, 0, 350),
+}
+_MPDD = {
+    "bracket_black": (500, 0.35, 0, 350), "bracket_brown": (500, 0.35, 0, 350),
+    "bracket_white": (450, 0.35, 0, 200), "connector": (500, 0.35, 0, 350),
+    "metal_plate": (500, 0.35, 0, 350), "tubes": (500, 0.10, 0, 350),
+}
+_VISA = {
+    "candle": (450, 0.45, 7, 200), "capsules": (450, 0.40, 7, 200), "cashew": (450, 0.40, 1, 200),
+    "chewinggum": (450, 0.45, 1, 200), "fryum": (450, 0.35, 2, 200), "macaroni1": (450, 0.45, 7, 200),
+    "macaroni2": (450, 0.45, 7, 200), "pcb1": (450, 0.30, 1, 200), "pcb2": (450, 0.30, 2, 200),
+    "pcb3": (450, 0.30, 2, 200), "pcb4": (450, 0.30, 2, 200), "pipe_fryum": (450, 0.45, 2, 200),
+}
+_PCBBANK = {
+    "pcb1": (450, 0.30, 1, 200), "pcb2": (450, 0.30, 2, 200), "pcb3": (450, 0.30, 2, 200),
+    "pcb4": (450, 0.30, 2, 200), "pcb5": (450, 0.40, 2, 200), "pcb6": (450, 0.45, 1, 200),
+    "pcb7": (450, 0.30, 2, 200),
+}
+_BIDIRECTIONAL = {"mvtec-transistor", "visa-pcb1", "visa-pcb4", "pcbbank-pcb1", "pcbbank-pcb4"}
+#: Single-class test-time foreground modes (spec section 5): mode 1 for these, mode 2 for bracket_white.
+_FG_MODE = {"mvtec-screw": 1, "mvtec-capsule": 1, "mpdd-bracket_black": 1, "mpdd-bracket_brown": 1,
+            "mpdd-bracket_white": 2}
+
+
+def _single_class_presets() -> dict[str, GladConfig]:
+    out: dict[str, GladConfig] = {}
+    for dataset, table in (("mvtec", _MVTEC), ("mpdd", _MPDD), ("visa", _VISA), ("pcbbank", _PCBBANK)):
+        visa_like = dataset in ("visa", "pcbbank")
+        for cls, (t_max, tau, v, min_step) in table.items():
+            name = f"{dataset}-{cls}"
+            out[name] = _SD.replace(
+                preset=name, t_max=t_max, tau=tau, pixel_weight=float(v), min_step=min_step,
+                num_inference_steps=15 if visa_like else 25, noise_offset=-1 if visa_like else 0,
+                dino_resolution=256 if visa_like else 512,
+                bidirectional="sum" if name in _BIDIRECTIONAL else "none",
+                foreground_mode=_FG_MODE.get(name, 3),
+            )
+    return out
+
+
+def _multi_class_presets() -> dict[str, GladConfig]:
+    # (tau, T_max, min_step, v) from main_multi.py; data at 256 upsampled to 512, dino_res 256, 25 steps.
+    table = {"mvtec": (0.45, 650, 350, 0), "mpdd": (0.35, 500, 350, 0), "visa": (0.15, 500, 250, 2),
+             "pcbbank": (0.20, 500, 250, 1)}
+    return {f"multi-{d}": _SD.replace(preset=f"multi-{d}", tau=tau, t_max=t, min_step=m, pixel_weight=float(v),
+                                      dino_resolution=256, num_inference_steps=25)
+            for d, (tau, t, m, v) in table.items()}
+
+
+PRESETS: dict[str, GladConfig] = {
+    "tiny": TINY,
+    "sd14-dino-vitb8": _SD.replace(preset="sd14-dino-vitb8"),
+    **_single_class_presets(),
+    **_multi_class_presets(),
+}
+
+
+def preset_names() -> list[str]:
+    """All preset names, sorted."""
+    return sorted(PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> GladConfig:
+    """The named preset, optionally with fields overridden.
+
+    Raises:
+        KeyError: unknown preset (the message lists close matches).
+    """
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, PRESETS, n=5)
+        raise KeyError(f"unknown preset {name!r}; close matches: {close or preset_names()[:8]}")
+    cfg = PRESETS[name]
+    return cfg.replace(**overrides) if overrides else cfg

@@ -1,0 +1,156 @@
+"""Image I/O as production lines send it: decode, orient, convert, resize; and maps back at the original size.
+
+Conversion rules (documented in the README):
+
+* EXIF orientation is applied first (``PIL.ImageOps.exif_transpose``); "original size" means the upright size.
+* 8-bit grayscale ``L`` -> value / 255, replicated to 3 channels (the official ``convert("RGB")``).
+* 16-bit grayscale (``I;16*``, or ``I`` with values <= 65535) -> value / 65535, replicated; full precision is kept
+  through the resize (no 8-bit round trip).
+* ``RGB`` -> / 255. ``RGBA`` / ``LA`` / palette with transparency -> composited onto black (transparent pixels
+  are background), then RGB. Palette, ``CMYK``, ``YCbCr``, 1-bit -> Pillow's RGB conversion.
+* 32-bit float ``F`` images and anything else are refused with :class:`UnsupportedImageError`.
+* Resize to ``resolution x resolution`` (bilinear, antialiased as Pillow does for torchvision's PIL ``Resize``;
+  the aspect ratio is not kept, as in the official code), then ``x * 2 - 1`` -> [-1, 1].
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageLoadError", "UnsupportedImageError", "LoadedImage", "load_image", "to_unit_rgb",
+           "preprocess", "resize_map", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageLoadError(ValueError):
+    """A file could not be read or decoded as an image (missing, truncated, corrupt, not an image)."""
+
+
+class UnsupportedImageError(ImageLoadError):
+    """The image decoded but its pixel format is not supported (e.g. 32-bit float)."""
+
+
+@dataclass
+class LoadedImage:
+    """An image converted to float RGB in [0, 1] at its upright original size.
+
+    Attributes:
+        rgb: float32 ``[H, W, 3]`` in [0, 1].
+        original_size: ``(H, W)`` after EXIF orientation.
+        mode: the Pillow mode of the file (``L``, ``I;16``, ``RGBA``, ``P`` ...).
+        source: the path or a label.
+    """
+
+    rgb: np.ndarray
+    original_size: tuple[int, int]
+    mode: str
+    source: str
+
+
+def to_unit_rgb(img: Image.Image) -> np.ndarray:
+    """Convert a decoded, upright Pillow image to float32 ``[H, W, 3]`` in [0, 1] (rules in the module doc).
+
+    Raises:
+        UnsupportedImageError: unsupported mode or out-of-range 32-bit integer data.
+    """
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img).astype(np.float32)
+        if mode == "I" and (arr.min() < 0 or arr.max() > 65535):
+            raise UnsupportedImageError(f"32-bit integer image with values outside [0, 65535] (mode {mode})")
+        gray = arr / 65535.0
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "L":
+        return np.repeat((np.asarray(img, dtype=np.float32) / 255.0)[..., None], 3, axis=2)
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(black, rgba).convert("RGB")
+    elif mode in ("RGB", "CMYK", "YCbCr", "1", "HSV", "LAB"):
+        img = img.convert("RGB")
+    elif mode != "RGB":
+        raise UnsupportedImageError(f"unsupported image mode {mode!r} (supported: L, I;16, RGB, RGBA, LA, P, "
+                                    "CMYK, YCbCr, 1)")
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def load_image(source: str | os.PathLike | bytes) -> LoadedImage:
+    """Read and convert one image file (or encoded bytes).
+
+    Returns:
+        :class:`LoadedImage` in [0, 1] at its upright original size.
+    Raises:
+        ImageLoadError: missing, unreadable, truncated or non-image data (the message names the file).
+        UnsupportedImageError: an unsupported pixel format.
+    """
+    label = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    except OSError as e:
+        raise ImageLoadError(f"{label}: cannot open ({e.strerror or e})") from e
+    try:
+        with fp, Image.open(fp) as img:
+            img.load()  # force full decode: truncated files fail here, not later
+            upright = ImageOps.exif_transpose(img)
+            rgb = to_unit_rgb(upright)
+            mode = img.mode
+    except UnsupportedImageError as e:
+        raise UnsupportedImageError(f"{label}: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError(f"{label}: not a readable image ({type(e).__name__}: {e})") from e
+    return LoadedImage(rgb=rgb, original_size=(rgb.shape[0], rgb.shape[1]), mode=mode, source=label)
+
+
+def preprocess(rgb: np.ndarray, resolution: int) -> np.ndarray:
+    """Resize float RGB in [0, 1] to ``resolution`` squared and map to [-1, 1] (spec section 6).
+
+    Each channel is resized as a 32-bit float Pillow image with bilinear filtering (antialiased when shrinking,
+    like torchvision's PIL ``Resize``).
+
+    Args:
+        rgb: float32 ``[H, W, 3]`` in [0, 1].
+    Returns:
+        float32 ``[3, resolution, resolution]`` in [-1, 1].
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected [H, W, 3] RGB, got {rgb.shape}")
+    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., k], dtype=np.float32))
+                        .resize((resolution, resolution), Image.BILINEAR)) for k in range(3)]
+    return (np.stack(chans).clip(0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
+
+
+def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an anomaly map ``[h, w]`` to the original ``(H, W)`` (bilinear, Pillow float), float32."""
+    h, w = size
+    if amap.shape == (h, w):
+        return amap.astype(np.float32)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32))
+                      .resize((w, h), Image.BILINEAR), dtype=np.float32)
+
+
+def list_images(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively, by image extension, sorted) into a list of paths.
+
+    Raises:
+        FileNotFoundError: an input that does not exist.
+    """
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    return out

@@ -1,0 +1,234 @@
+"""The GLAD pipeline: encode, noise, DDIM with ADS/SAFF, decode, score. Drives any :class:`Engines` backend.
+
+Spec section 2.3 (full test-time reconstruction), 2.1-2.2 (ADS), 3 (SAFF), 5 (scoring). Per-image state is
+explicit (:class:`_Track`), every image uses the same seeded noise, and the ADS decode/feature work is spent only on
+undecided images, so an image's result does not depend on its batch mates (project decision 2).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .ads import ads_decision, raw_feature_input, saff_fuse, saff_mask
+from .anomaly import anomaly_map, foreground_mask, nn_cosine_distance, resize_bilinear, topk_mean
+from .config import GladConfig
+from .engines import EngineError, Engines, check_output
+from .schedule import NoiseSchedule
+
+__all__ = ["GladPipeline", "PipelineOutput", "InvalidInputError"]
+
+
+class InvalidInputError(ValueError):
+    """The input batch has the wrong shape, dtype or non-finite values."""
+
+
+@dataclass
+class PipelineOutput:
+    """Results for a batch of ``B`` images.
+
+    Attributes:
+        scores: float32 ``[B]``, the top-K mean of the anomaly map (uncalibrated, >= 0).
+        anomaly_maps: float32 ``[B, D, D]`` at ``dino_resolution``.
+        adaptive_steps: int64 ``[B]``: DDIM timestep where ADS decided (first seed); -1 when ADS is disabled or
+            the sample was never decided (only possible with ``min_step`` <= 1).
+        ads_scores: float32 ``[B]``: the top-10 distance at the decision (NaN when never decided).
+        triggered: bool ``[B]``: True when the decision was a SAFF trigger (score > tau), False when forced.
+        reconstructions: float32 ``[B, 3, R, R]`` in about [-1, 1] (first seed).
+        timings: seconds per stage for the whole batch (``encode``, ``unet``, ``ads_decode``, ``ads_features``,
+            ``decode``, ``features``, ``scoring``, ``total``).
+    """
+
+    scores: np.ndarray
+    anomaly_maps: np.ndarray
+    adaptive_steps: np.ndarray
+    ads_scores: np.ndarray
+    triggered: np.ndarray
+    reconstructions: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Track:
+    """Per-image ADS state through one reconstruction (explicit so a step-level scheduler stays a small step)."""
+
+    decided: bool = False
+    adaptive_step: int = -1
+    ads_score: float = float("nan")
+    triggered: bool = False
+
+
+class GladPipeline:
+    """Runs GLAD over batches of preprocessed images against an :class:`Engines` backend.
+
+    Args:
+        engines: the four networks (PyTorch, ONNX Runtime or Triton).
+        config: the detector's :class:`GladConfig`.
+    """
+
+    def __init__(self, engines: Engines, config: GladConfig):
+        self.engines = engines
+        self.config = config
+        self.schedule = NoiseSchedule.create(
+            config.t_max, config.num_inference_steps, beta_start=config.beta_start, beta_end=config.beta_end,
+            num_train_timesteps=config.num_train_timesteps, noise_at=config.noise_at,
+            noise_offset=config.noise_offset)
+        self._timings: dict[str, float] = defaultdict(float)
+
+    # ------------------------------------------------------------------ helpers
+    @contextmanager
+    def _timed(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timings[stage] += time.perf_counter() - start
+
+    def _latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        c = self.config
+        return batch, c.latent_channels, c.latent_size, c.latent_size
+
+    def noise(self, batch: int, seed: int) -> np.ndarray:
+        """``eps0`` float32 ``[B, C, h, w]``: the same seeded standard-normal draw for every image."""
+        c = self.config
+        one = np.random.default_rng(seed).standard_normal((c.latent_channels, c.latent_size, c.latent_size),
+                                                          dtype=np.float32)
+        return np.broadcast_to(one, self._latent_shape(batch)).copy()
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        with self._timed("encode"):
+            return check_output("encode", self.engines.encode(images), self._latent_shape(len(images)))
+
+    def decode(self, latents: np.ndarray, stage: str = "decode") -> np.ndarray:
+        r = self.config.resolution
+        with self._timed(stage):
+            return check_output("decode", self.engines.decode(latents), (len(latents), 3, r, r))
+
+    def features(self, images: np.ndarray, stage: str = "features") -> list[np.ndarray]:
+        c = self.config
+        g = images.shape[-1] // c.patch_size
+        with self._timed(stage):
+            feats = self.engines.features(images)
+        if len(feats) != len(c.feature_layers):
+            raise EngineError(f"features: {len(feats)} layers returned, config has {len(c.feature_layers)}")
+        return [check_output("features", f, (len(images), g, g, f.shape[-1])) for f in feats]
+
+    # ------------------------------------------------------------------ reconstruction
+    def reconstruct(self, latents: np.ndarray, seed: int) -> tuple[np.ndarray, list[_Track]]:
+        """DDIM reconstruction of clean input latents with ADS/SAFF (spec 2.3 steps 3-7).
+
+        Args:
+            latents: ``z0`` float32 ``[B, C, h, w]`` (scaled VAE latents).
+            seed: noise seed for ``eps0``.
+        Returns:
+            ``(x0_latents [B, C, h, w], tracks)``: the final latents (decode them for the reconstruction) and
+            the per-image ADS record.
+        """
+        c, s = self.config, self.schedule
+        b = len(latents)
+        eps0 = self.noise(b, seed)
+        x = s.add_noise(latents, eps0, s.noise_timestep)
+        tracks = [_Track() for _ in range(b)]
+        ads_size = c.ads_size
+        for t in s.timesteps:
+            t = int(t)
+            with self._timed("unet"):
+                eps = check_output("unet", self.engines.unet(x, np.full(b, t, dtype=np.int64)), x.shape)
+            x0 = s.pred_original_sample(x, eps, t)
+            undecided = [i for i, tr in enumerate(tracks) if not tr.decided]
+            if c.ads_enabled and undecided:
+                u = np.asarray(undecided)
+                anchored = s.input_anchored_sample(latents[u], eps0[u], eps[u], t)
+                # decode both estimates of the undecided images in one call
+                imgs = self.decode(np.concatenate([x0[u], anchored]), stage="ads_decode")
+                if ads_size != c.resolution:
+                    imgs = resize_bilinear(imgs, (ads_size, ads_size))
+                if not c.ads_imagenet_norm:
+                    imgs = raw_feature_input(imgs)
+                feats = self.features(imgs, stage="ads_features")[c.ads_layer]
+                f_model, f_anchor = feats[:len(u)], feats[len(u):]
+                with self._timed("ads_distance"):
+                    dist = nn_cosine_distance(f_anchor, f_model, c.chunk_size)  # i: anchored, j: model (spec 2.1)
+                    scores = topk_mean(dist, c.ads_top_k)
+                trigger, forced = ads_decision(scores, t, c.tau, c.min_step)
+                if trigger.any() and c.saff_enabled:
+                    m = saff_mask(dist[trigger], (c.latent_size, c.latent_size))
+                    x0[u[trigger]] = saff_fuse(x0[u[trigger]], anchored[trigger], m)
+                elif trigger.any():
+                    x0[u[trigger]] = anchored[trigger]
+                x0[u[forced]] = anchored[forced]
+                for k, i in enumerate(undecided):
+                    if trigger[k] or forced[k]:
+                        tracks[i] = _Track(True, t, float(scores[k]), bool(trigger[k]))
+            x = s.ddim_step(x0, eps, t)
+        return x, tracks
+
+    # ------------------------------------------------------------------ full run
+    def validate_batch(self, images: np.ndarray) -> np.ndarray:
+        """Check a preprocessed batch: float ``[B, 3, R, R]``, finite. Returns it as contiguous float32.
+
+        Raises:
+            InvalidInputError: wrong rank, channel count, size, or non-finite values.
+        """
+        r = self.config.resolution
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != (3, r, r) or images.shape[0] < 1:
+            raise InvalidInputError(f"expected images [B, 3, {r}, {r}], got {list(images.shape)}")
+        if not np.issubdtype(images.dtype, np.floating):
+            raise InvalidInputError(f"expected float images in [-1, 1], got dtype {images.dtype}")
+        if not np.isfinite(images).all():
+            raise InvalidInputError("images contain NaN or Inf")
+        return np.ascontiguousarray(images, dtype=np.float32)
+
+    def __call__(self, images: np.ndarray) -> PipelineOutput:
+        """Run GLAD on a batch of preprocessed images.
+
+        Args:
+            images: float32 ``[B, 3, R, R]`` in [-1, 1] (``glad_runtime.images.preprocess``).
+        Returns:
+            :class:`PipelineOutput`.
+        Raises:
+            InvalidInputError: bad batch. EngineError: a network returned a wrong shape or non-finite values.
+        """
+        c = self.config
+        images = self.validate_batch(images)
+        self._timings = defaultdict(float)
+        start = time.perf_counter()
+        latents = self.encode(images)
+        d = (c.dino_resolution, c.dino_resolution)
+        reference = self.decode(latents) if c.score_reference == "vae_roundtrip" else images
+        ref_small = resize_bilinear(reference, d)
+        feats_in = self.features(ref_small)
+        with self._timed("scoring"):
+            fg = None if c.foreground_mode == 3 else foreground_mask(images, c.foreground_mode, d)
+        maps = []
+        recon0, tracks0 = None, None
+        for k in range(c.num_seeds):
+            final, tracks = self.reconstruct(latents, c.seed + k)
+            recon = self.decode(final)
+            rec_small = resize_bilinear(recon, d)
+            feats_rec = self.features(rec_small)
+            with self._timed("scoring"):
+                maps.append(anomaly_map(feats_in, feats_rec, d, images_input=ref_small, images_recon=rec_small,
+                                        pixel_weight=c.pixel_weight, bidirectional=c.bidirectional,
+                                        blur_sigma=c.blur_sigma, fg_mask=fg, chunk_size=c.chunk_size))
+            if recon0 is None:
+                recon0, tracks0 = recon, tracks
+        amap = maps[0] if len(maps) == 1 else np.mean(maps, axis=0).astype(np.float32)
+        if not np.isfinite(amap).all():
+            raise EngineError("anomaly map contains non-finite values")
+        scores = topk_mean(amap, c.top_k)
+        self._timings["total"] = time.perf_counter() - start
+        return PipelineOutput(
+            scores=scores,
+            anomaly_maps=amap,
+            adaptive_steps=np.array([t.adaptive_step for t in tracks0], dtype=np.int64),
+            ads_scores=np.array([t.ads_score for t in tracks0], dtype=np.float32),
+            triggered=np.array([t.triggered for t in tracks0], dtype=bool),
+            reconstructions=recon0,
+            timings=dict(self._timings),
+        )

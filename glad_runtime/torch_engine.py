@@ -1,0 +1,74 @@
+"""PyTorch reference engine: the :class:`~glad_runtime.engines.Engines` interface over torch modules.
+
+Importing this module imports torch; ``glad_runtime`` itself never does (production clients install no torch).
+The modules are the deployment wrappers built by ``export.models`` (``GuidedUNet``, ``VaeEncoder``,
+``VaeDecoder``, ``FeatureExtractor``), so this engine and the exported graphs compute the same functions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["TorchEngines", "resolve_device"]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; otherwise ``torch.device(device)``.
+
+    Raises:
+        ValueError: a CUDA device requested on a machine without one.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+class TorchEngines:
+    """GLAD's four networks in PyTorch, numpy in and out (float32).
+
+    Args:
+        modules: an ``export.models.GladModules`` (eval mode).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+        dtype: compute dtype (float32 default; float16 on GPU for the official precision).
+        max_batch: split calls into chunks of at most this many images (bounded memory).
+    """
+
+    def __init__(self, modules, device: str = "cpu", dtype: torch.dtype = torch.float32, max_batch: int = 16):
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.max_batch = max(1, int(max_batch))
+        self.modules = modules.to(self.device)
+        for m in (modules.unet, modules.encoder, modules.decoder, modules.features):
+            m.to(dtype=dtype)
+
+    def _run(self, fn, *arrays: np.ndarray):
+        outs = []
+        with torch.inference_mode():
+            for start in range(0, len(arrays[0]), self.max_batch):
+                args = [torch.from_numpy(np.ascontiguousarray(a[start:start + self.max_batch])).to(self.device)
+                        for a in arrays]
+                args = [a.to(self.dtype) if a.is_floating_point() else a for a in args]
+                outs.append(fn(*args))
+        if isinstance(outs[0], tuple):
+            return [torch.cat([o[k] for o in outs]).float().cpu().numpy() for k in range(len(outs[0]))]
+        return torch.cat(outs).float().cpu().numpy()
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """``[B,3,H,W]`` in [-1,1] -> scaled latents ``[B,C,h,w]``."""
+        return self._run(self.modules.encoder, images)
+
+    def unet(self, latents: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+        """Guided noise prediction ``[B,C,h,w]`` at int64 ``timesteps [B]``."""
+        return self._run(self.modules.unet, latents, np.asarray(timesteps, dtype=np.int64))
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Scaled latents ``[B,C,h,w]`` -> images ``[B,3,H,W]``."""
+        return self._run(self.modules.decoder, latents)
+
+    def features(self, images: np.ndarray) -> list[np.ndarray]:
+        """Patch tokens ``[B,gh,gw,D]`` per configured layer."""
+        return self._run(self.modules.features, images)

@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny random bundle, stub engines, real images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from glad_runtime.anomaly import IMAGENET_MEAN, IMAGENET_STD
+from glad_runtime.config import GladConfig
+
+
+class StubEngines:
+    """Deterministic numpy engines with known outputs (for ADS/SAFF tests).
+
+    encode/decode are the identity (latents = images, 3 channels, downsample 1); ``unet`` returns a fixed linear
+    function of its input; ``features`` returns per-pixel tokens ``[norm(x), 1]`` (patch size 1), with ImageNet
+    normalisation inside like the real feature graphs.
+    """
+
+    def __init__(self, gain: float = 0.3):
+        self.gain = gain
+        self.calls = {"encode": 0, "unet": 0, "decode": 0, "features": 0}
+        self.decode_batches: list[int] = []
+
+    def encode(self, images):
+        self.calls["encode"] += 1
+        return images.astype(np.float32).copy()
+
+    def unet(self, latents, timesteps):
+        self.calls["unet"] += 1
+        t = timesteps.astype(np.float32)[:, None, None, None] / 1000.0
+        return (self.gain * latents * (1.0 + t) + 0.1 * np.tanh(latents)).astype(np.float32)
+
+    def decode(self, latents):
+        self.calls["decode"] += 1
+        self.decode_batches.append(len(latents))
+        return latents.astype(np.float32).copy()
+
+    def features(self, images):
+        self.calls["features"] += 1
+        x = ((images + 1) / 2 - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
+        tok = np.concatenate([x, np.ones_like(x[:, :1])], axis=1)
+        return [np.transpose(tok, (0, 2, 3, 1)).astype(np.float32)]
+
+
+def stub_config(**kw) -> GladConfig:
+    base = dict(preset="stub", architecture="tiny", resolution=8, latent_channels=3, latent_downsample=1,
+                scaling_factor=1.0, t_max=300, num_inference_steps=6, guidance_scale=1.0, tau=0.05, min_step=150,
+                ads_top_k=4, dino_resolution=8, ads_resolution=8, patch_size=1, feature_layers=(0,),
+                blur_sigma=1.0, top_k=5, score_reference="input")
+    base.update(kw)
+    return GladConfig(**base)
+
+
+@pytest.fixture
+def stub_engines():
+    return StubEngines()
+
+
+@pytest.fixture(scope="session")
+def tiny_modules():
+    """Random-init tiny modules with a small random ViT (no external weights)."""
+    from export.models import build_tiny_modules
+    from glad_runtime.config import get_preset
+
+    return build_tiny_modules(get_preset("tiny"), seed=0, features="random")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_modules):
+    from export.models import save_bundle_modules
+    from glad_runtime.bundle import Bundle
+    from glad_runtime.config import get_preset
+
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    b = Bundle.create(path, get_preset("tiny"))
+    save_bundle_modules(tiny_modules, b)
+    return b
+
+
+@pytest.fixture(scope="session")
+def elpv_images():
+    """A few real ELPV solar-cell images (uint8 [N,300,300]) and labels; skipped when the package is absent."""
+    utils = pytest.importorskip("elpv_dataset.utils")
+    images, probs, types = utils.load_dataset()
+    mono = types == "mono"
+    good = np.where(mono & (probs == 0))[0][:4]
+    bad = np.where(mono & (probs == 1))[0][:4]
+    return images[good], images[bad]
