@@ -51,8 +51,8 @@ TINY_UNET_CONFIG: dict[str, Any] = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
 TINY_VAE_CONFIG: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=16,
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
     sample_size=128)
 TINY_CONDITIONING_SHAPE = (1, 4, 32)  # fixed conditioning tokens [1, L, cross_attention_dim]
 
@@ -128,7 +128,7 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = ((images + 1.0) * 0.5 - self.mean) / self.std
         inter = self.vit.forward_intermediates(x, indices=list(self.layers), norm=False, output_fmt="NCHW",
-                                               intermediates_only=True)
+                                               intermediates_only=True, stop_early=True)
         return tuple(t.permute(0, 2, 3, 1).contiguous() for t in inter)
 
 

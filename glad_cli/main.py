@@ -130,38 +130,168 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
     sys.exit(1 if summary["failed"] else 0)
 
 
+@cli.group("data")
+def data_grp() -> None:
+    """Prepare MVTec-format categories from real images (nothing is downloaded at run time)."""
+
+
+@data_grp.command("elpv")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--type", "cell_type", type=click.Choice(["mono", "poly"]), default="mono", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Split seed.")
+@click.option("--train", "n_train", default=300, show_default=True, help="Normal cells in train/good.")
+@click.option("--test-good", default=100, show_default=True, help="Held-out normal cells in test/good.")
+@click.option("--test-defect", default=100, show_default=True, help="Defective cells (p=1) in test/defect.")
+@click.option("--overwrite", is_flag=True)
+def data_elpv(out: Path, cell_type: str, seed: int, n_train: int, test_good: int, test_defect: int,
+              overwrite: bool) -> None:
+    """ELPV solar cells (elpv-dataset package): normal = defect probability 0, defective = 1 (image labels only)."""
+    from training.data import prepare_elpv
+
+    info = prepare_elpv(out, cell_type=cell_type, seed=seed, n_train=n_train, n_test_good=test_good,
+                        n_test_defect=test_defect, overwrite=overwrite)
+    click.echo(json.dumps(info["counts"]))
+
+
+@data_grp.command("textures")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--category", "categories", multiple=True, default=("brick", "grass", "gravel"), show_default=True)
+@click.option("--size", default=256, show_default=True, help="Image size in pixels.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def data_textures(out: Path, categories: tuple[str, ...], size: int, seed: int, overwrite: bool) -> None:
+    """Real scikit-image textures with synthetic test defects and exact masks (sources distinct from training)."""
+    from training.data import prepare_textures
+
+    made = prepare_textures(out, categories=categories, seed=seed, size=size, overwrite=overwrite)
+    click.echo(json.dumps({k: str(v) for k, v in made.items()}))
+
+
+@cli.command("train")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--preset", default="tiny", show_default=True, type=click.Choice(preset_names()), metavar="PRESET")
+@click.option("--init", "init_bundle", type=click.Path(exists=True, file_okay=False),
+              help="Start from this bundle's weights (sd14 presets: made by `glad init`).")
+@click.option("--features", type=click.Choice(["dinov2-like", "random"]), default="dinov2-like", show_default=True)
+@click.option("--anomaly-source", type=click.Path(exists=True, file_okay=False),
+              help="Folder of texture images for synthetic anomalies (DTD images/); default: real textures.")
+@click.option("--vae-steps", default=None, type=int, help="tiny: VAE training steps.")
+@click.option("--unet-steps", default=None, type=int, help="UNet (ATP) training steps.")
+@click.option("--batch-size", default=None, type=int, help="UNet batch size.")
+@click.option("--lr", default=None, type=float, help="UNet learning rate.")
+@click.option("--mixed-precision", type=click.Choice(["auto", "no", "fp16", "bf16"]), default="auto",
+              show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from BUNDLE/checkpoints.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field of the preset, e.g. --set t_max=250 (repeatable).")
+def train_cmd(data: Path, bundle: Path, preset: str, init_bundle, features: str, anomaly_source, vae_steps,
+              unet_steps, batch_size, lr, mixed_precision: str, seed: int, resume: bool, overrides) -> None:
+    """Train a detector on DATA/train/good with the ATP loss and write BUNDLE.
+
+    The UNet is trained, the VAE frozen; for the tiny preset the VAE is first trained on the normal images.
+    Several GPUs: `accelerate launch -m glad_cli.main train ...`.
+    """
+    from glad_runtime.config import get_preset
+    from training.atp import TrainConfig, train_bundle
+
+    cfg = get_preset(preset, **_parse_overrides(overrides))
+    tc = TrainConfig(seed=seed, mixed_precision=mixed_precision)
+    for name, value in (("vae_steps", vae_steps), ("unet_steps", unet_steps), ("unet_batch", batch_size),
+                        ("unet_lr", lr)):
+        if value is not None:
+            setattr(tc, name, value)
+    train_bundle(data, bundle, cfg, tc, features=features, source_dir=anomaly_source, resume=resume,
+                 init_bundle=init_bundle, log=click.echo)
+
+
+def _parse_overrides(items) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+@cli.command("eval")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder (default BUNDLE/eval/<data name>).")
+@click.option("--baseline", type=click.Choice(["knn", "none"]), default="knn", show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--max-test", default=0, show_default=True, help="Use at most this many test images (0 = all).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
+def eval_cmd(bundle: Path, data: Path, out_dir, baseline: str, batch_size: int, max_test: int, device: str,
+             overrides) -> None:
+    """I-AUROC / I-AP / I-F1max (and P-AUROC / P-AP / P-F1max / AUPRO with masks) plus a report with the
+    kNN baseline beside GLAD."""
+    from export.models import load_bundle_modules
+    from glad_runtime.bundle import Bundle
+    from glad_runtime.pipeline import GladPipeline
+    from glad_runtime.torch_engine import TorchEngines
+    from training.evaluate import evaluate
+
+    b = Bundle(bundle)
+    cfg = b.config.replace(**_parse_overrides(overrides)) if overrides else b.config
+    engines = TorchEngines(load_bundle_modules(b), device=device)
+    out = out_dir or (bundle / "eval" / data.name)
+    evaluate(engines, GladPipeline(engines, cfg), data, out, baseline=None if baseline == "none" else baseline,
+             batch_size=batch_size, max_test=max_test, title=f"GLAD on {data.name}", log=click.echo)
+    click.echo(f"report: {out / 'report.md'}")
+
+
 @cli.command("demo")
 @click.option("--workdir", default="runs/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where the bundle, images and results go (reused across runs).")
-@click.option("--images", "n_images", default=8, show_default=True, help="ELPV mono cells to score (half defective).")
-def demo_cmd(workdir: Path, n_images: int) -> None:
-    """The main job on the bundled default: the tiny preset on real ELPV solar-cell images.
+              help="Data, bundles and reports go here; trained bundles are reused on later runs.")
+@click.option("--textures/--no-textures", default=True, show_default=True,
+              help="Also train and evaluate one texture category with pixel masks (P-AUROC, AUPRO).")
+def demo_cmd(workdir: Path, textures: bool) -> None:
+    """The main job on real images: ELPV mono solar cells, the tiny preset, GLAD beside the kNN baseline.
 
-    Writes a tiny bundle (DINOv2-like ViT-S/14 features) if none exists, extracts ELPV mono cells (normal and
-    defective, from the elpv-dataset package), and runs `glad detect` on them.
+    Prepares the data (elpv-dataset package), trains the tiny preset (cached after the first run), evaluates on the
+    held-out split with the kNN baseline and writes the report; with --textures, the same for one real texture
+    category with synthetic defects and exact masks.
     """
-    from PIL import Image
+    from training.data import prepare_elpv, prepare_textures
 
-    try:
-        from elpv_dataset.utils import load_dataset
-    except ImportError as e:
-        raise click.ClickException("the demo needs `pip install elpv-dataset==1.0.0.post1` (make setup does it)") from e
-    bundle = workdir / "bundle"
-    if not (bundle / "config.json").is_file():
-        click.echo("creating the tiny bundle ...")
-        ctx = click.get_current_context()
-        ctx.invoke(init_cmd, bundle=bundle, preset="tiny", features="dinov2-like")
-    images, probs, types = load_dataset()
-    img_dir = workdir / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    import numpy as np
+    start = time.perf_counter()
+    ctx = click.get_current_context()
+    jobs = [("elpv_mono", workdir / "data" / "elpv_mono")]
+    if not (jobs[0][1] / "dataset.json").is_file():
+        click.echo("[demo] preparing ELPV mono ...")
+        prepare_elpv(jobs[0][1], cell_type="mono", seed=0, overwrite=True)
+    if textures:
+        tex = workdir / "data" / "textures"
+        if not (tex / DEMO_TEXTURE).is_dir():
+            click.echo("[demo] preparing the texture category ...")
+            prepare_textures(tex, categories=(DEMO_TEXTURE,), seed=0, size=128, overwrite=True)
+        jobs.append((DEMO_TEXTURE, tex / DEMO_TEXTURE))
+    reports = []
+    for name, data in jobs:
+        bundle = workdir / "bundles" / name
+        if not (bundle / "manifest.json").is_file() or not (bundle / "weights" / "unet.safetensors").is_file():
+            click.echo(f"[demo] training the tiny preset on {name} ...")
+            ctx.invoke(train_cmd, data=data, bundle=bundle, preset="tiny", init_bundle=None, features="dinov2-like",
+                       anomaly_source=None, vae_steps=None, unet_steps=None, batch_size=None, lr=None,
+                       mixed_precision="auto", seed=0, resume=True, overrides=())
+        else:
+            click.echo(f"[demo] reusing the trained bundle {bundle}")
+        out = workdir / "reports" / name
+        ctx.invoke(eval_cmd, bundle=bundle, data=data, out_dir=out, baseline="knn", batch_size=8, max_test=0,
+                   device="cpu", overrides=())
+        reports.append(out / "report.md")
+    click.echo(f"[demo] done in {time.perf_counter() - start:.0f} s; reports: " + ", ".join(map(str, reports)))
 
-    picks = [("good", i) for i in np.where((types == "mono") & (probs == 0))[0][: n_images // 2]]
-    picks += [("defect", i) for i in np.where((types == "mono") & (probs == 1))[0][: n_images - len(picks)]]
-    for label, i in picks:
-        Image.fromarray(images[i]).save(img_dir / f"{label}_{i:04d}.png")
-    click.get_current_context().invoke(detect_cmd, bundle=bundle, inputs=(img_dir,), out_dir=workdir / "detect",
-                                       batch_size=4, seed=None, device="cpu", map_format="png16", quiet=False)
+
+DEMO_TEXTURE = "grass"
 
 
 def main() -> None:  # pragma: no cover
