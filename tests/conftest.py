@@ -73,7 +73,8 @@ def tiny_bundle(tmp_path_factory, tiny_modules):
     from glad_runtime.config import get_preset
 
     path = tmp_path_factory.mktemp("bundle") / "tiny"
-    b = Bundle.create(path, get_preset("tiny"))
+    # ADS on (the tiny preset ships it off, see glad_runtime.config), so the full loop is exercised
+    b = Bundle.create(path, get_preset("tiny", ads_enabled=True, tau=0.02, min_step=150))
     save_bundle_modules(tiny_modules, b)
     return b
 

@@ -46,7 +46,7 @@ def _real_batch(elpv_images, res):
 def test_same_image_alone_and_in_batch(tiny_modules, elpv_images):
     from glad_runtime.torch_engine import TorchEngines
 
-    cfg = get_preset("tiny", tau=0.02)
+    cfg = get_preset("tiny", ads_enabled=True, tau=0.02, min_step=150)
     pipe = GladPipeline(TorchEngines(tiny_modules), cfg)
     batch = _real_batch(elpv_images, cfg.resolution)
     together = pipe(batch)

@@ -45,6 +45,9 @@ class TrainConfig:
 
     Attributes:
         vae_steps, vae_batch, vae_lr, vae_kl_weight: tiny VAE training (data.md: L1 + 1e-6 KL, batch 8).
+        vae_crop: train the (fully convolutional) VAE on random crops of this size (0 = full images, default).
+            64 px crops of 128 px ELPV cells are 2.5x faster per step but reached only 21.4 dB PSNR in 400 steps
+            against 27.9 dB for 300 full-image steps, and the detector's AUROC fell with it.
         unet_steps, unet_batch, unet_lr, weight_decay, grad_clip: UNet training (official: lr 5e-6, wd 1e-2,
             clip 1.0, batch 32, constant schedule; the tiny from-scratch UNet uses lr 1e-3).
         variants: synthetic-anomaly draws per training image (each about half untouched, spec 4.2 step 7).
@@ -58,7 +61,8 @@ class TrainConfig:
     vae_batch: int = 8
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 300
+    vae_crop: int = 0
+    unet_steps: int = 400
     unet_batch: int = 32
     unet_lr: float = 1e-3
     weight_decay: float = 1e-2
@@ -190,46 +194,69 @@ def _load_ckpt(path: Path, model: nn.Module, opt, gen: torch.Generator) -> int:
     return int(state["step"])
 
 
-def train_vae(vae: nn.Module, images: torch.Tensor, cfg: TrainConfig, ckpt_dir: Path, resume: bool = True,
-              progress: bool = True) -> list[float]:
-    """Train a diffusers ``AutoencoderKL`` on normal images: L1 reconstruction + ``vae_kl_weight`` * KL (data.md).
+def _run_loop(name: str, module: nn.Module, lr: float, weight_decay: float, steps: int, ckpt: Path,
+              cfg: TrainConfig, seed_offset: int, resume: bool, progress: bool, loss_fn) -> list[float]:
+    """The shared optimisation loop: AdamW, accelerate (mixed precision, devices), grad clipping, a tqdm bar with the
+    running loss, checkpoints every ``cfg.checkpoint_every`` steps and at the end, and resume from ``ckpt``.
 
-    Args:
-        images: float32 ``[N, 3, H, W]`` in [-1, 1]; random flips are applied per batch.
-    Returns:
-        the loss per step (for this call).
+    ``loss_fn(model, generator, device)`` returns the scalar loss of one freshly sampled batch.
     """
     from tqdm import tqdm
 
     acc = _accelerator(cfg.mixed_precision)
-    gen = torch.Generator().manual_seed(cfg.seed + 1 + acc.process_index)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    ckpt = ckpt_dir / "vae_last.pt"
-    step = _load_ckpt(ckpt, vae, opt, gen) if resume and ckpt.is_file() else 0
-    vae.train().requires_grad_(True)
-    model, opt = acc.prepare(vae, opt)
-    losses = []
-    bar = tqdm(total=cfg.vae_steps, initial=step, desc="train VAE", unit="step", disable=not progress)
-    while step < cfg.vae_steps:
-        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen)
-        x = _random_flip(images[idx], gen).to(acc.device)
+    gen = torch.Generator().manual_seed(cfg.seed + seed_offset + acc.process_index)
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    step = _load_ckpt(ckpt, module, opt, gen) if resume and ckpt.is_file() else 0
+    module.train().requires_grad_(True)
+    model, opt = acc.prepare(module, opt)
+    losses: list[float] = []
+    bar = tqdm(total=steps, initial=step, desc=name, unit="step", disable=not progress)
+    while step < steps:
         with acc.autocast():
-            post = model.encode(x).latent_dist
-            rec = model.decode(post.sample(generator=None)).sample
-            loss = (rec.float() - x).abs().mean() + cfg.vae_kl_weight * post.kl().mean() / x[0].numel()
+            loss = loss_fn(model, gen, acc.device)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
         losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
+        if step % cfg.checkpoint_every == 0 or step == steps:
             _save_ckpt(ckpt, acc.unwrap_model(model), opt, step, gen)
     bar.close()
-    vae.eval().requires_grad_(False)
+    module.eval().requires_grad_(False)
     return losses
+
+
+def train_vae(vae: nn.Module, images: torch.Tensor, cfg: TrainConfig, ckpt_dir: Path, resume: bool = True,
+              progress: bool = True) -> list[float]:
+    """Train a diffusers ``AutoencoderKL`` on normal images: L1 reconstruction + ``vae_kl_weight`` * KL (data.md).
+
+    Args:
+        images: float32 ``[N, 3, H, W]`` in [-1, 1]; random flips and ``vae_crop`` crops are applied per batch.
+    Returns:
+        the loss per step (for this call).
+    """
+    def loss_fn(model, gen, device):
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=gen)
+        x = _random_crop(_random_flip(images[idx], gen), cfg.vae_crop, gen).to(device)
+        post = model.encode(x).latent_dist
+        rec = model.decode(post.sample()).sample
+        return (rec.float() - x).abs().mean() + cfg.vae_kl_weight * post.kl().mean() / x[0].numel()
+
+    return _run_loop("train VAE", vae, cfg.vae_lr, 0.0, cfg.vae_steps, ckpt_dir / "vae_last.pt", cfg, 1, resume,
+                     progress, loss_fn)
+
+
+def _random_crop(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """One random ``size`` x ``size`` crop per image (the VAE is convolutional); ``size`` 0 keeps full images."""
+    h, w = x.shape[-2:]
+    if not size or size >= min(h, w):
+        return x
+    ys = torch.randint(0, h - size + 1, (len(x),), generator=gen)
+    xs = torch.randint(0, w - size + 1, (len(x),), generator=gen)
+    return torch.stack([img[:, y:y + size, x0:x0 + size] for img, y, x0 in zip(x, ys.tolist(), xs.tolist())])
 
 
 def _random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -258,40 +285,17 @@ def train_unet(unet: nn.Module, cond: torch.Tensor, z_normal: torch.Tensor, z_an
     Returns:
         the loss per step (for this call).
     """
-    from tqdm import tqdm
+    alphas = torch.from_numpy(scaled_linear_alphas_cumprod())
 
-    acc = _accelerator(cfg.mixed_precision)
-    gen = torch.Generator().manual_seed(cfg.seed + 2 + acc.process_index)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=cfg.weight_decay)
-    ckpt = ckpt_dir / "unet_last.pt"
-    step = _load_ckpt(ckpt, unet, opt, gen) if resume and ckpt.is_file() else 0
-    unet.train().requires_grad_(True)
-    model, opt = acc.prepare(unet, opt)
-    alphas = torch.from_numpy(scaled_linear_alphas_cumprod()).to(acc.device)
-    cond = cond.to(acc.device)
-    losses = []
-    bar = tqdm(total=cfg.unet_steps, initial=step, desc="train UNet (ATP)", unit="step", disable=not progress)
-    while step < cfg.unet_steps:
+    def loss_fn(model, gen, device):
         idx = torch.randint(0, len(z_normal), (cfg.unet_batch,), generator=gen)
         zn, za = z_normal[idx], z_anomaly[idx]
-        # joint flips: the pair keeps its correspondence
-        both = _random_flip(torch.cat([zn, za], dim=1), gen)
-        zn, za = both[:, :zn.shape[1]].to(acc.device), both[:, zn.shape[1]:].to(acc.device)
-        with acc.autocast():
-            loss = atp_loss(model, cond, zn, za, alphas, gen)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        step += 1
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps:
-            _save_ckpt(ckpt, acc.unwrap_model(model), opt, step, gen)
-    bar.close()
-    unet.eval().requires_grad_(False)
-    return losses
+        both = _random_flip(torch.cat([zn, za], dim=1), gen)  # joint flips keep the pair's correspondence
+        zn, za = both[:, :zn.shape[1]].to(device), both[:, zn.shape[1]:].to(device)
+        return atp_loss(model, cond.to(device), zn, za, alphas.to(device), gen)
+
+    return _run_loop("train UNet (ATP)", unet, cfg.unet_lr, cfg.weight_decay, cfg.unet_steps,
+                     ckpt_dir / "unet_last.pt", cfg, 2, resume, progress, loss_fn)
 
 
 # ------------------------------------------------------------------------------------------------- driver
