@@ -261,7 +261,10 @@ def load_dino_vitb8(pth: str | Path, img_size: int) -> nn.Module:
     state = state.get("teacher", state.get("state_dict", state)) if isinstance(state, dict) else state
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()
              if not k.startswith("head")}
-    vit = timm.create_model("vit_base_patch8_224", pretrained=False, img_size=img_size, num_classes=0)
+    # dynamic_img_size: the ADS check may run at another size than scoring (VisA: ADS 512, scoring 256). Other
+    # sizes are resampled by timm from the img_size grid, not by DINO's rule from 28x28 (a known parity gap).
+    vit = timm.create_model("vit_base_patch8_224", pretrained=False, img_size=img_size, num_classes=0,
+                            dynamic_img_size=True)
     g = img_size // 8
     state["pos_embed"] = dino_interpolate_pos_embed(state["pos_embed"], (g, g))
     vit.load_state_dict(state, strict=True)

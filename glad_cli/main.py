@@ -197,7 +197,7 @@ def train_cmd(data: Path, bundle: Path, preset: str, init_bundle, features: str,
     from training.atp import TrainConfig, train_bundle
 
     cfg = get_preset(preset, **_parse_overrides(overrides))
-    tc = TrainConfig(seed=seed, mixed_precision=mixed_precision)
+    tc = TrainConfig.for_architecture(cfg.architecture, seed=seed, mixed_precision=mixed_precision)
     for name, value in (("vae_steps", vae_steps), ("unet_steps", unet_steps), ("unet_batch", batch_size),
                         ("unet_lr", lr)):
         if value is not None:
@@ -273,7 +273,7 @@ def demo_cmd(workdir: Path, textures: bool) -> None:
         if not (tex / DEMO_TEXTURE).is_dir():
             click.echo("[demo] preparing the texture category ...")
             prepare_textures(tex, categories=(DEMO_TEXTURE,), seed=0, size=128, overwrite=True)
-        jobs.append((DEMO_TEXTURE, tex / DEMO_TEXTURE, {"vae_steps": 300, "unet_steps": 300}))
+        jobs.append((DEMO_TEXTURE, tex / DEMO_TEXTURE, {"vae_steps": 150, "unet_steps": 150}))
     reports = []
     for name, data, steps in jobs:
         bundle = workdir / "bundles" / name

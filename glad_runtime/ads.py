@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .anomaly import IMAGENET_MEAN, IMAGENET_STD, resize_bilinear
+from .engines import EngineError
 
 __all__ = ["ads_decision", "saff_mask", "saff_fuse", "raw_feature_input"]
 
@@ -27,11 +28,11 @@ def ads_decision(scores: np.ndarray, t: int, tau: float, min_step: int) -> tuple
     Returns:
         ``(trigger, forced)``, two bool ``[U]`` arrays, never both true for a sample.
     Raises:
-        ValueError: a non-finite score (never decided silently).
+        EngineError: a non-finite score (never decided silently).
     """
     scores = np.asarray(scores, dtype=np.float64)
     if not np.isfinite(scores).all():
-        raise ValueError("non-finite ADS score")
+        raise EngineError("non-finite ADS score")
     trigger = scores > tau
     forced = ~trigger & (t < min_step)
     return trigger, forced

@@ -144,7 +144,7 @@ def foreground_mask(images: np.ndarray, mode: int, size: tuple[int, int]) -> np.
     from skimage.filters import threshold_otsu
 
     gray = ((images + 1.0) * 127.5).clip(0, 255)
-    gray = (0.299 * gray[:, 0] + 0.587 * gray[:, 1] + 0.114 * gray[:, 2]).astype(np.uint8)
+    gray = np.round(0.299 * gray[:, 0] + 0.587 * gray[:, 1] + 0.114 * gray[:, 2]).astype(np.uint8)
     masks = []
     for g in gray:
         thr = threshold_otsu(g) if g.min() != g.max() else g.max()

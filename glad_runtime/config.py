@@ -181,7 +181,7 @@ TINY = GladConfig(
     score_reference="vae_roundtrip", chunk_size=1024,
 )
 
-# Appendix A, single class: (T_max, tau, v, min_step, bidirectional)
+# Appendix A, single class: (T_max, tau, v, min_step); bidirectional and foreground modes in the sets below
 _MVTEC = {
     "carpet": (750, 0.32, 0, 350), "grid": (750, 0.47, 0, 350), "leather": (750, 0.35, 0, 350),
     "tile": (750, 0.35, 0, 350), "wood": (750, 0.37, 0, 350), "bottle": (750, 0.32, 0, 350),

@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from .images import ImageLoadError, LoadedImage, load_image, preprocess, resize_map
-from .pipeline import GladPipeline
+from .engines import EngineError
+from .pipeline import GladPipeline, InvalidInputError
 
 __all__ = ["DetectionRecord", "detect_files", "heatmap_overlay", "write_outputs"]
 
@@ -85,15 +86,21 @@ def detect_files(pipeline: GladPipeline, paths: Iterable[str | Path], out_dir: s
                     by_index[i] = DetectionRecord(source=str(paths[i]), error=str(e), error_type=type(e).__name__)
             if loaded:
                 batch = np.stack([preprocess(img.rgb, res) for _, img in loaded])
-                result = pipeline(batch)
-                per_image = {k: v / len(loaded) for k, v in result.timings.items()}
+                results = _run_isolated(pipeline, batch)
                 for k, (i, img) in enumerate(loaded):
-                    amap = resize_map(result.anomaly_maps[k], img.original_size)
+                    result = results[k]
+                    if isinstance(result, Exception):
+                        by_index[i] = DetectionRecord(source=str(paths[i]), error=str(result),
+                                                      error_type=type(result).__name__)
+                        continue
+                    result, j = result
+                    per_image = {k2: v / len(result.scores) for k2, v in result.timings.items()}
+                    amap = resize_map(result.anomaly_maps[j], img.original_size)
                     rec = DetectionRecord(
-                        source=str(paths[i]), score=float(result.scores[k]),
-                        adaptive_step=int(result.adaptive_steps[k]),
-                        ads_score=None if np.isnan(result.ads_scores[k]) else float(result.ads_scores[k]),
-                        saff_triggered=bool(result.triggered[k]), original_size=img.original_size,
+                        source=str(paths[i]), score=float(result.scores[j]),
+                        adaptive_step=int(result.adaptive_steps[j]),
+                        ads_score=None if np.isnan(result.ads_scores[j]) else float(result.ads_scores[j]),
+                        saff_triggered=bool(result.triggered[j]), original_size=img.original_size,
                         image_mode=img.mode, timings_s={k2: round(v, 5) for k2, v in per_image.items()})
                     write_outputs(rec, amap, img.rgb, out, names[i], map_format)
                     by_index[i] = rec
@@ -105,6 +112,26 @@ def detect_files(pipeline: GladPipeline, paths: Iterable[str | Path], out_dir: s
         for r in records:
             f.write(json.dumps(asdict(r)) + "\n")
     return records
+
+
+def _run_isolated(pipeline: GladPipeline, batch: np.ndarray) -> list:
+    """Run a batch; if it fails, rerun its images one at a time so one bad image loses nothing else.
+
+    Returns, per image, ``(PipelineOutput, index into that output)`` or the exception raised for that image.
+    """
+    try:
+        out = pipeline(batch)
+        return [(out, k) for k in range(len(batch))]
+    except (EngineError, InvalidInputError) as e:
+        if len(batch) == 1:
+            return [e]
+    results: list = []
+    for k in range(len(batch)):
+        try:
+            results.append((pipeline(batch[k:k + 1]), 0))
+        except (EngineError, InvalidInputError) as e:
+            results.append(e)
+    return results
 
 
 def _unique_names(paths: list[Path]) -> list[str]:

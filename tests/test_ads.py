@@ -108,7 +108,9 @@ def test_ads_decision_rule():
     assert trig.tolist() == [True, False, False] and forced.tolist() == [False, True, True]
     trig, forced = ads_decision(np.array([0.5, 0.1]), t=361, tau=0.3, min_step=350)
     assert trig.tolist() == [True, False] and forced.tolist() == [False, False]
-    with pytest.raises(ValueError):
+    from glad_runtime.engines import EngineError
+
+    with pytest.raises(EngineError):
         ads_decision(np.array([np.nan]), 1, 0.3, 350)
 
 

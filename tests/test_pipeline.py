@@ -119,3 +119,24 @@ def test_cli_detect_real_images(tiny_bundle, elpv_images, tmp_path):
         assert Image.open(out / r["overlay_file"]).size == (w, h)
         # 16-bit PNG: value = png / scale; the peak is stored as 65535 and bounds the top-K mean score
         assert amap.max() == 65535 and r["score"] <= 65535 / r["map_png_scale"] * (1 + 1e-4)
+
+
+def test_detect_isolates_an_image_that_breaks_the_engine(tmp_path):
+    """An engine failure on one image (non-finite output) costs only that image; the rest of the batch completes."""
+    from conftest import StubEngines, stub_config
+    from glad_runtime.detect import detect_files
+
+    class Flaky(StubEngines):
+        def unet(self, latents, timesteps):
+            out = super().unet(latents, timesteps)
+            out[latents.reshape(len(latents), -1).mean(1) > 0.5] = np.nan  # the bright image breaks the network
+            return out
+
+    paths = []
+    for name, value in (("dark", 40), ("bright", 250), ("mid", 120)):
+        p = tmp_path / f"{name}.png"
+        Image.fromarray(np.full((10, 12), value, np.uint8)).save(p)
+        paths.append(p)
+    recs = detect_files(GladPipeline(Flaky(), stub_config()), paths, tmp_path / "out", batch_size=3, progress=False)
+    assert [r.error_type for r in recs] == [None, "EngineError", None]
+    assert recs[0].score is not None and recs[2].score is not None and recs[1].score is None

@@ -99,3 +99,9 @@ def test_eval_report(small_category, tiny_bundle, tmp_path):
     for f in ("metrics.json", "report.md", "report.html", "roc.png", "grid.png", "scores.csv"):
         assert (tmp_path / f).is_file(), f
     assert "kNN baseline" in (tmp_path / "report.md").read_text()
+
+
+def test_train_defaults_per_architecture():
+    sd = TrainConfig.for_architecture("sd14-dino-vitb8")
+    assert (sd.unet_lr, sd.weight_decay, sd.unet_batch, sd.grad_clip, sd.vae_steps) == (5e-6, 1e-2, 32, 1.0, 0)
+    assert TrainConfig.for_architecture("tiny", unet_steps=7).unet_steps == 7

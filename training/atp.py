@@ -57,21 +57,37 @@ class TrainConfig:
         max_train_images: use at most this many training images (0 = all).
     """
 
-    vae_steps: int = 300
+    vae_steps: int = 250
     vae_batch: int = 8
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     vae_crop: int = 0
-    unet_steps: int = 400
+    unet_steps: int = 300
     unet_batch: int = 32
     unet_lr: float = 1e-3
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
-    variants: int = 4
+    variants: int = 3
     mixed_precision: str = "auto"
     checkpoint_every: int = 250
     seed: int = 0
     max_train_images: int = 0
+
+
+    @classmethod
+    def for_architecture(cls, architecture: str, **overrides) -> "TrainConfig":
+        """Defaults per architecture: the tiny CPU values above, or the official sd14 fine-tuning values
+        (spec 4.3: lr 5e-6, weight decay 1e-2, grad clip 1.0, batch 32, constant schedule, 4000 steps; plain
+        AdamW instead of bitsandbytes' AdamW8bit, which is a memory optimisation, not a different optimiser).
+        """
+        if architecture == "sd14-dino-vitb8":
+            base = cls(unet_steps=4000, unet_batch=32, unet_lr=5e-6, weight_decay=1e-2, checkpoint_every=500,
+                       vae_steps=0)
+        else:
+            base = cls()
+        for k, v in overrides.items():
+            setattr(base, k, v)
+        return base
 
 
 # ------------------------------------------------------------------------------------------------- ATP loss
