@@ -20,6 +20,7 @@ __all__ = [
     "resize_bilinear",
     "topk_mean",
     "gaussian_blur",
+    "otsu_foreground",
     "foreground_mask",
     "anomaly_map",
 ]
@@ -120,6 +121,38 @@ def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(maps, sigma=(0, sigma, sigma), mode="mirror", truncate=4.0)
 
 
+def otsu_foreground(gray_uint8: np.ndarray, mode: int) -> np.ndarray:
+    """Otsu foreground of one image (spec 4.2 step 5 for training masks; section 5 builds the test mask on it).
+
+    Args:
+        gray_uint8: grayscale image [H, W] (any real dtype; uint8 expected). An [H, W, 3] RGB image is converted
+            with ITU-R 601 luma, as PIL ``convert("L")``.
+        mode: 1 = pixels <= Otsu threshold (dark object: screw, bottle, capsule, ...); 2 = pixels > Otsu threshold
+            (bright object: hazelnut, pill, ...); 3 = all ones (textures and everything else).
+
+    Returns:
+        float32 array [H, W] in {0, 1}. Otsu's threshold comes from ``skimage.filters.threshold_otsu``; for a
+        constant image mode 1 gives all ones and mode 2 all zeros.
+    """
+    g = np.asarray(gray_uint8)
+    if g.ndim == 3 and g.shape[-1] == 3:
+        g = g[..., 0] * 0.299 + g[..., 1] * 0.587 + g[..., 2] * 0.114
+    if g.ndim != 2:
+        raise ValueError(f"foreground_mask expects a [H, W] grayscale image, got shape {g.shape}")
+    if mode == 3:
+        return np.ones(g.shape, np.float32)
+    if mode not in (1, 2):
+        raise ValueError(f"foreground mode must be 1, 2 or 3, got {mode!r}")
+    from skimage.filters import threshold_otsu
+
+    if g.min() == g.max():
+        thr = float(g.min())
+    else:
+        thr = float(threshold_otsu(g))
+    fg = g <= thr if mode == 1 else g > thr
+    return fg.astype(np.float32)
+
+
 def foreground_mask(images: np.ndarray, mode: int, size: tuple[int, int]) -> np.ndarray:
     """The official test-time object mask (spec section 5, "Foreground mask").
 
@@ -141,15 +174,11 @@ def foreground_mask(images: np.ndarray, mode: int, size: tuple[int, int]) -> np.
     b = images.shape[0]
     if mode == 3:
         return np.ones((b,) + tuple(size), dtype=np.float32)
-    from skimage.filters import threshold_otsu
-
     gray = ((images + 1.0) * 127.5).clip(0, 255)
     gray = np.round(0.299 * gray[:, 0] + 0.587 * gray[:, 1] + 0.114 * gray[:, 2]).astype(np.uint8)
     masks = []
     for g in gray:
-        thr = threshold_otsu(g) if g.min() != g.max() else g.max()
-        fg = (g <= thr) if mode == 1 else (g > thr)
-        m = ndimage.gaussian_filter(fg.astype(np.float32), sigma=6)
+        m = ndimage.gaussian_filter(otsu_foreground(g, mode), sigma=6)
         m = ndimage.gaussian_filter((m > 0).astype(np.float32), sigma=6)
         masks.append(m)
     return resize_bilinear(np.stack(masks), size)

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from glad_runtime.images import IMAGE_EXTENSIONS
 from PIL import Image
 from scipy import ndimage
 
@@ -42,8 +44,6 @@ __all__ = [
     "make_test_defect",
 ]
 
-#: File extensions accepted as images (compared lower-case).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 #: scikit-image bundled images (offline) used as foreign material in *test* defects. Disjoint from
 #: ``training.synth.TRAIN_SOURCE_IMAGES`` so that test defects are not drawn from the training anomaly sources.

@@ -28,6 +28,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from glad_runtime.anomaly import otsu_foreground as foreground_mask  # spec 4.2 step 5 (one Otsu rule)
+from glad_runtime.images import IMAGE_EXTENSIONS
+
 # albumentations 2 checks PyPI for a newer version at import time; this project runs offline.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
@@ -45,8 +48,6 @@ __all__ = [
     "texture_sources",
 ]
 
-#: File extensions accepted as images (compared lower-case).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 #: scikit-image bundled images (all load offline) used as *training* texture anomaly sources.
 #: The test-defect generator in ``training.data`` uses a disjoint set (astronaut, rocket, coins, moon, ...).
@@ -149,38 +150,6 @@ def perlin_mask(
         angle = float(rng.uniform(-90.0, 90.0))
         noise = ndimage.rotate(noise, angle, reshape=False, order=1, mode="constant", cval=0.0)
     return (noise > threshold).astype(np.float32)
-
-
-def foreground_mask(gray_uint8: np.ndarray, mode: int) -> np.ndarray:
-    """Foreground restriction of the anomaly mask (spec 4.2 step 5).
-
-    Args:
-        gray_uint8: grayscale image [H, W] (any real dtype; uint8 expected). An [H, W, 3] RGB image is converted
-            with ITU-R 601 luma, as PIL ``convert("L")``.
-        mode: 1 = pixels <= Otsu threshold (dark object: screw, bottle, capsule, ...); 2 = pixels > Otsu threshold
-            (bright object: hazelnut, pill, ...); 3 = all ones (textures and everything else).
-
-    Returns:
-        float32 array [H, W] in {0, 1}. Otsu's threshold comes from ``skimage.filters.threshold_otsu``; for a
-        constant image mode 1 gives all ones and mode 2 all zeros.
-    """
-    g = np.asarray(gray_uint8)
-    if g.ndim == 3 and g.shape[-1] == 3:
-        g = g[..., 0] * 0.299 + g[..., 1] * 0.587 + g[..., 2] * 0.114
-    if g.ndim != 2:
-        raise ValueError(f"foreground_mask expects a [H, W] grayscale image, got shape {g.shape}")
-    if mode == 3:
-        return np.ones(g.shape, np.float32)
-    if mode not in (1, 2):
-        raise ValueError(f"foreground mode must be 1, 2 or 3, got {mode!r}")
-    from skimage.filters import threshold_otsu
-
-    if g.min() == g.max():
-        thr = float(g.min())
-    else:
-        thr = float(threshold_otsu(g))
-    fg = g <= thr if mode == 1 else g > thr
-    return fg.astype(np.float32)
 
 
 def _augmenter_pool() -> list[A.BasicTransform]:
