@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
-from glad_runtime.images import IMAGE_EXTENSIONS
 from PIL import Image
 from scipy import ndimage
+
+from glad_runtime.images import IMAGE_EXTENSIONS
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -387,17 +387,10 @@ def _elpv_file_names(elpv_utils, n: int) -> list[str]:
 
 
 def _skimage_gray(name: str) -> np.ndarray:
-    import skimage.data as skdata
+    from .synth import skimage_image
 
-    fn = getattr(skdata, name, None)
-    if fn is None or not callable(fn):
-        raise ValueError(f"skimage.data has no image {name!r}")
-    a = np.asarray(fn())
-    if a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    if a.ndim == 3:
-        a = np.asarray(Image.fromarray(a[..., :3].astype(np.uint8)).convert("L"))
-    return a.astype(np.uint8)
+    a = skimage_image(name)
+    return np.asarray(Image.fromarray(a).convert("L")) if a.ndim == 3 else a
 
 
 def _load_gray(path: Path) -> np.ndarray:

@@ -404,6 +404,25 @@ class AnomalySynthesizer:
         return aug, m.astype(np.float32)
 
 
+def skimage_image(name: str) -> np.ndarray:
+    """A scikit-image bundled image as uint8: ``[H, W]`` gray or ``[H, W, 3]`` RGB (alpha dropped, bool -> 0/255).
+
+    Raises:
+        ValueError: ``skimage.data`` has no such image. An image that needs a download raises scikit-image's error.
+    """
+    import skimage.data as skdata
+
+    fn = getattr(skdata, name, None)
+    if fn is None or not callable(fn):
+        raise ValueError(f"skimage.data has no image {name!r}")
+    img = np.asarray(fn())
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.ndim == 3 and img.shape[-1] == 4:
+        img = img[..., :3]
+    return img.astype(np.uint8)
+
+
 def texture_sources(
     out_dir: str | os.PathLike,
     names: Sequence[str] = TRAIN_SOURCE_IMAGES,
@@ -428,21 +447,11 @@ def texture_sources(
     Raises:
         ValueError: unknown image name. An image that would need a download raises the scikit-image error.
     """
-    import skimage.data as skdata
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for name in names:
-        fn = getattr(skdata, name, None)
-        if fn is None or not callable(fn):
-            raise ValueError(f"skimage.data has no image {name!r}")
-        img = np.asarray(fn())
-        if img.dtype == bool:
-            img = img.astype(np.uint8) * 255
-        if img.ndim == 3 and img.shape[-1] == 4:
-            img = img[..., :3]
-        img = img.astype(np.uint8)
+        img = skimage_image(name)
         crops = {name: img}
         if quadrants:
             h2, w2 = img.shape[0] // 2, img.shape[1] // 2
