@@ -85,6 +85,119 @@ def init_cmd(bundle: Path, preset: str, features: str, sd_folder, unet_checkpoin
     click.echo(f"bundle written: {bundle} (preset {preset}, checksum {b.checksum()})")
 
 
+def engine_options(fn):
+    """The options that choose where the networks run (shared by detect, eval, calibrate, bench)."""
+    opts = [
+        click.option("--engine", "backend", type=click.Choice(["torch", "ort", "tensorrt"]), default="torch",
+                     show_default=True, help="torch: reference (needs torch); ort: ONNX Runtime on the graphs of "
+                     "`glad export` (no torch); tensorrt: engines of `glad build` (GPU)."),
+        click.option("--device", default="cpu", show_default=True, help="torch: cpu, cuda, cuda:N or auto."),
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp32",
+                     show_default=True, help="ort: fp32|fp16 graphs; tensorrt: the engine precision."),
+        click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+                     help="ort: execution provider (cuda/tensorrt need onnxruntime-gpu)."),
+        click.option("--threads", default=0, show_default=True, help="ort: intra-op threads (0 = ORT default)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def open_engines(bundle, backend: str, device: str, precision: str, provider: str, threads: int, max_batch: int = 16):
+    """``glad_runtime.engines.load_engines`` with its errors turned into click usage errors."""
+    from glad_runtime.bundle import BundleError
+    from glad_runtime.engines import load_engines
+
+    try:
+        return load_engines(bundle, backend, device=device, precision=precision, provider=provider,
+                            threads=threads, max_batch=max_batch)
+    except (ValueError, BundleError) as e:
+        raise click.UsageError(str(e)) from e
+
+
+@cli.command("export")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--opset", default=21, show_default=True, type=click.IntRange(17, 25),
+              help="ONNX opset (21 keeps GroupNormalization one op; 17 + --exporter torchscript for old parsers).")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16"]),
+              default=("fp32", "fp16"), show_default=True, help="Repeat for several.")
+@click.option("--graph", "graphs", multiple=True, help="Only these graphs (unet, vae_encoder, vae_decoder, dino, "
+              "dino_ads); default all the bundle needs.")
+@click.option("--images", "image_dir", type=click.Path(exists=True, path_type=Path),
+              help="Real images (a folder or file) for the parity and NaN checks; default scikit-image photos.")
+def export_cmd(bundle: Path, opset: int, exporter: str, precisions, graphs, image_dir) -> None:
+    """Export a BUNDLE's networks to ONNX (BUNDLE/onnx/) and check each graph against torch on real images.
+
+    Writes unet, vae_encoder, vae_decoder and dino graphs (dynamic batch, fixed image size) in fp32 and fp16, runs
+    each in ONNX Runtime on real inputs, refuses any graph with NaN/Inf outputs, and records per-graph errors,
+    sizes and times in BUNDLE/onnx/export.json. Then `glad detect --engine ort` runs without torch.
+    """
+    from export.onnx_export import ExportError, export_bundle
+    from glad_runtime.bundle import Bundle
+    from glad_runtime.images import list_images
+
+    b = Bundle(bundle)
+    images = list_images([image_dir])[:4] if image_dir else None
+    start = time.perf_counter()
+    try:
+        reports = export_bundle(b, opset=opset, exporter=exporter, precisions=precisions, graphs=graphs or None,
+                                images=images, progress=lambda m: click.echo(f"  {m}", err=True))
+    except ExportError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{'graph':<12} {'prec':<5} {'MB':>8} {'export s':>9} {'max abs err':>12} {'max rel err':>12}")
+    for r in reports:
+        click.echo(f"{r.graph:<12} {r.precision:<5} {r.bytes / 1e6:8.2f} {r.export_s:9.1f} {r.max_abs_err:12.2e} "
+                   f"{r.max_rel_err:12.2e}")
+    click.echo(f"exported to {b.file('onnx')} in {time.perf_counter() - start:.1f} s (checksum {b.checksum()})")
+
+
+@cli.command("build")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--precision", type=click.Choice(["fp16", "fp32", "int8", "fp8"]), default="fp16", show_default=True,
+              help="fp16/fp32 from `glad export` graphs; int8/fp8 from quantised Q/DQ graphs.")
+@click.option("--batch", default="1", show_default=True,
+              help="N for a static batch (fastest), or MIN:OPT:MAX for a dynamic-batch profile, e.g. 1:4:16.")
+@click.option("--graph", "graphs", multiple=True, help="Only these graphs (default: all exported).")
+@click.option("--refittable/--no-refittable", default=True, show_default=True,
+              help="Build with REFIT so another category's weights can refit the engine.")
+@click.option("--refit-from", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Another bundle of the same architecture whose matching engines are refitted instead of rebuilt.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
+              help="Timing cache file (default BUNDLE/engines/timing-<gpu>-trt<version>.cache).")
+@click.option("--workspace-gb", default=8.0, show_default=True)
+@click.option("--gpu", "gpu_index", default=0, show_default=True, help="GPU index (nvidia-smi numbering).")
+@click.option("--force", is_flag=True, help="Rebuild even when an engine with the same key exists.")
+def build_cmd(bundle: Path, precision: str, batch: str, graphs, refittable: bool, refit_from, timing_cache,
+              workspace_gb: float, gpu_index: int, force: bool) -> None:
+    """Build TensorRT engines for this GPU from a BUNDLE's ONNX graphs (run `glad export` first).
+
+    Engines are stored in BUNDLE/engines/ under a key of GPU model, TensorRT version, precision and shapes, and are
+    refused on any other GPU or TensorRT version. Needs a CUDA GPU and `pip install -e .[tensorrt]`; without them
+    it stops with a message (use `--engine ort` on CPU).
+    """
+    from export.tensorrt_build import build_bundle, parse_batch
+    from glad_runtime.bundle import Bundle, BundleError
+    from glad_runtime.trt_engine import TensorRTUnavailable
+
+    try:
+        batch_range = parse_batch(batch)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--batch") from e
+    b = Bundle(bundle)
+    try:
+        results = build_bundle(b, precision, batch=batch_range, graphs=graphs or None, refittable=refittable,
+                               timing_cache=timing_cache, workspace_gb=workspace_gb, gpu_index=gpu_index,
+                               force=force, refit_from=Bundle(refit_from) if refit_from else None,
+                               progress=lambda m: click.echo(f"  {m}", err=True))
+    except TensorRTUnavailable as e:
+        raise click.ClickException(f"cannot build TensorRT engines here: {e}") from e
+    except BundleError as e:
+        raise click.ClickException(str(e)) from e
+    for r in results:
+        click.echo(f"{r.graph:<12} {r.path.name}  {'reused' if r.reused else f'{r.seconds:.1f} s'}")
+
+
 @cli.command("detect")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -92,23 +205,22 @@ def init_cmd(bundle: Path, preset: str, features: str, sd_folder, unet_checkpoin
               help="Output folder: <name>.json, <name>_map.png|.npy, <name>_overlay.png, results.jsonl.")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, 256), help="Images per call.")
 @click.option("--seed", default=None, type=int, help="Noise seed (default: the bundle's config seed).")
-@click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, cuda:N or auto.")
+@engine_options
 @click.option("--map-format", type=click.Choice(["png16", "npy"]), default="png16", show_default=True,
               help="Anomaly map file: 16-bit PNG (value = png / map_png_scale in the JSON) or float32 .npy.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size: int, seed: int | None,
-               device: str, map_format: str, quiet: bool) -> None:
+               backend: str, device: str, precision: str, provider: str, threads: int, map_format: str,
+               quiet: bool) -> None:
     """Score images (files or folders) with a model BUNDLE; maps come back at each image's original size.
 
     Any image Pillow reads is accepted: 8/16-bit grayscale, RGB, RGBA, palette, EXIF-rotated, any size. A file that
     cannot be read gets a JSON record with the error and the others still complete; the exit code is then 1.
     """
-    from export.models import load_bundle_modules
     from glad_runtime.bundle import Bundle
     from glad_runtime.detect import detect_files, summarize
     from glad_runtime.images import list_images
     from glad_runtime.pipeline import GladPipeline
-    from glad_runtime.torch_engine import TorchEngines
 
     b = Bundle(bundle)
     cfg = b.config if seed is None else b.config.replace(seed=seed)
@@ -119,7 +231,7 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
     if not paths:
         raise click.BadParameter("no images found", param_hint="INPUTS")
     start = time.perf_counter()
-    engines = TorchEngines(load_bundle_modules(b), device=device)
+    engines = open_engines(b, backend, device, precision, provider, threads, max_batch=batch_size)
     records = detect_files(GladPipeline(engines, cfg), paths, out_dir, batch_size=batch_size,
                            map_format=map_format, progress=not quiet)
     summary = summarize(records) | {"wall_s": round(time.perf_counter() - start, 2), "out": str(out_dir)}
@@ -227,21 +339,19 @@ def _parse_overrides(items) -> dict:
 @click.option("--baseline", type=click.Choice(["knn", "none"]), default="knn", show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--max-test", default=0, show_default=True, help="Use at most this many test images (0 = all).")
-@click.option("--device", default="cpu", show_default=True)
+@engine_options
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
-def eval_cmd(bundle: Path, data: Path, out_dir, baseline: str, batch_size: int, max_test: int, device: str,
-             overrides) -> None:
+def eval_cmd(bundle: Path, data: Path, out_dir, baseline: str, batch_size: int, max_test: int, backend: str,
+             device: str, precision: str, provider: str, threads: int, overrides) -> None:
     """I-AUROC / I-AP / I-F1max (and P-AUROC / P-AP / P-F1max / AUPRO with masks) plus a report with the
     kNN baseline beside GLAD."""
-    from export.models import load_bundle_modules
     from glad_runtime.bundle import Bundle
     from glad_runtime.pipeline import GladPipeline
-    from glad_runtime.torch_engine import TorchEngines
     from training.evaluate import evaluate
 
     b = Bundle(bundle)
     cfg = b.config.replace(**_parse_overrides(overrides)) if overrides else b.config
-    engines = TorchEngines(load_bundle_modules(b), device=device)
+    engines = open_engines(b, backend, device, precision, provider, threads, max_batch=batch_size)
     out = out_dir or (bundle / "eval" / data.name)
     evaluate(engines, GladPipeline(engines, cfg), data, out, baseline=None if baseline == "none" else baseline,
              batch_size=batch_size, max_test=max_test, title=f"GLAD on {data.name}", log=click.echo)
@@ -287,7 +397,7 @@ def demo_cmd(workdir: Path, textures: bool) -> None:
             click.echo(f"[demo] reusing the trained bundle {bundle}")
         out = workdir / "reports" / name
         ctx.invoke(eval_cmd, bundle=bundle, data=data, out_dir=out, baseline="knn", batch_size=8, max_test=0,
-                   device="cpu", overrides=())
+                   backend="torch", device="cpu", precision="fp32", provider="cpu", threads=0, overrides=())
         reports.append(out / "report.md")
     click.echo(f"[demo] done in {time.perf_counter() - start:.0f} s; reports: " + ", ".join(map(str, reports)))
 

@@ -108,13 +108,21 @@ class Bundle:
         h = hashlib.sha256("".join(f"{k}:{v['sha256']}" for k, v in sorted(files.items())).encode())
         return h.hexdigest()[:16]
 
-    def verify(self, prefix: str = "") -> None:
+    def verify(self, prefix: str = "", required: tuple[str, ...] | list[str] = ()) -> None:
         """Check every manifest file under ``prefix`` exists with the recorded sha256.
 
+        Args:
+            prefix: only files whose relative path starts with it.
+            required: relative paths that must be in the manifest (a file added after the last manifest write, or
+                never written, fails instead of passing unchecked).
         Raises:
-            BundleError: listing missing and modified files.
+            BundleError: listing missing, unrecorded and modified files.
         """
         files = self.manifest()["files"]
+        unrecorded = [r for r in required if r not in files]
+        if unrecorded:
+            raise BundleError(f"{self.path}: {unrecorded} not in manifest.json (written outside the bundle tools?); "
+                              "re-run the command that creates them")
         missing, changed = [], []
         for rel, meta in files.items():
             if not rel.startswith(prefix):

@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Engines", "EngineError"]
+__all__ = ["Engines", "EngineError", "check_output", "load_engines", "BACKENDS"]
 
 
 class EngineError(RuntimeError):
@@ -56,3 +56,42 @@ def check_output(name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.nda
     if bad.any():
         raise EngineError(f"{name}: {int(bad.sum())} non-finite values in the output")
     return array
+
+
+#: Backends :func:`load_engines` knows; ``torch`` needs the ``torch`` extra, ``ort`` the ``onnx`` extra (and
+#: ``glad export``), ``tensorrt`` a GPU, TensorRT and ``glad build``.
+BACKENDS = ("torch", "ort", "tensorrt")
+
+
+def load_engines(bundle, backend: str = "torch", *, device: str = "cpu", precision: str = "fp32",
+                 provider: str = "cpu", threads: int = 0, max_batch: int = 16) -> Engines:
+    """Open a bundle's networks on one backend; the single place the CLI and SDK build engines.
+
+    Args:
+        bundle: a :class:`~glad_runtime.bundle.Bundle`.
+        backend: ``"torch"`` (reference, imports torch), ``"ort"`` (ONNX Runtime, no torch) or ``"tensorrt"``.
+        device: torch device for ``torch`` (``cpu``, ``cuda``, ``auto``).
+        precision: ``fp32`` / ``fp16`` (``ort``, ``tensorrt``; ``torch`` runs fp16 on CUDA only), ``int8`` / ``fp8``
+            (``tensorrt``, from quantised graphs).
+        provider: ONNX Runtime provider for ``ort``: ``cpu``, ``cuda``, ``tensorrt``.
+        threads: ONNX Runtime intra-op threads (0 = its default).
+        max_batch: images per network call.
+    Raises:
+        ValueError: unknown backend or an option the backend cannot honour.
+        BundleError: the files the backend needs are missing or modified.
+    """
+    if backend == "torch":
+        from .torch_engine import TorchEngines, load_modules
+
+        dtype = None if precision == "fp32" else precision
+        return TorchEngines(load_modules(bundle), device=device, dtype=dtype, max_batch=max_batch)
+    if backend == "ort":
+        from .ort_engine import OrtEngines
+
+        return OrtEngines(bundle, precision=precision, provider=provider, intra_op_threads=threads,
+                          max_batch=max_batch)
+    if backend == "tensorrt":
+        from .trt_engine import TensorRTEngines
+
+        return TensorRTEngines(bundle, precision=precision)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

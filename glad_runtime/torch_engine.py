@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["TorchEngines", "resolve_device"]
+__all__ = ["TorchEngines", "resolve_device", "load_modules"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -27,18 +27,33 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def load_modules(bundle):
+    """The bundle's torch modules (``export.models.load_bundle_modules``: checksum-verified, strict loading)."""
+    from export.models import load_bundle_modules
+
+    return load_bundle_modules(bundle)
+
+
+_DTYPES = {None: torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class TorchEngines:
     """GLAD's four networks in PyTorch, numpy in and out (float32).
 
     Args:
         modules: an ``export.models.GladModules`` (eval mode).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
-        dtype: compute dtype (float32 default; float16 on GPU for the official precision).
+        dtype: compute dtype, a ``torch.dtype`` or ``"fp32"`` / ``"fp16"`` / ``"bf16"`` (float32 default; float16 on
+            GPU for the official precision).
         max_batch: split calls into chunks of at most this many images (bounded memory).
     """
 
-    def __init__(self, modules, device: str = "cpu", dtype: torch.dtype = torch.float32, max_batch: int = 16):
+    def __init__(self, modules, device: str = "cpu", dtype: torch.dtype | str | None = None, max_batch: int = 16):
         self.device = resolve_device(device)
+        if not isinstance(dtype, torch.dtype):
+            if dtype not in _DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(k for k in _DTYPES if k)}, got {dtype!r}")
+            dtype = _DTYPES[dtype]
         self.dtype = dtype
         self.max_batch = max(1, int(max_batch))
         self.modules = modules.to(self.device)

@@ -1,0 +1,524 @@
+"""``glad export``: the four deployment graphs of a bundle as ONNX, fp32 and fp16, checked against torch.
+
+Graphs written into ``BUNDLE/onnx/`` (batch dynamic, spatial sizes fixed by the bundle's config):
+
+=================  ====================================================  ==========================================
+graph              inputs                                                outputs
+=================  ====================================================  ==========================================
+``unet``           ``latents f32 [B,C,h,w]``, ``timesteps int64 [B]``    ``noise_pred f32 [B,C,h,w]`` (guided; the
+                                                                         conditioning and guidance scale baked in)
+``vae_encoder``    ``images f32 [B,3,H,W]`` in [-1, 1]                   ``latents f32 [B,C,h,w]`` (posterior mean,
+                                                                         scaled)
+``vae_decoder``    ``latents f32 [B,C,h,w]``                             ``images f32 [B,3,H,W]``
+``dino``           ``images f32 [B,3,S,S]`` in [-1, 1], S = dino size    ``tokens_<layer> f32 [B,S/p,S/p,D]`` per
+                                                                         scoring layer
+``dino_ads``       the same at the ADS size (only when ADS is on and      the same
+                   its size differs from the scoring size)
+=================  ====================================================  ==========================================
+
+ImageNet normalisation is inside the feature graphs; position embeddings are resampled once at trace time for the
+graph's size and constant-folded, so a feature graph accepts exactly one spatial size (ONNX Runtime refuses other
+sizes with an invalid-argument error; :class:`glad_runtime.ort_engine.OrtEngines` refuses them first, by name).
+
+Conventions follow TensorRT's demoDiffusion and optimum (deployment-anchors.md sections 1, 3): the dynamo exporter
+(``torch.onnx.export(dynamo=True)``) at opset 21 by default, so LayerNorm and GroupNorm stay single
+``LayerNormalization`` / ``GroupNormalization`` ops (TensorRT 10.x parses opset <= 20 or 22 depending on the
+release: use ``opset=17`` with ``exporter="torchscript"`` for older parsers, GroupNorm then becomes the
+InstanceNormalization pattern); clean-up with onnx-graphsurgeon and constant folding with polygraphy; graphs over
+2 GB saved with external data (``<graph>.onnx.data``). fp16 variants are converted with ONNX Runtime's maintained
+``float16`` converter, fp32 I/O kept and normalisations / softmax left in fp32.
+
+Every graph is run in ONNX Runtime on real inputs (real images through the bundle's own encoder, their latents
+noised at the bundle's timesteps) and compared with the torch module; a non-finite output refuses the graph
+(:class:`ExportError`) and the measured errors go to ``onnx/export.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from glad_runtime.bundle import Bundle
+from glad_runtime.config import GladConfig
+from glad_runtime.schedule import NoiseSchedule
+
+__all__ = ["ExportError", "GraphReport", "export_bundle", "graph_names", "FP16_BLOCK_OPS", "DEFAULT_OPSET",
+           "export_graph", "convert_fp16", "example_inputs", "MAX_REL_ERR",
+           "overflowing_nodes"]
+
+DEFAULT_OPSET = 21
+#: Ops kept in fp32 by the fp16 conversion (numerically fragile: reductions over many values, exponentials).
+FP16_BLOCK_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax", "ReduceMean",
+                  "Pow", "Sqrt", "Erf")
+_TWO_GB = 2**31 - 2**20  # protobuf limit with a margin
+#: Real images shipped with scikit-image, used when the caller gives none (natural statistics, no download).
+DEFAULT_IMAGES = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+class ExportError(RuntimeError):
+    """An export step failed: the exporter, a non-finite output on real inputs, or an unsupported setting."""
+
+
+@dataclass
+class GraphReport:
+    """What ``glad export`` measured for one graph and precision (written to ``onnx/export.json``)."""
+
+    graph: str
+    precision: str
+    file: str
+    bytes: int
+    export_s: float
+    inputs: dict[str, list]
+    outputs: dict[str, list]
+    max_abs_err: float
+    max_rel_err: float  # max |ort - torch| / max |torch|
+    ops: dict[str, int] = field(default_factory=dict)
+
+
+def graph_names(config: GladConfig) -> list[str]:
+    """The graphs a bundle with this config needs (``dino_ads`` only when ADS runs at another size)."""
+    names = ["unet", "vae_encoder", "vae_decoder", "dino"]
+    if config.ads_enabled and config.ads_size != config.dino_resolution:
+        names.append("dino_ads")
+    return names
+
+
+def _io_spec(name: str, config: GladConfig) -> tuple[list[str], list[str]]:
+    if name == "unet":
+        return ["latents", "timesteps"], ["noise_pred"]
+    if name == "vae_encoder":
+        return ["images"], ["latents"]
+    if name == "vae_decoder":
+        return ["latents"], ["images"]
+    return ["images"], [f"tokens_{layer}" for layer in config.feature_layers]
+
+
+def _module(modules, name: str) -> torch.nn.Module:
+    return {"unet": modules.unet, "vae_encoder": modules.encoder, "vae_decoder": modules.decoder,
+            "dino": modules.features, "dino_ads": modules.features}[name]
+
+
+# ---------------------------------------------------------------------------------------------- real inputs
+def _load_images(images: Sequence[str | Path | np.ndarray] | None, size: int, count: int) -> np.ndarray:
+    """``[N,3,size,size]`` float32 in [-1, 1] from paths, uint8 arrays, or scikit-image's bundled photos."""
+    from PIL import Image
+
+    from glad_runtime.images import load_image, preprocess
+
+    out = []
+    if images is None:
+        from training.synth import skimage_image
+
+        images = [skimage_image(n) for n in DEFAULT_IMAGES]
+    for src in list(images)[:count]:
+        if isinstance(src, np.ndarray):
+            arr = src if src.ndim == 3 else np.repeat(src[..., None], 3, axis=-1)
+            rgb = np.asarray(Image.fromarray(arr.astype(np.uint8)).convert("RGB"), dtype=np.float32) / 255.0
+        else:
+            rgb = load_image(src).rgb
+        out.append(preprocess(rgb, size))
+    if not out:
+        raise ExportError("no images to export with")
+    return np.stack(out).astype(np.float32)
+
+
+def example_inputs(modules, config: GladConfig, images: Sequence | None = None,
+                   count: int = 2, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Real inputs for every graph, as the pipeline would feed them.
+
+    ``vae_encoder`` gets the images; ``vae_decoder`` their latents; ``unet`` the latents noised with seeded noise
+    at the first and last DDIM timesteps of the config (int64 ``timesteps``); ``dino`` / ``dino_ads`` the images
+    resized to the feature sizes.
+
+    Args:
+        modules: ``export.models.GladModules`` (eval mode).
+        images: paths or uint8 arrays; default scikit-image's bundled photos (:data:`DEFAULT_IMAGES`).
+        count: batch size of the examples (>= 2, so the traced graphs do not specialise the batch to 1).
+    Returns:
+        ``{graph: {input_name: array}}``.
+    """
+    count = max(2, int(count))
+    x = _load_images(images, config.resolution, count)
+    if len(x) < count:
+        x = np.concatenate([x] * (-(-count // len(x))))[:count]
+    with torch.inference_mode():
+        latents = modules.encoder(torch.from_numpy(x)).numpy()
+    sched = NoiseSchedule.create(config.t_max, config.num_inference_steps, beta_start=config.beta_start,
+                                 beta_end=config.beta_end, num_train_timesteps=config.num_train_timesteps)
+    ts = np.resize(np.array([sched.timesteps[0], sched.timesteps[-1]], dtype=np.int64), count)
+    noise = np.random.default_rng(seed).standard_normal(latents.shape).astype(np.float32)
+    noisy = sched.add_noise(latents, noise, ts).astype(np.float32)
+    feeds = {"vae_encoder": {"images": x}, "vae_decoder": {"latents": latents},
+             "unet": {"latents": noisy, "timesteps": ts},
+             "dino": {"images": _resize(x, config.dino_resolution)}}
+    feeds["dino_ads"] = {"images": _resize(x, config.ads_size)}
+    return feeds
+
+
+def _resize(x: np.ndarray, size: int) -> np.ndarray:
+    if x.shape[-1] == size:
+        return x
+    t = torch.nn.functional.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear",
+                                        align_corners=False, antialias=True)
+    return t.numpy().astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_graph(module: torch.nn.Module, feeds: dict[str, np.ndarray], output_names: list[str], path: Path, *,
+                 opset: int = DEFAULT_OPSET, exporter: str = "dynamo", metadata: dict[str, str] | None = None) -> Path:
+    """Trace one module to ONNX with a dynamic batch axis, clean it up, fold constants and save it.
+
+    Args:
+        module: the torch module (eval mode, float32, CPU).
+        feeds: example inputs ``{name: array}`` in the module's argument order (batch >= 2).
+        output_names: names for the module's outputs (a tuple output gives several).
+        path: destination ``.onnx``; external data goes to ``<path>.data`` when the graph exceeds 2 GB.
+        opset: ONNX opset (>= 17 so LayerNormalization stays one op; 21 also keeps GroupNormalization).
+        exporter: ``"dynamo"`` (``torch.export`` based, the maintained exporter) or ``"torchscript"``.
+        metadata: string pairs stored in the model's ``metadata_props``.
+    Raises:
+        ExportError: the exporter failed (its message included) or an unknown exporter / opset < 17.
+    """
+    import onnx
+
+    if opset < 17:
+        raise ExportError(f"opset {opset} < 17: LayerNormalization would be decomposed; use 17 or higher")
+    if exporter not in ("dynamo", "torchscript"):
+        raise ExportError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    names = list(feeds)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        try:
+            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+                warnings.simplefilter("ignore")
+                if exporter == "dynamo":
+                    batch = torch.export.Dim("batch", min=1, max=4096)
+                    torch.onnx.export(module, args, str(raw), input_names=names, output_names=output_names,
+                                      opset_version=opset, dynamo=True, external_data=True,
+                                      dynamic_shapes=tuple({0: batch} for _ in names), verbose=False)
+                else:
+                    axes = {n: {0: "batch"} for n in names + output_names}
+                    torch.onnx.export(module, args, str(raw), input_names=names, output_names=output_names,
+                                      opset_version=opset, dynamo=False, dynamic_axes=axes,
+                                      do_constant_folding=True)
+        except Exception as e:  # the exporters raise many types; keep the message
+            raise ExportError(f"{path.name}: torch.onnx.export ({exporter}) failed: {type(e).__name__}: {e}") from e
+        model = onnx.load(str(raw), load_external_data=True)
+    model = optimize_graph(model)
+    for v in list(model.graph.input) + list(model.graph.output):  # one batch name, whatever the tracer derived
+        dim0 = v.type.tensor_type.shape.dim[0]
+        if dim0.dim_param or not dim0.dim_value:
+            dim0.dim_param = "batch"
+    model.producer_name = "glad-toolkit"
+    if metadata:
+        del model.metadata_props[:]
+        for k, v in metadata.items():
+            model.metadata_props.add(key=k, value=str(v))
+    save_model(model, path)
+    return path
+
+
+def optimize_graph(model):
+    """onnx-graphsurgeon clean-up and topological sort, then polygraphy constant folding (ORT-based), then shape
+    inference; the order TensorRT's demoDiffusion ``Optimizer`` uses. Graphs over 2 GB skip the folding (it needs
+    to serialise the model) and are still cleaned up."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    if model.ByteSize() < _TWO_GB:
+        from polygraphy.backend.onnx import fold_constants
+        from polygraphy.logger import G_LOGGER
+
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+            model = fold_constants(model, error_ok=True, allow_onnxruntime_shape_inference=True)
+        graph = gs.import_onnx(model)
+        graph.cleanup().toposort()
+        model = gs.export_onnx(graph)
+        model = onnx.shape_inference.infer_shapes(model)
+    return model
+
+
+def save_model(model, path: Path) -> None:
+    """Save a single ``.onnx`` below 2 GB, else with all weights in ``<name>.onnx.data`` next to it."""
+    import onnx
+
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if model.ByteSize() < _TWO_GB:
+        onnx.save(model, str(path))
+    else:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                  size_threshold=1024)
+
+
+FP16_MAX = 65504.0
+
+
+def overflowing_nodes(model, feeds: dict[str, np.ndarray], limit: float = FP16_MAX / 4) -> list[str]:
+    """Nodes of an fp32 graph that must stay fp32 for an fp16 copy to be right on real inputs.
+
+    A tensor is "hot" when its magnitude exceeds ``limit`` on ``feeds`` (every float intermediate is exposed as an
+    output and computed once in ONNX Runtime, CPU, graph optimisations off) or when it is an initializer beyond the
+    fp16 range (the converter would clamp it to 65504). The producer and every consumer of a hot tensor are
+    returned, so the value never passes through fp16 (blocking only the producer would cast its output back).
+
+    Returns:
+        sorted node names, for the converter's ``node_block_list``.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    outputs = {o.name for o in m.graph.output}
+    producers: dict[str, str] = {}
+    consumers: dict[str, list[str]] = {}
+    for node in m.graph.node:
+        for out in node.output:
+            producers[out] = node.name
+        for inp in node.input:
+            consumers.setdefault(inp, []).append(node.name)
+    float_vi = {v.name for v in m.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    for name in producers:
+        if name in float_vi and name not in outputs:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node's output
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    hot = [name for name, value in zip(names, sess.run(names, feeds))
+           if np.issubdtype(np.asarray(value).dtype, np.floating) and np.asarray(value).size
+           and float(np.abs(value).max()) > limit]
+    for init in m.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT:
+            arr = numpy_helper.to_array(init)
+            if arr.size and float(np.abs(arr).max()) > FP16_MAX:
+                hot.append(init.name)
+    blocked = set()
+    for name in hot:
+        if name in producers:
+            blocked.add(producers[name])
+        blocked.update(consumers.get(name, ()))
+    return sorted(blocked)
+
+
+def convert_fp16(src: Path, dst: Path, block_ops: Sequence[str] = FP16_BLOCK_OPS,
+                 feeds: dict[str, np.ndarray] | None = None) -> Path:
+    """fp16 copy of a graph with ONNX Runtime's ``float16`` converter; fp32 inputs/outputs (cast inside), the ops in
+    ``block_ops`` kept in fp32.
+
+    With ``feeds`` (real inputs), nodes whose fp32 activations exceed a quarter of the fp16 range on them are kept
+    in fp32 too (:func:`overflowing_nodes`); without, a constant beyond +-65504 is clamped by the converter and the
+    export-time parity gate refuses the graph. Graphs over 2 GB skip the activation scan."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(str(src), load_external_data=True)
+    nodes = overflowing_nodes(model, feeds) if feeds is not None and model.ByteSize() < _TWO_GB else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=model.ByteSize() >= _TWO_GB,
+                                           op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(block_ops),
+                                           node_block_list=nodes)
+    if nodes:
+        model16 = _drop_cast_roundtrips(model16)
+    meta = {p.key: p.value for p in model16.metadata_props} | {"glad.precision": "fp16"}
+    del model16.metadata_props[:]
+    for k, v in meta.items():
+        model16.metadata_props.add(key=k, value=v)
+    save_model(model16, dst)
+    return dst
+
+
+def _drop_cast_roundtrips(model):
+    """Rewire ``Cast(to fp16) -> Cast(to fp32)`` pairs so a value between two fp32-kept nodes never passes through
+    fp16 (ORT's converter casts every blocked node's output back to fp16, which overflows for hot tensors)."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    def cast_to(node):
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    for a in model.graph.node:
+        if a.op_type != "Cast" or cast_to(a) != onnx.TensorProto.FLOAT16 or a.output[0] in outputs:
+            continue
+        cons = consumers.get(a.output[0], [])
+        if cons and all(c.op_type == "Cast" and cast_to(c) == onnx.TensorProto.FLOAT for c in cons):
+            for c in cons:
+                c.input[0] = a.input[0]
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def _ort_run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _torch_run(module, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.inference_mode():
+        out = module(*(torch.from_numpy(v) for v in feeds.values()))
+    return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+#: Export-time acceptance gates on ``max |ort - torch| / max |torch|`` (real inputs): a graph beyond them is refused.
+MAX_REL_ERR = {"fp32": 1e-3, "fp16": 5e-2}
+
+
+def _compare(name: str, ort_out: list[np.ndarray], ref: list[np.ndarray], limit: float = float("inf")
+             ) -> tuple[float, float]:
+    """Max absolute and relative error of ONNX Runtime outputs against torch.
+
+    Raises:
+        ExportError: a shape differs, an output is non-finite, or the relative error exceeds ``limit`` (fp16
+            conversion clamps values beyond +-65504, which shows up here rather than as Inf).
+    """
+    abs_err, rel_err = 0.0, 0.0
+    for o, r in zip(ort_out, ref):
+        if o.shape != r.shape:
+            raise ExportError(f"{name}: ONNX output shape {o.shape} != torch {r.shape}")
+        bad = int((~np.isfinite(o)).sum())
+        if bad:
+            raise ExportError(f"{name}: {bad} non-finite values on real inputs; the graph is refused (for fp16, "
+                              "add the overflowing op to the fp32 block list)")
+        e = float(np.abs(o.astype(np.float64) - r).max())
+        abs_err = max(abs_err, e)
+        rel_err = max(rel_err, e / max(float(np.abs(r).max()), 1e-12))
+    if rel_err > limit:
+        raise ExportError(f"{name}: relative error {rel_err:.3g} against torch exceeds {limit:g} on real inputs; "
+                          "the graph is refused")
+    return abs_err, rel_err
+
+
+def _io_shapes(path: Path) -> tuple[dict[str, list], dict[str, list]]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    return ({v.name: dims(v) for v in m.graph.input}, {v.name: dims(v) for v in m.graph.output})
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    import collections
+
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return dict(collections.Counter(n.op_type for n in m.graph.node).most_common())
+
+
+def export_bundle(bundle: Bundle, modules=None, *, opset: int = DEFAULT_OPSET, exporter: str = "dynamo",
+                  precisions: Sequence[str] = ("fp32", "fp16"), graphs: Sequence[str] | None = None,
+                  images: Sequence | None = None, progress: Callable[[str], None] | None = None) -> list[GraphReport]:
+    """Export a bundle's graphs into ``BUNDLE/onnx/``, check each against torch on real inputs, re-hash the bundle.
+
+    Args:
+        bundle: the bundle (its ``weights/`` are loaded unless ``modules`` is given).
+        modules: already-built ``GladModules`` (must equal the bundle's weights).
+        opset, exporter: see :func:`export_graph`.
+        precisions: ``"fp32"`` and/or ``"fp16"`` (fp16 is converted from the fp32 graph).
+        graphs: a subset of :func:`graph_names` (default all).
+        images: real images for the checks (paths or uint8 arrays); default scikit-image's photos.
+        progress: called with a short message per step.
+    Returns:
+        one :class:`GraphReport` per graph and precision, also written to ``onnx/export.json``.
+    Raises:
+        ExportError: an export failed or a graph gives non-finite values; nothing is recorded for that graph.
+        ValueError: unknown graph or precision names.
+    """
+    from export.models import load_bundle_modules
+
+    cfg = bundle.config
+    wanted = list(graphs or graph_names(cfg))
+    unknown = set(wanted) - set(graph_names(cfg)) - {"dino_ads"}
+    bad_prec = set(precisions) - {"fp32", "fp16"}
+    if unknown or bad_prec:
+        raise ValueError(f"unknown graphs {sorted(unknown)} or precisions {sorted(bad_prec)}")
+    say = progress or (lambda msg: None)
+    if modules is None:
+        say("loading weights")
+        modules = load_bundle_modules(bundle)
+    modules = modules.eval()
+    feeds_all = example_inputs(modules, cfg, images)
+    weights_sha = {k: v["sha256"] for k, v in bundle.manifest()["files"].items() if k.startswith("weights/")}
+    weights_id = __import__("hashlib").sha256(json.dumps(weights_sha, sort_keys=True).encode()).hexdigest()[:16]
+    odir = bundle.file("onnx")
+    reports: list[GraphReport] = []
+    for name in wanted:
+        in_names, out_names = _io_spec(name, cfg)
+        feeds = {k: feeds_all[name][k] for k in in_names}
+        module = _module(modules, name)
+        ref = _torch_run(module, feeds)
+        fp32_path = odir / f"{name}.onnx"
+        meta = {"glad.graph": name, "glad.preset": cfg.preset, "glad.weights_id": weights_id,
+                "glad.precision": "fp32", "glad.opset": str(opset), "glad.exporter": exporter}
+        say(f"export {name} (opset {opset}, {exporter})")
+        t0 = time.perf_counter()
+        export_graph(module, feeds, out_names, fp32_path, opset=opset, exporter=exporter, metadata=meta)
+        t_fp32 = time.perf_counter() - t0
+        for prec in precisions:
+            path = fp32_path if prec == "fp32" else odir / f"{name}.fp16.onnx"
+            t1 = time.perf_counter()
+            if prec == "fp16":
+                say(f"fp16 {name}")
+                convert_fp16(fp32_path, path, feeds=feeds)
+            say(f"check {name} {prec} against torch")
+            try:
+                abs_err, rel_err = _compare(f"{name} {prec}", _ort_run(path, feeds), ref, MAX_REL_ERR[prec])
+            except ExportError:
+                for p in (path, path.with_name(path.name + ".data")):
+                    p.unlink(missing_ok=True)
+                raise
+            ins, outs = _io_shapes(path)
+            size = path.stat().st_size + (path.with_name(path.name + ".data").stat().st_size
+                                          if path.with_name(path.name + ".data").exists() else 0)
+            reports.append(GraphReport(graph=name, precision=prec, file=f"onnx/{path.name}", bytes=size,
+                                       export_s=round(t_fp32 + (time.perf_counter() - t1 if prec == "fp16" else 0), 2),
+                                       inputs=ins, outputs=outs, max_abs_err=abs_err, max_rel_err=rel_err,
+                                       ops=_op_counts(path)))
+        if "fp32" not in precisions:
+            fp32_path.unlink()
+    previous = _read_report(bundle)
+    keep = {(r["graph"], r["precision"]): r for r in previous.get("graphs", [])}
+    keep.update({(r.graph, r.precision): asdict(r) for r in reports})
+    (odir / "export.json").write_text(json.dumps(
+        {"opset": opset, "exporter": exporter, "torch": torch.__version__, "weights_id": weights_id,
+         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "graphs": list(keep.values())}, indent=2))
+    bundle.write_manifest()
+    return reports
+
+
+def _read_report(bundle: Bundle) -> dict[str, Any]:
+    p = bundle.file("onnx/export.json")
+    return json.loads(p.read_text()) if p.is_file() else {}

@@ -1,0 +1,160 @@
+"""ONNX Runtime engine: the :class:`~glad_runtime.engines.Engines` interface over a bundle's exported graphs.
+
+No torch: numpy in, numpy out. The graphs are the ones ``glad export`` writes into ``BUNDLE/onnx/`` (see
+``export.onnx_export`` for their inputs and outputs). The execution provider is an explicit setting, never a silent
+fallback: ``cpu`` (``CPUExecutionProvider``), ``cuda`` (``CUDAExecutionProvider``, needs ``onnxruntime-gpu``) or
+``tensorrt`` (``TensorrtExecutionProvider`` with CUDA behind it for unsupported nodes; its engines are cached under
+``BUNDLE/engines/ort-trt/``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle, BundleError
+from .engines import EngineError, check_output
+
+__all__ = ["OrtEngines", "PROVIDERS", "session_options"]
+
+#: ``provider`` setting -> ONNX Runtime provider list (first is preferred for each node, CPU only where named).
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+}
+
+
+def session_options(intra_op_threads: int = 0, inter_op_threads: int = 0):
+    """``onnxruntime.SessionOptions`` with full graph optimisation and the given thread counts (0 = ORT default:
+    one intra-op thread per physical core)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = int(intra_op_threads)
+    opts.inter_op_num_threads = int(inter_op_threads)
+    opts.log_severity_level = 3
+    return opts
+
+
+class OrtEngines:
+    """GLAD's four networks in ONNX Runtime.
+
+    Args:
+        bundle: a :class:`~glad_runtime.bundle.Bundle` or its folder, exported with ``glad export``.
+        precision: ``"fp32"`` (``onnx/<graph>.onnx``) or ``"fp16"`` (``onnx/<graph>.fp16.onnx``; fp32 I/O).
+        provider: ``"cpu"``, ``"cuda"`` or ``"tensorrt"`` (see :data:`PROVIDERS`).
+        intra_op_threads, inter_op_threads: ONNX Runtime thread pools (0 = its default).
+        max_batch: calls are split into chunks of at most this many images (bounded memory).
+        verify: check the graphs' sha256 against the bundle manifest before loading.
+    Raises:
+        BundleError: graphs missing (run ``glad export``) or modified since export.
+        ValueError: unknown precision or provider, or a provider this onnxruntime build lacks (naming the package
+            that has it).
+    """
+
+    def __init__(self, bundle: Bundle | str | os.PathLike, precision: str = "fp32", provider: str = "cpu", *,
+                 intra_op_threads: int = 0, inter_op_threads: int = 0, max_batch: int = 16, verify: bool = True):
+        import onnxruntime as ort
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        self.config = self.bundle.config
+        if precision not in ("fp32", "fp16"):
+            raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+        available = ort.get_available_providers()
+        missing = [p for p in PROVIDERS[provider] if p not in available]
+        if missing:
+            raise ValueError(f"provider {provider!r} needs {missing}, not in this onnxruntime build (available: "
+                             f"{available}); install onnxruntime-gpu instead of onnxruntime for cuda/tensorrt")
+        self.precision, self.provider, self.max_batch = precision, provider, max(1, int(max_batch))
+        self.opts = session_options(intra_op_threads, inter_op_threads)
+        providers = self._providers(provider, precision)
+        self.sessions: dict[str, object] = {}
+        needed = ["unet", "vae_encoder", "vae_decoder", "dino"]
+        cfg = self.config
+        if cfg.ads_enabled and cfg.ads_size != cfg.dino_resolution:
+            needed.append("dino_ads")
+        suffix = "" if precision == "fp32" else ".fp16"
+        paths = {name: self.bundle.file(f"onnx/{name}{suffix}.onnx") for name in needed}
+        absent = [p.name for p in paths.values() if not p.is_file()]
+        if absent:
+            raise BundleError(f"{self.bundle.path}: no exported graphs {absent}; run `glad export "
+                              f"{self.bundle.path}` (precision {precision})")
+        if verify:
+            rel = [f"onnx/{p.name}" for p in paths.values()]
+            rel += [r + ".data" for r in rel if self.bundle.file(r + ".data").is_file()]
+            self.bundle.verify(prefix="onnx/", required=rel)
+        for name, path in paths.items():
+            self.sessions[name] = ort.InferenceSession(str(path), self.opts, providers=providers)
+        # feature graphs are fixed-size: map image size -> graph
+        self._feature_graphs = {cfg.dino_resolution: "dino"}
+        if "dino_ads" in self.sessions:
+            self._feature_graphs[cfg.ads_size] = "dino_ads"
+        self._token_names = [f"tokens_{layer}" for layer in cfg.feature_layers]
+
+    def _providers(self, provider: str, precision: str) -> list:
+        if provider != "tensorrt":
+            return list(PROVIDERS[provider])
+        cache = Path(self.bundle.file("engines/ort-trt"))
+        cache.mkdir(parents=True, exist_ok=True)
+        trt_opts = {"trt_fp16_enable": precision == "fp16", "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True}
+        return [("TensorrtExecutionProvider", trt_opts), "CUDAExecutionProvider"]
+
+    @property
+    def graphs(self) -> list[str]:
+        """Names of the loaded graphs."""
+        return list(self.sessions)
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+        sess = self.sessions[graph]
+        n = len(next(iter(feeds.values())))
+        chunks = []
+        for start in range(0, n, self.max_batch):
+            part = {k: np.ascontiguousarray(v[start:start + self.max_batch]) for k, v in feeds.items()}
+            try:
+                chunks.append(sess.run(outputs, part))
+            except Exception as e:  # onnxruntime raises its own exception classes (Fail, InvalidArgument, ...)
+                raise EngineError(f"{graph}: ONNX Runtime failed: {type(e).__name__}: {e}") from e
+        return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """``images f32 [B,3,H,W]`` in [-1,1] -> scaled latents ``[B,C,h,w]``."""
+        c = self.config
+        out = self._run("vae_encoder", {"images": np.asarray(images, np.float32)})[0]
+        return check_output("vae_encoder", out, (len(images), c.latent_channels, c.latent_size, c.latent_size))
+
+    def unet(self, latents: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+        """Guided ``noise_pred [B,C,h,w]`` at int64 ``timesteps [B]`` (per-sample)."""
+        latents = np.asarray(latents, np.float32)
+        ts = np.broadcast_to(np.asarray(timesteps, np.int64), (len(latents),))
+        out = self._run("unet", {"latents": latents, "timesteps": np.ascontiguousarray(ts)})[0]
+        return check_output("unet", out, latents.shape)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Scaled latents ``[B,C,h,w]`` -> images ``[B,3,H,W]``."""
+        r = self.config.resolution
+        out = self._run("vae_decoder", {"latents": np.asarray(latents, np.float32)})[0]
+        return check_output("vae_decoder", out, (len(latents), 3, r, r))
+
+    def features(self, images: np.ndarray) -> list[np.ndarray]:
+        """Patch tokens ``[B,S/p,S/p,D]`` per configured layer, for images at a size with an exported graph.
+
+        Raises:
+            EngineError: the image size has no feature graph (the sizes available are named).
+        """
+        images = np.asarray(images, np.float32)
+        size = images.shape[-1]
+        graph = self._feature_graphs.get(size)
+        if graph is None or images.shape[-2] != size:
+            raise EngineError(f"features: no graph for {images.shape[-2]}x{size} images; exported sizes "
+                              f"{sorted(self._feature_graphs)} (re-export after changing dino/ads resolution)")
+        outs = self._run(graph, {"images": images}, self._token_names)
+        g = size // self.config.patch_size
+        return [check_output(f"{graph}:{name}", o, (len(images), g, g, o.shape[-1]))
+                for name, o in zip(self._token_names, outs)]
