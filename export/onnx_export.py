@@ -454,6 +454,8 @@ def export_bundle(bundle: Bundle, modules=None, *, opset: int = DEFAULT_OPSET, e
     Returns:
         one :class:`GraphReport` per graph and precision, also written to ``onnx/export.json``.
     Raises:
+        BundleError: the bundle's weights or config fail their checksums (checked first; only ``onnx/`` entries of
+            the manifest are rewritten, so a modified file is never blessed).
         ExportError: an export failed or a graph gives non-finite values; nothing is recorded for that graph.
         ValueError: unknown graph or precision names.
     """
@@ -466,6 +468,7 @@ def export_bundle(bundle: Bundle, modules=None, *, opset: int = DEFAULT_OPSET, e
     if unknown or bad_prec:
         raise ValueError(f"unknown graphs {sorted(unknown)} or precisions {sorted(bad_prec)}")
     say = progress or (lambda msg: None)
+    bundle.verify(exclude=tuple(r for r in bundle.manifest()["files"] if r.startswith("onnx/")))
     if modules is None:
         say("loading weights")
         modules = load_bundle_modules(bundle)
@@ -515,7 +518,8 @@ def export_bundle(bundle: Bundle, modules=None, *, opset: int = DEFAULT_OPSET, e
     (odir / "export.json").write_text(json.dumps(
         {"opset": opset, "exporter": exporter, "torch": torch.__version__, "weights_id": weights_id,
          "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "graphs": list(keep.values())}, indent=2))
-    bundle.write_manifest()
+    touched = [f"onnx/{p.name}" for p in odir.iterdir() if p.is_file()]
+    bundle.update_manifest(touched + [r for r in bundle.manifest()["files"] if r.startswith("onnx/")])
     return reports
 
 

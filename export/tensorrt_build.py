@@ -199,6 +199,7 @@ def build_bundle(bundle: Bundle, precision: str = "fp16", *, batch: tuple[int, i
     gpu: GpuInfo = current_gpu(gpu_index)
     version = tensorrt_version()
     say = progress or (lambda m: None)
+    bundle.verify(prefix="onnx/")
     report = json.loads(bundle.file("onnx/export.json").read_text()) if bundle.file("onnx/export.json").is_file() \
         else {"graphs": []}
     wanted = list(graphs or sorted({g["graph"] for g in report["graphs"]}))
@@ -237,7 +238,7 @@ def build_bundle(bundle: Bundle, precision: str = "fp16", *, batch: tuple[int, i
              "refitted_from": str(donor) if donor is not None else None,
              "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
         results.append(BuildResult(g, plan_path, key, time.perf_counter() - t0, False))
-    bundle.write_manifest()
+    bundle.update_manifest([f"engines/{p.name}" for p in edir.iterdir() if p.is_file()])
     return results
 
 

@@ -6,11 +6,13 @@ Heavy imports (torch, diffusers, timm) happen inside the subcommands that need t
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import click
+import numpy as np
 
 from glad_runtime.config import preset_names
 
@@ -103,16 +105,39 @@ def engine_options(fn):
     return fn
 
 
-def open_engines(bundle, backend: str, device: str, precision: str, provider: str, threads: int, max_batch: int = 16):
-    """``glad_runtime.engines.load_engines`` with its errors turned into click usage errors."""
-    from glad_runtime.bundle import BundleError
-    from glad_runtime.engines import load_engines
+def _open_pipeline(bundle: Path, engine: dict, max_batch: int = 16, **config_changes):
+    """The one way a command runs a bundle: ``(Bundle, engines, GladPipeline)``.
 
+    Args:
+        engine: the values of :func:`engine_options` (``backend``, ``device``, ``precision``, ``provider``,
+            ``threads``), passed to ``glad_runtime.engines.load_engines``.
+        config_changes: config fields replaced for this run (e.g. ``seed``).
+    The files the backend loads are checked against the manifest first; a missing or modified file, or an option
+    the backend cannot honour, becomes a click usage error.
+    """
+    from glad_runtime.bundle import Bundle, BundleError
+    from glad_runtime.engines import load_engines
+    from glad_runtime.pipeline import GladPipeline
+
+    b = Bundle(bundle)
+    cfg = b.config.replace(**config_changes) if config_changes else b.config
     try:
-        return load_engines(bundle, backend, device=device, precision=precision, provider=provider,
-                            threads=threads, max_batch=max_batch)
+        engines = load_engines(b, engine.get("backend", "torch"), device=engine.get("device", "cpu"),
+                               precision=engine.get("precision", "fp32"), provider=engine.get("provider", "cpu"),
+                               threads=engine.get("threads", 0), max_batch=max_batch)
     except (ValueError, BundleError) as e:
         raise click.UsageError(str(e)) from e
+    return b, engines, GladPipeline(engines, cfg)
+
+
+def _bundle_calibration(bundle: Path):
+    """The bundle's calibration or None; BundleError becomes a click error."""
+    from glad_runtime.bundle import Bundle, BundleError
+
+    try:
+        return Bundle(bundle).calibration()
+    except BundleError as e:
+        raise click.ClickException(str(e)) from e
 
 
 @cli.command("export")
@@ -209,21 +234,26 @@ def build_cmd(bundle: Path, precision: str, batch: str, graphs, refittable: bool
 @click.option("--map-format", type=click.Choice(["png16", "npy"]), default="png16", show_default=True,
               help="Anomaly map file: 16-bit PNG (value = png / map_png_scale in the JSON) or float32 .npy.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--threshold", type=float, default=None,
+              help="Raw image threshold for this run, overriding the bundle's calibration (labels: score > X).")
 def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size: int, seed: int | None,
                backend: str, device: str, precision: str, provider: str, threads: int, map_format: str,
-               quiet: bool) -> None:
+               quiet: bool, threshold: float | None) -> None:
     """Score images (files or folders) with a model BUNDLE; maps come back at each image's original size.
 
     Any image Pillow reads is accepted: 8/16-bit grayscale, RGB, RGBA, palette, EXIF-rotated, any size. A file that
     cannot be read gets a JSON record with the error and the others still complete; the exit code is then 1.
+
+    With a calibrated bundle (`glad calibrate`) every record also has normalized_score (threshold at 0.5), label
+    ("normal" / "anomalous") and the threshold used; --threshold overrides the raw image threshold. One line per
+    image (label, normalised and raw score, file) is printed, then the JSON summary.
     """
-    from glad_runtime.bundle import Bundle
     from glad_runtime.detect import detect_files, summarize
     from glad_runtime.images import list_images
-    from glad_runtime.pipeline import GladPipeline
 
-    b = Bundle(bundle)
-    cfg = b.config if seed is None else b.config.replace(seed=seed)
+    if threshold is not None and not math.isfinite(threshold):
+        raise click.BadParameter("must be a finite number", param_hint="--threshold")
+    calibration = _bundle_calibration(bundle)
     try:
         paths = list_images(list(inputs))
     except FileNotFoundError as e:
@@ -231,15 +261,104 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
     if not paths:
         raise click.BadParameter("no images found", param_hint="INPUTS")
     start = time.perf_counter()
-    engines = open_engines(b, backend, device, precision, provider, threads, max_batch=batch_size)
-    records = detect_files(GladPipeline(engines, cfg), paths, out_dir, batch_size=batch_size,
-                           map_format=map_format, progress=not quiet)
+    engine = dict(backend=backend, device=device, precision=precision, provider=provider, threads=threads)
+    _, _, pipeline = _open_pipeline(bundle, engine, batch_size, **({} if seed is None else {"seed": seed}))
+    records = detect_files(pipeline, paths, out_dir, batch_size=batch_size, map_format=map_format,
+                           progress=not quiet, calibration=calibration, threshold=threshold)
     summary = summarize(records) | {"wall_s": round(time.perf_counter() - start, 2), "out": str(out_dir)}
+    if calibration is not None and pipeline.config.seed != calibration.params.get("pipeline_seed",
+                                                                                   pipeline.config.seed):
+        summary["note"] = (f"calibrated with seed {calibration.params['pipeline_seed']}, run with seed "
+                           f"{pipeline.config.seed}: scores shift with the noise seed")
+    for r in records:
+        if r.error is None and r.label is not None:
+            norm = "" if r.normalized_score is None else f"{r.normalized_score:.3f} "
+            click.echo(f"{r.label:9s} {norm}(raw {r.score:.6g}) {r.source}")
+    if "note" in summary:
+        click.echo(f"note: {summary['note']}", err=True)
     click.echo(json.dumps(summary))
     for r in records:
         if r.error:
             click.echo(f"error: {r.error}", err=True)
     sys.exit(1 if summary["failed"] else 0)
+
+
+@cli.command("calibrate")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("normal_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--labelled", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Labelled images: an MVTec-format category (test/good, test/<defect>, ground_truth/) or a folder "
+                   "with good/ and one folder per defect. Then the image threshold maximises F1 on them.")
+@click.option("--target-fpr", default=0.01, show_default=True, type=click.FloatRange(0, 1, min_open=True,
+                                                                                     max_open=True),
+              help="Normal rule: fraction of normal images (and pixels) flagged.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, 256))
+@engine_options
+@click.option("--pixels-per-image", default=16384, show_default=True, type=click.IntRange(1),
+              help="Anomaly-map pixels sampled per image for the pixel threshold (seeded).")
+@click.option("--seed", default=0, show_default=True, help="Pixel sampling seed.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def calibrate_cmd(bundle: Path, normal_dir: Path, labelled: Path | None, target_fpr: float, batch_size: int,
+                  backend: str, device: str, precision: str, provider: str, threads: int, pixels_per_image: int,
+                  seed: int, quiet: bool) -> None:
+    """Compute thresholds and score normalisation for BUNDLE from held-out images; store BUNDLE/calibration.json.
+
+    NORMAL_DIR holds normal images the model was not trained on (files or folders, searched recursively). Without
+    --labelled the image threshold is their (1 - target FPR) quantile; with --labelled it is the F1-optimal
+    threshold on the labelled set, whose normals are pooled with NORMAL_DIR. Pixel thresholds: F1-optimal over the
+    masks when the labelled set has them, else the (1 - target FPR) quantile over the normal images' pixels.
+    The manifest records calibration.json, so `verify` keeps covering it.
+    """
+    import warnings
+
+    from calib.collect import score_images
+    from calib.thresholds import Calibration, CalibrationError
+    from glad_runtime.bundle import BundleError
+    from glad_runtime.images import list_images
+
+    normal_paths = list_images([normal_dir])
+    if not normal_paths:
+        raise click.BadParameter("no images found", param_hint="NORMAL_DIR")
+    engine = dict(backend=backend, device=device, precision=precision, provider=provider, threads=threads)
+    b, _, pipeline = _open_pipeline(bundle, engine, batch_size)
+    common = dict(batch_size=batch_size, pixels_per_image=pixels_per_image, progress=not quiet)
+    extra = {"pipeline_seed": pipeline.config.seed, "normal_dir": str(normal_dir.resolve())}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            normals = score_images(pipeline, normal_paths, seed=seed, desc="calibrate normals", **common)
+            if labelled is None:
+                cal = Calibration.from_normals(normals.scores, normals.pixels, target_fpr, seed=seed,
+                                               pixels_per_image=pixels_per_image, model_checksum=b.model_checksum(),
+                                               extra_params=extra)
+            else:
+                from training.data import labelled_samples
+
+                try:
+                    samples = labelled_samples(labelled)
+                except FileNotFoundError as e:
+                    raise click.BadParameter(str(e), param_hint="--labelled") from e
+                with_masks = any(t.mask_path is not None for t in samples)
+                lab = score_images(pipeline, [t.path for t in samples], seed=seed + 1, desc="calibrate labelled",
+                                   mask_paths=[t.mask_path for t in samples] if with_masks else None, **common)
+                scores = np.concatenate([normals.scores, lab.scores])
+                labels = np.concatenate([np.zeros(len(normals.scores), bool), [t.label == 1 for t in samples]])
+                maps = normals.pixels + lab.pixels
+                masks = None
+                if with_masks:
+                    masks = [np.zeros(len(v), bool) for v in normals.pixels] + lab.mask_pixels
+                cal = Calibration.from_labelled(scores, labels, pixel_maps=maps, masks=masks,
+                                                pixel_target_fpr=target_fpr, seed=seed,
+                                                pixels_per_image=pixels_per_image, model_checksum=b.model_checksum(),
+                                                extra_params=extra | {"labelled_dir": str(labelled.resolve())})
+            path = b.write_calibration(cal)
+        except (CalibrationError, BundleError) as e:
+            raise click.ClickException(str(e)) from e
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    for line in cal.summary_lines():
+        click.echo(line)
+    click.echo(f"calibration written: {path} (bundle checksum {b.checksum()})")
 
 
 @cli.group("data")
@@ -345,15 +464,12 @@ def eval_cmd(bundle: Path, data: Path, out_dir, baseline: str, batch_size: int, 
              device: str, precision: str, provider: str, threads: int, overrides) -> None:
     """I-AUROC / I-AP / I-F1max (and P-AUROC / P-AP / P-F1max / AUPRO with masks) plus a report with the
     kNN baseline beside GLAD."""
-    from glad_runtime.bundle import Bundle
-    from glad_runtime.pipeline import GladPipeline
     from training.evaluate import evaluate
 
-    b = Bundle(bundle)
-    cfg = b.config.replace(**_parse_overrides(overrides)) if overrides else b.config
-    engines = open_engines(b, backend, device, precision, provider, threads, max_batch=batch_size)
+    engine = dict(backend=backend, device=device, precision=precision, provider=provider, threads=threads)
+    _, engines, pipeline = _open_pipeline(bundle, engine, batch_size, **_parse_overrides(overrides))
     out = out_dir or (bundle / "eval" / data.name)
-    evaluate(engines, GladPipeline(engines, cfg), data, out, baseline=None if baseline == "none" else baseline,
+    evaluate(engines, pipeline, data, out, baseline=None if baseline == "none" else baseline,
              batch_size=batch_size, max_test=max_test, title=f"GLAD on {data.name}", log=click.echo)
     click.echo(f"report: {out / 'report.md'}")
 

@@ -2,11 +2,19 @@
 
 Engine-agnostic (any :class:`~glad_runtime.engines.Engines`); used by ``glad detect``. A file that cannot be read
 gets an error record and the rest of its batch completes.
+
+Labels: with a calibration (``calibration.json`` of the bundle, ``calib.thresholds.Calibration``) every record gets
+``normalized_score`` (threshold at 0.5), ``label`` (``"normal"`` / ``"anomalous"``: anomalous when the raw score is
+strictly above the threshold), ``threshold`` (the raw image threshold used) and ``threshold_source``
+(``"calibration"`` or ``"override"``). A per-run / per-request ``threshold=`` overrides the raw image threshold;
+without a calibration it still gives labels (but no ``normalized_score``, which needs the calibration's score span).
+Without either, records carry the raw score only and :func:`summarize` adds a note that the bundle is uncalibrated.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,24 +23,33 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from calib.thresholds import Calibration, label_for
+
 from .images import ImageLoadError, LoadedImage, load_image, preprocess, resize_map
 from .engines import EngineError
 from .pipeline import GladPipeline, InvalidInputError
 
-__all__ = ["DetectionRecord", "detect_files", "heatmap_overlay", "write_outputs"]
+__all__ = ["DetectionRecord", "apply_threshold", "detect_files", "heatmap_overlay", "summarize", "write_outputs"]
 
 
 @dataclass
 class DetectionRecord:
     """The JSON record written per image.
 
-    ``score`` is the raw (uncalibrated) top-K mean anomaly score; ``adaptive_step`` the DDIM timestep where ADS
-    decided (-1: ADS off); ``timings_s`` the batch's stage times divided by the batch size (seconds per image).
-    On failure only ``source`` and ``error`` are set.
+    ``score`` is the raw (uncalibrated) top-K mean anomaly score; ``normalized_score`` the calibrated score in
+    [0, 1] with the threshold at 0.5; ``label`` ``"anomalous"`` when ``score > threshold`` else ``"normal"``;
+    ``threshold`` the raw image threshold used and ``threshold_source`` ``"calibration"`` or ``"override"`` (all
+    four None when the bundle is uncalibrated and no threshold was given; ``normalized_score`` None without a
+    calibration). ``adaptive_step`` is the DDIM timestep where ADS decided (-1: ADS off); ``timings_s`` the batch's
+    stage times divided by the batch size (seconds per image). On failure only ``source`` and ``error`` are set.
     """
 
     source: str
     score: float | None = None
+    normalized_score: float | None = None
+    label: str | None = None
+    threshold: float | None = None
+    threshold_source: str | None = None
     adaptive_step: int | None = None
     ads_score: float | None = None
     saff_triggered: bool | None = None
@@ -52,7 +69,8 @@ def _batches(paths: list[Path], size: int) -> Iterator[list[Path]]:
 
 
 def detect_files(pipeline: GladPipeline, paths: Iterable[str | Path], out_dir: str | Path, *, batch_size: int = 4,
-                 map_format: str = "png16", progress: bool = True) -> list[DetectionRecord]:
+                 map_format: str = "png16", progress: bool = True, calibration: Calibration | None = None,
+                 threshold: float | None = None) -> list[DetectionRecord]:
     """Run GLAD on image files and write, per image, ``<name>.json``, the map and ``<name>_overlay.png``.
 
     Args:
@@ -62,13 +80,19 @@ def detect_files(pipeline: GladPipeline, paths: Iterable[str | Path], out_dir: s
         batch_size: images per pipeline call.
         map_format: ``"png16"`` (16-bit PNG, value = png / ``map_png_scale``) or ``"npy"`` (float32).
         progress: show a tqdm progress bar on stderr.
+        calibration: the bundle's calibration (``Bundle.calibration()``), or None (uncalibrated: raw scores only).
+        threshold: raw image threshold for this call, overriding the calibration's (finite float), or None.
     Returns:
         One :class:`DetectionRecord` per input path, in order; also written to ``out_dir/results.jsonl``.
+    Raises:
+        ValueError: unknown ``map_format`` or a non-finite ``threshold``.
     """
     from tqdm import tqdm
 
     if map_format not in ("png16", "npy"):
         raise ValueError(f"map_format must be 'png16' or 'npy', got {map_format!r}")
+    if threshold is not None and not math.isfinite(float(threshold)):
+        raise ValueError(f"threshold must be a finite number, got {threshold}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in paths]
@@ -102,6 +126,7 @@ def detect_files(pipeline: GladPipeline, paths: Iterable[str | Path], out_dir: s
                         ads_score=None if np.isnan(result.ads_scores[j]) else float(result.ads_scores[j]),
                         saff_triggered=bool(result.triggered[j]), original_size=img.original_size,
                         image_mode=img.mode, timings_s={k2: round(v, 5) for k2, v in per_image.items()})
+                    apply_threshold(rec, calibration, threshold)
                     write_outputs(rec, amap, img.rgb, out, names[i], map_format)
                     by_index[i] = rec
             for i in chunk:
@@ -112,6 +137,26 @@ def detect_files(pipeline: GladPipeline, paths: Iterable[str | Path], out_dir: s
         for r in records:
             f.write(json.dumps(asdict(r)) + "\n")
     return records
+
+
+def apply_threshold(rec: DetectionRecord, calibration: Calibration | None, threshold: float | None = None) -> None:
+    """Fill ``normalized_score`` / ``label`` / ``threshold`` / ``threshold_source`` of a scored record in place.
+
+    The raw image threshold is ``threshold`` when given (``"override"``), else the calibration's
+    (``"calibration"``); with neither the record stays unlabelled. ``normalized_score`` needs a calibration.
+    """
+    if rec.score is None or (calibration is None and threshold is None):
+        return
+    t = float(threshold) if threshold is not None else calibration.image_threshold
+    rec.threshold = t
+    rec.threshold_source = "override" if threshold is not None else "calibration"
+    rec.label = label_for(rec.score, t)
+    if calibration is not None:
+        rec.normalized_score = calibration.normalize(rec.score, threshold=t)
+
+
+UNCALIBRATED_NOTE = ("the bundle is uncalibrated: records carry raw scores only, no labels; run `glad calibrate` "
+                     "or pass a threshold")
 
 
 def _run_isolated(pipeline: GladPipeline, batch: np.ndarray) -> list:
@@ -186,8 +231,20 @@ def heatmap_overlay(rgb: np.ndarray, amap: np.ndarray, vmax: float | None = None
 
 
 def summarize(records: list[DetectionRecord]) -> dict:
-    """Counts of processed and failed images and the mean per-image total time."""
+    """Counts of processed and failed images, the mean per-image total time and the labels.
+
+    Labelled records add ``anomalous`` / ``normal`` counts, ``threshold`` and ``threshold_source``; when scored
+    records carry no label, ``note`` says that the bundle is uncalibrated.
+    """
     ok = [r for r in records if r.error is None]
     total = [r.timings_s.get("total", 0.0) for r in ok]
-    return {"images": len(records), "ok": len(ok), "failed": len(records) - len(ok),
-            "mean_s_per_image": float(np.mean(total)) if total else None, "time": time.strftime("%H:%M:%S")}
+    out = {"images": len(records), "ok": len(ok), "failed": len(records) - len(ok),
+           "mean_s_per_image": float(np.mean(total)) if total else None, "time": time.strftime("%H:%M:%S")}
+    labelled = [r for r in ok if r.label is not None]
+    if labelled:
+        out |= {"anomalous": sum(r.label == "anomalous" for r in labelled),
+                "normal": sum(r.label == "normal" for r in labelled),
+                "threshold": labelled[0].threshold, "threshold_source": labelled[0].threshold_source}
+    elif ok:
+        out["note"] = UNCALIBRATED_NOTE
+    return out

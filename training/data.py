@@ -38,6 +38,7 @@ __all__ = [
     "TEST_DEFECT_SOURCE_IMAGES",
     "TestSample",
     "MVTecCategory",
+    "labelled_samples",
     "load_mask",
     "prepare_elpv",
     "prepare_textures",
@@ -84,20 +85,24 @@ class MVTecCategory:
 
     Args:
         root: the category folder, containing ``train/`` and/or ``test/``.
+        test_dir: the folder holding ``good/`` and the defect folders (default ``root/test``); ``root`` itself
+            for a bare labelled folder (see :func:`labelled_samples`), where a ``ground_truth`` folder is not a
+            defect type.
 
     Raises:
-        FileNotFoundError: ``root`` does not exist or has neither ``train/`` nor ``test/``.
+        FileNotFoundError: ``root`` does not exist or has neither ``train/`` nor ``test/`` (nor ``test_dir``).
 
     Mask lookup for ``test/<defect>/<stem>.<ext>``: ``ground_truth/<defect>/<stem>_mask.<any image ext>``
     (MVTec/MPDD), else ``ground_truth/<defect>/<stem>.<any image ext>`` (VisA). When there is no ground_truth
     folder (e.g. ELPV, image labels only) the mask path is None.
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, test_dir: str | os.PathLike | None = None) -> None:
         self.root = Path(root)
+        self.test_dir = self.root / "test" if test_dir is None else Path(test_dir)
         if not self.root.is_dir():
             raise FileNotFoundError(f"category folder not found: {self.root}")
-        if not (self.root / "train").is_dir() and not (self.root / "test").is_dir():
+        if not (self.root / "train").is_dir() and not self.test_dir.is_dir():
             raise FileNotFoundError(f"{self.root} is not an MVTec-format category: no train/ or test/ folder")
         self._test: list[TestSample] | None = None
 
@@ -123,10 +128,11 @@ class MVTecCategory:
 
     def defect_types(self) -> list[str]:
         """Sorted names of the test sub-folders other than ``good``."""
-        d = self.root / "test"
+        d = self.test_dir
         if not d.is_dir():
             return []
-        return sorted(p.name for p in d.iterdir() if p.is_dir() and p.name != "good" and not p.name.startswith("."))
+        skip = {"good", "ground_truth", "train"} if d.resolve() == self.root.resolve() else {"good"}
+        return sorted(p.name for p in d.iterdir() if p.is_dir() and p.name not in skip and not p.name.startswith("."))
 
     @staticmethod
     def _mask_index(gt_dir: Path) -> dict[str, Path]:
@@ -146,7 +152,7 @@ class MVTecCategory:
         """
         if self._test is not None:
             return list(self._test)
-        test_dir = self.root / "test"
+        test_dir = self.test_dir
         if not test_dir.is_dir():
             raise FileNotFoundError(f"no test folder in {self.root}")
         samples: list[TestSample] = []
@@ -204,6 +210,31 @@ class MVTecCategory:
         if len(shapes) != 1:
             raise ValueError(f"masks of {self.root} have different sizes {sorted(shapes)}; pass size=")
         return np.stack(out)
+
+
+def labelled_samples(folder: str | os.PathLike) -> list[TestSample]:
+    """Labelled images of a folder (for ``glad calibrate --labelled``): label 0 for ``good``, 1 for other folders.
+
+    Accepted layouts:
+
+    * an MVTec-format category: ``folder/test/good``, ``folder/test/<defect>`` (masks from
+      ``folder/ground_truth``), i.e. :meth:`MVTecCategory.test_samples`;
+    * a category's ``test`` folder itself (``folder/good``, ``folder/<defect>``, with ``folder.name == "test"`` and
+      masks from ``folder/../ground_truth``);
+    * a bare folder: ``folder/good`` and one sub-folder per defect type, masks (optional) from
+      ``folder/ground_truth/<defect>/``.
+
+    Raises:
+        FileNotFoundError: no ``test/`` or ``good/`` sub-folder, or no images.
+    """
+    root = Path(folder)
+    if (root / "test").is_dir():
+        return MVTecCategory(root).test_samples()
+    if not (root / "good").is_dir():
+        raise FileNotFoundError(f"{root} has neither test/ (an MVTec-format category) nor good/ (a labelled folder)")
+    if root.name == "test":
+        return MVTecCategory(root.parent).test_samples()
+    return MVTecCategory(root, test_dir=root).test_samples()
 
 
 def _hw(size: int | Sequence[int] | None) -> tuple[int, int] | None:
