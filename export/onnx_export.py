@@ -12,8 +12,8 @@ graph              inputs                                                outputs
 ``vae_decoder``    ``latents f32 [B,C,h,w]``                             ``images f32 [B,3,H,W]``
 ``dino``           ``images f32 [B,3,S,S]`` in [-1, 1], S = dino size    ``tokens_<layer> f32 [B,S/p,S/p,D]`` per
                                                                          scoring layer
-``dino_ads``       the same at the ADS size (only when ADS is on and      the same
-                   its size differs from the scoring size)
+``dino_ads``       the same at the ADS size (when it differs from the      the same
+                   scoring size)
 =================  ====================================================  ==========================================
 
 ImageNet normalisation is inside the feature graphs; position embeddings are resampled once at trace time for the
@@ -50,15 +50,13 @@ from glad_runtime.bundle import Bundle
 from glad_runtime.config import GladConfig
 from glad_runtime.schedule import NoiseSchedule
 
-__all__ = ["ExportError", "GraphReport", "export_bundle", "graph_names", "FP16_BLOCK_OPS", "DEFAULT_OPSET",
-           "export_graph", "convert_fp16", "example_inputs", "MAX_REL_ERR",
-           "overflowing_nodes"]
+from .onnx_tools import TWO_GB, convert_fp16, io_shapes, op_counts, optimize_graph, ort_run, save_model
+
+__all__ = ["ExportError", "GraphReport", "export_bundle", "graph_names", "DEFAULT_OPSET", "export_graph",
+           "example_inputs", "MAX_REL_ERR"]
 
 DEFAULT_OPSET = 21
 #: Ops kept in fp32 by the fp16 conversion (numerically fragile: reductions over many values, exponentials).
-FP16_BLOCK_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax", "ReduceMean",
-                  "Pow", "Sqrt", "Erf")
-_TWO_GB = 2**31 - 2**20  # protobuf limit with a margin
 #: Real images shipped with scikit-image, used when the caller gives none (natural statistics, no download).
 DEFAULT_IMAGES = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -84,9 +82,10 @@ class GraphReport:
 
 
 def graph_names(config: GladConfig) -> list[str]:
-    """The graphs a bundle with this config needs (``dino_ads`` only when ADS runs at another size)."""
+    """The graphs exported for a config: ``dino_ads`` whenever the ADS check runs at another size than scoring
+    (also with ADS off, so ADS can be switched on at run time without re-exporting)."""
     names = ["unet", "vae_encoder", "vae_decoder", "dino"]
-    if config.ads_enabled and config.ads_size != config.dino_resolution:
+    if config.ads_size != config.dino_resolution:
         names.append("dino_ads")
     return names
 
@@ -214,8 +213,26 @@ def export_graph(module: torch.nn.Module, feeds: dict[str, np.ndarray], output_n
                                       do_constant_folding=True)
         except Exception as e:  # the exporters raise many types; keep the message
             raise ExportError(f"{path.name}: torch.onnx.export ({exporter}) failed: {type(e).__name__}: {e}") from e
-        model = onnx.load(str(raw), load_external_data=True)
-    model = optimize_graph(model)
+        data_bytes = sum(p.stat().st_size for p in Path(tmp).iterdir() if p.name != raw.name)
+        large = data_bytes + raw.stat().st_size >= TWO_GB
+        # Over 2 GB the weights never enter this process again: the exporter's own optimiser has run, the graph
+        # proto is edited without its weights and the external data file is moved (peak memory stays near the
+        # torch module's; loading and re-saving 3.4 GB of UNet weights would triple it).
+        model = onnx.load(str(raw), load_external_data=not large)
+        if large:
+            _move_external_data(model, Path(tmp), path)
+        else:
+            model = optimize_graph(model)
+        _finish(model, metadata)
+        if large:
+            onnx.save(model, str(path))
+    if not large:
+        save_model(model, path)
+    return path
+
+
+def _finish(model, metadata: dict[str, str] | None) -> None:
+    """One batch name on every graph input/output, producer name and ``metadata_props``."""
     for v in list(model.graph.input) + list(model.graph.output):  # one batch name, whatever the tracer derived
         dim0 = v.type.tensor_type.shape.dim[0]
         if dim0.dim_param or not dim0.dim_value:
@@ -225,162 +242,27 @@ def export_graph(module: torch.nn.Module, feeds: dict[str, np.ndarray], output_n
         del model.metadata_props[:]
         for k, v in metadata.items():
             model.metadata_props.add(key=k, value=str(v))
-    save_model(model, path)
-    return path
 
 
-def optimize_graph(model):
-    """onnx-graphsurgeon clean-up and topological sort, then polygraphy constant folding (ORT-based), then shape
-    inference; the order TensorRT's demoDiffusion ``Optimizer`` uses. Graphs over 2 GB skip the folding (it needs
-    to serialise the model) and are still cleaned up."""
-    import onnx
-    import onnx_graphsurgeon as gs
+def _move_external_data(model, tmp: Path, path: Path) -> None:
+    """Point every external initializer of ``model`` (loaded without its data) at ``<path>.data`` and move the
+    exporter's single data file there.
 
-    graph = gs.import_onnx(model)
-    graph.cleanup().toposort()
-    model = gs.export_onnx(graph)
-    if model.ByteSize() < _TWO_GB:
-        from polygraphy.backend.onnx import fold_constants
-        from polygraphy.logger import G_LOGGER
-
-        with G_LOGGER.verbosity(G_LOGGER.ERROR):
-            model = fold_constants(model, error_ok=True, allow_onnxruntime_shape_inference=True)
-        graph = gs.import_onnx(model)
-        graph.cleanup().toposort()
-        model = gs.export_onnx(graph)
-        model = onnx.shape_inference.infer_shapes(model)
-    return model
-
-
-def save_model(model, path: Path) -> None:
-    """Save a single ``.onnx`` below 2 GB, else with all weights in ``<name>.onnx.data`` next to it."""
-    import onnx
-
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    if model.ByteSize() < _TWO_GB:
-        onnx.save(model, str(path))
-    else:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
-                  size_threshold=1024)
-
-
-FP16_MAX = 65504.0
-
-
-def overflowing_nodes(model, feeds: dict[str, np.ndarray], limit: float = FP16_MAX / 4) -> list[str]:
-    """Nodes of an fp32 graph that must stay fp32 for an fp16 copy to be right on real inputs.
-
-    A tensor is "hot" when its magnitude exceeds ``limit`` on ``feeds`` (every float intermediate is exposed as an
-    output and computed once in ONNX Runtime, CPU, graph optimisations off) or when it is an initializer beyond the
-    fp16 range (the converter would clamp it to 65504). The producer and every consumer of a hot tensor are
-    returned, so the value never passes through fp16 (blocking only the producer would cast its output back).
-
-    Returns:
-        sorted node names, for the converter's ``node_block_list``.
+    Raises:
+        ExportError: the exporter wrote several data files (not expected from ``torch.onnx.export``).
     """
     import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    outputs = {o.name for o in m.graph.output}
-    producers: dict[str, str] = {}
-    consumers: dict[str, list[str]] = {}
-    for node in m.graph.node:
-        for out in node.output:
-            producers[out] = node.name
-        for inp in node.input:
-            consumers.setdefault(inp, []).append(node.name)
-    float_vi = {v.name for v in m.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-    for name in producers:
-        if name in float_vi and name not in outputs:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node's output
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    hot = [name for name, value in zip(names, sess.run(names, feeds))
-           if np.issubdtype(np.asarray(value).dtype, np.floating) and np.asarray(value).size
-           and float(np.abs(value).max()) > limit]
-    for init in m.graph.initializer:
-        if init.data_type == onnx.TensorProto.FLOAT:
-            arr = numpy_helper.to_array(init)
-            if arr.size and float(np.abs(arr).max()) > FP16_MAX:
-                hot.append(init.name)
-    blocked = set()
-    for name in hot:
-        if name in producers:
-            blocked.add(producers[name])
-        blocked.update(consumers.get(name, ()))
-    return sorted(blocked)
-
-
-def convert_fp16(src: Path, dst: Path, block_ops: Sequence[str] = FP16_BLOCK_OPS,
-                 feeds: dict[str, np.ndarray] | None = None) -> Path:
-    """fp16 copy of a graph with ONNX Runtime's ``float16`` converter; fp32 inputs/outputs (cast inside), the ops in
-    ``block_ops`` kept in fp32.
-
-    With ``feeds`` (real inputs), nodes whose fp32 activations exceed a quarter of the fp16 range on them are kept
-    in fp32 too (:func:`overflowing_nodes`); without, a constant beyond +-65504 is clamped by the converter and the
-    export-time parity gate refuses the graph. Graphs over 2 GB skip the activation scan."""
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    model = onnx.load(str(src), load_external_data=True)
-    nodes = overflowing_nodes(model, feeds) if feeds is not None and model.ByteSize() < _TWO_GB else []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=model.ByteSize() >= _TWO_GB,
-                                           op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(block_ops),
-                                           node_block_list=nodes)
-    if nodes:
-        model16 = _drop_cast_roundtrips(model16)
-    meta = {p.key: p.value for p in model16.metadata_props} | {"glad.precision": "fp16"}
-    del model16.metadata_props[:]
-    for k, v in meta.items():
-        model16.metadata_props.add(key=k, value=v)
-    save_model(model16, dst)
-    return dst
-
-
-def _drop_cast_roundtrips(model):
-    """Rewire ``Cast(to fp16) -> Cast(to fp32)`` pairs so a value between two fp32-kept nodes never passes through
-    fp16 (ORT's converter casts every blocked node's output back to fp16, which overflows for hot tensors)."""
-    import onnx
-    import onnx_graphsurgeon as gs
-
-    def cast_to(node):
-        return next((a.i for a in node.attribute if a.name == "to"), None)
-
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in model.graph.output}
-    for a in model.graph.node:
-        if a.op_type != "Cast" or cast_to(a) != onnx.TensorProto.FLOAT16 or a.output[0] in outputs:
-            continue
-        cons = consumers.get(a.output[0], [])
-        if cons and all(c.op_type == "Cast" and cast_to(c) == onnx.TensorProto.FLOAT for c in cons):
-            for c in cons:
-                c.input[0] = a.input[0]
-    graph = gs.import_onnx(model)
-    graph.cleanup().toposort()
-    return gs.export_onnx(graph)
-
-
-def _ort_run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+    locations = {e.value for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL
+                 for e in i.external_data if e.key == "location"}
+    if len(locations) != 1:
+        raise ExportError(f"{path.name}: expected one external data file from the exporter, got {sorted(locations)}")
+    target = path.with_name(path.name + ".data")
+    (tmp / locations.pop()).replace(target)
+    for init in model.graph.initializer:
+        for e in init.external_data:
+            if e.key == "location":
+                e.value = target.name
 
 
 def _torch_run(module, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -416,26 +298,6 @@ def _compare(name: str, ort_out: list[np.ndarray], ref: list[np.ndarray], limit:
         raise ExportError(f"{name}: relative error {rel_err:.3g} against torch exceeds {limit:g} on real inputs; "
                           "the graph is refused")
     return abs_err, rel_err
-
-
-def _io_shapes(path: Path) -> tuple[dict[str, list], dict[str, list]]:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-
-    def dims(v):
-        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-
-    return ({v.name: dims(v) for v in m.graph.input}, {v.name: dims(v) for v in m.graph.output})
-
-
-def _op_counts(path: Path) -> dict[str, int]:
-    import collections
-
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    return dict(collections.Counter(n.op_type for n in m.graph.node).most_common())
 
 
 def export_bundle(bundle: Bundle, modules=None, *, opset: int = DEFAULT_OPSET, exporter: str = "dynamo",
@@ -498,18 +360,18 @@ def export_bundle(bundle: Bundle, modules=None, *, opset: int = DEFAULT_OPSET, e
                 convert_fp16(fp32_path, path, feeds=feeds)
             say(f"check {name} {prec} against torch")
             try:
-                abs_err, rel_err = _compare(f"{name} {prec}", _ort_run(path, feeds), ref, MAX_REL_ERR[prec])
+                abs_err, rel_err = _compare(f"{name} {prec}", ort_run(path, feeds), ref, MAX_REL_ERR[prec])
             except ExportError:
                 for p in (path, path.with_name(path.name + ".data")):
                     p.unlink(missing_ok=True)
                 raise
-            ins, outs = _io_shapes(path)
+            ins, outs = io_shapes(path)
             size = path.stat().st_size + (path.with_name(path.name + ".data").stat().st_size
                                           if path.with_name(path.name + ".data").exists() else 0)
             reports.append(GraphReport(graph=name, precision=prec, file=f"onnx/{path.name}", bytes=size,
                                        export_s=round(t_fp32 + (time.perf_counter() - t1 if prec == "fp16" else 0), 2),
                                        inputs=ins, outputs=outs, max_abs_err=abs_err, max_rel_err=rel_err,
-                                       ops=_op_counts(path)))
+                                       ops=op_counts(path)))
         if "fp32" not in precisions:
             fp32_path.unlink()
     previous = _read_report(bundle)

@@ -77,9 +77,10 @@ class OrtEngines:
         self.sessions: dict[str, object] = {}
         needed = ["unet", "vae_encoder", "vae_decoder", "dino"]
         cfg = self.config
-        if cfg.ads_enabled and cfg.ads_size != cfg.dino_resolution:
-            needed.append("dino_ads")
         suffix = "" if precision == "fp32" else ".fp16"
+        if cfg.ads_size != cfg.dino_resolution and (
+                cfg.ads_enabled or self.bundle.file(f"onnx/dino_ads{suffix}.onnx").is_file()):
+            needed.append("dino_ads")  # required with ADS on; loaded when present so ADS can be switched on later
         paths = {name: self.bundle.file(f"onnx/{name}{suffix}.onnx") for name in needed}
         absent = [p.name for p in paths.values() if not p.is_file()]
         if absent:

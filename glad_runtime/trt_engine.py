@@ -256,7 +256,8 @@ class TensorRTEngines:
         except ImportError as e:
             raise TensorRTUnavailable("polygraphy is needed to run TensorRT engines (the tensorrt extra)") from e
         graphs = ["unet", "vae_encoder", "vae_decoder", "dino"]
-        if cfg.ads_enabled and cfg.ads_size != cfg.dino_resolution:
+        if cfg.ads_size != cfg.dino_resolution and (
+                cfg.ads_enabled or any(k.graph == "dino_ads" for _, k in stored_keys(self.bundle))):
             graphs.append("dino_ads")
         self.runners, self.keys = {}, {}
         for g in graphs:

@@ -88,3 +88,20 @@ def elpv_images():
     good = np.where(mono & (probs == 0))[0][:4]
     bad = np.where(mono & (probs == 1))[0][:4]
     return images[good], images[bad]
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(tmp_path_factory, tiny_bundle, tiny_modules):
+    """``(bundle, reports)``: a copy of the tiny bundle (ADS on, ADS size != scoring size) exported to ONNX in fp32
+    and fp16 (``glad export``); shared by the export, bench and serving tests (about 40 s once per session)."""
+    import shutil
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from export.onnx_export import export_bundle
+    from glad_runtime.bundle import Bundle
+
+    path = tmp_path_factory.mktemp("export") / "tiny"
+    shutil.copytree(tiny_bundle.path, path)
+    b = Bundle(path)
+    return b, export_bundle(b, tiny_modules)

@@ -28,15 +28,8 @@ SCORE_REL = {"fp32": 1e-4, "fp16": 1e-2}
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_bundle, tiny_modules):
-    """A copy of the tiny bundle (ADS on, ADS size != scoring size) exported in fp32 and fp16."""
-    from export.onnx_export import export_bundle
-
-    path = tmp_path_factory.mktemp("export") / "tiny"
-    shutil.copytree(tiny_bundle.path, path)
-    b = Bundle(path)
-    reports = export_bundle(b, tiny_modules)
-    return b, reports
+def exported(exported_bundle):
+    return exported_bundle
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +175,9 @@ def test_fp16_overflow_guard(tmp_path):
     refused by the gate; given real inputs, the conversion keeps the overflowing nodes in fp32 instead."""
     import torch
 
-    from export.onnx_export import MAX_REL_ERR, ExportError, _compare, _ort_run, convert_fp16, export_graph, \
-        overflowing_nodes
+    from export.onnx_export import MAX_REL_ERR, ExportError, _compare, export_graph
+    from export.onnx_tools import convert_fp16, overflowing_nodes
+    from export.onnx_tools import ort_run as _ort_run
 
     class Scale(torch.nn.Module):
         def forward(self, x):
@@ -203,3 +197,20 @@ def test_fp16_overflow_guard(tmp_path):
     guarded = convert_fp16(p32, tmp_path / "guarded.fp16.onnx", feeds=feeds)
     _, rel = _compare("guarded fp16", _ort_run(guarded, feeds), ref, MAX_REL_ERR["fp16"])
     assert rel < 1e-2
+
+
+def test_large_graph_path_keeps_weights_out_of_memory(tmp_path, monkeypatch, tiny_modules):
+    """The >2 GB path (sd14 UNet: 3.4 GB fp32), forced on a small graph: weights stay in <graph>.onnx.data, moved
+    rather than reloaded, and ONNX Runtime runs the result with the same outputs as torch."""
+    import export.onnx_export as ox
+
+    monkeypatch.setattr(ox, "TWO_GB", 0)
+    feeds = {"latents": np.random.default_rng(0).standard_normal((2, 4, 32, 32)).astype(np.float32)}
+    path = ox.export_graph(tiny_modules.decoder, feeds, ["images"], tmp_path / "vae_decoder.onnx",
+                           metadata={"glad.graph": "vae_decoder"})
+    data = tmp_path / "vae_decoder.onnx.data"
+    assert data.is_file() and data.stat().st_size > path.stat().st_size  # weights live in the data file
+    ref = ox._torch_run(tiny_modules.decoder, feeds)
+    _, rel = ox._compare("large", ox.ort_run(path, feeds), ref, ox.MAX_REL_ERR["fp32"])
+    assert rel < 1e-5
+    assert ox.io_shapes(path)[0] == {"latents": ["batch", 4, 32, 32]}

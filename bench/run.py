@@ -1,0 +1,317 @@
+"""``glad bench``: the same real images through every available engine, in one run, side by side.
+
+For each engine: a warm-up, then per batch size (1, 4, 16 by default) ``repeats`` passes over the images. Reported
+per engine and batch size (medians over repeats, so runs compare): images/s, p50/p95/p99 request latency (a
+request is one batch), seconds per image in each pipeline stage (encode, UNet steps, ADS decode, ADS features, ADS
+distance, decode, features, scoring), the distribution of adaptive steps, peak memory (resident set high-water mark
+of this process while the engine ran; a served engine's server is a separate process), and ratios against the
+PyTorch reference. Also: the adaptive (ADS on) versus fixed-step (ADS off) cost and the share of the denoising loop
+spent in ADS checks, FLOPs per stage from the exported graphs (``bench.flops``) and the achieved GFLOP/s; on a GPU,
+TFLOP/s against the device's peak.
+
+Engines are named ``torch``, ``ort-fp32``, ``ort-fp16``, ``ort-int8``, ``tensorrt-fp16``, ... (``backend-precision``);
+unavailable ones (no export, no GPU, no quantised graphs) are skipped with the reason in the output.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+__all__ = ["run_bench", "DEFAULT_ENGINES", "load_bench_images", "write_outputs", "percentiles"]
+
+DEFAULT_ENGINES = ("torch", "ort-fp32", "ort-fp16", "ort-int8", "tensorrt-fp16")
+STAGES = ("encode", "unet", "ads_decode", "ads_features", "ads_distance", "decode", "features", "scoring")
+ADS_STAGES = ("ads_decode", "ads_features", "ads_distance")
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    """p50 / p95 / p99 (numpy ``linear`` method) of latencies in seconds."""
+    v = np.asarray(values, dtype=np.float64)
+    return {f"p{q}": float(np.percentile(v, q)) for q in (50, 95, 99)}
+
+
+def _reset_peak_rss() -> None:
+    try:  # Linux: writing 5 resets VmHWM (the peak resident set) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def load_bench_images(config, image_paths: Sequence[Path] | None = None, count: int = 16) -> tuple[np.ndarray, list[str]]:
+    """``[N,3,R,R]`` float32 in [-1,1] and their names: the given files, else real ELPV mono cells (half
+    defective; the ``elpv-dataset`` package), else scikit-image's photos.
+
+    Raises:
+        ValueError: no images could be loaded.
+    """
+    from glad_runtime.images import load_image, preprocess
+
+    if image_paths:
+        paths = list(image_paths)[:count]
+        return np.stack([preprocess(load_image(p).rgb, config.resolution) for p in paths]), [str(p) for p in paths]
+    try:
+        from elpv_dataset.utils import load_dataset
+
+        images, probs, types = load_dataset()
+        mono = types == "mono"
+        good = np.where(mono & (probs == 0))[0][-(count - count // 2):]
+        bad = np.where(mono & (probs == 1))[0][-(count // 2):]
+        idx = np.concatenate([good, bad])
+        rgb = [np.repeat(images[i][..., None] / 255.0, 3, -1).astype(np.float32) for i in idx]
+        names = [f"elpv-{'good' if probs[i] == 0 else 'defect'}-{i}" for i in idx]
+    except ImportError:
+        import skimage.data as sk
+
+        names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "page", "text"][:count]
+        rgb = []
+        for n in names:
+            a = np.asarray(getattr(sk, n)(), dtype=np.float32) / 255.0
+            rgb.append(a if a.ndim == 3 else np.repeat(a[..., None], 3, -1))
+    if not rgb:
+        raise ValueError("no benchmark images")
+    return np.stack([preprocess(r[..., :3], config.resolution) for r in rgb]), names
+
+
+def _engine_factory(bundle, name: str, threads: int) -> Callable:
+    from glad_runtime.engines import load_engines
+
+    backend, _, precision = name.partition("-")
+    precision = precision or "fp32"
+
+    def make():
+        return load_engines(bundle, backend, precision=precision, threads=threads, max_batch=64)
+
+    return make
+
+
+def _run_engine(make, config, images: np.ndarray, batch_sizes: Sequence[int], repeats: int,
+                say: Callable[[str], None]) -> dict:
+    from glad_runtime.pipeline import GladPipeline
+
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    engines = make()
+    load_s = time.perf_counter() - t0
+    pipe = GladPipeline(engines, config)
+    pipe(images[:1])  # warm-up: first-call allocations, lazy initialisation
+    pipe(images[:max(batch_sizes)])
+    out: dict = {"load_s": load_s, "batch": {}}
+    steps = None
+    n = len(images)
+    for bs in batch_sizes:
+        lat, thr, stage_runs = [], [], []
+        for _ in range(repeats):
+            stages = Counter()
+            start = time.perf_counter()
+            for i in range(0, n, bs):
+                t = time.perf_counter()
+                res = pipe(images[i:i + bs])
+                lat.append(time.perf_counter() - t)
+                stages.update(res.timings)
+                if steps is None or len(steps) < n:
+                    steps = (steps or []) + res.adaptive_steps.tolist()
+            thr.append(n / (time.perf_counter() - start))
+            stage_runs.append({k: stages.get(k, 0.0) / n for k in STAGES})
+        stage_med = {k: float(np.median([r[k] for r in stage_runs])) for k in STAGES}
+        out["batch"][str(bs)] = {"images_per_s": float(np.median(thr)), "latency_s": percentiles(lat),
+                                 "stage_s_per_image": stage_med, "requests": len(lat)}
+        say(f"    batch {bs:>3}: {np.median(thr):7.2f} img/s, p50 {np.median(lat):.3f} s")
+    out["adaptive_steps"] = {str(k): v for k, v in sorted(Counter(steps[:n]).items())}
+    out["peak_rss_mb"] = _peak_rss_mb()
+    close = getattr(engines, "close", None)
+    if callable(close):
+        close()
+    return out
+
+
+def run_bench(bundle, *, engines: Sequence[str] = DEFAULT_ENGINES, images: np.ndarray | None = None,
+              names: Sequence[str] | None = None, batch_sizes: Sequence[int] = (1, 4, 16), repeats: int = 2,
+              ads: bool = True, threads: int = 0, progress: Callable[[str], None] | None = None) -> dict:
+    """Benchmark the engines on the same images; returns the JSON-able result (see module docstring).
+
+    Args:
+        bundle: a :class:`~glad_runtime.bundle.Bundle` (exported for ``ort-*``, built for ``tensorrt-*``).
+        engines: engine names ``backend[-precision]``.
+        images: ``[N,3,R,R]`` float32 in [-1,1] (default :func:`load_bench_images`).
+        batch_sizes: requests of this many images.
+        repeats: passes over the images per batch size (medians reported).
+        ads: run with ADS on (the tiny preset ships it off; the checks are what a deployment must engineer down).
+        threads: ONNX Runtime intra-op threads (0 = default).
+    """
+    say = progress or (lambda m: None)
+    config = bundle.config.replace(ads_enabled=bool(ads))
+    if images is None:
+        images, names = load_bench_images(config)
+    results: dict = {"bundle": str(bundle.path), "preset": config.preset, "ads_enabled": config.ads_enabled,
+                     "num_images": int(len(images)), "images": list(names or []), "batch_sizes": list(batch_sizes),
+                     "repeats": repeats, "host": {"machine": platform.machine(), "processor": platform.processor(),
+                                                  "python": platform.python_version()},
+                     "engines": {}, "skipped": {}}
+    for name in engines:
+        say(f"{name}:")
+        try:
+            results["engines"][name] = _run_engine(_engine_factory(bundle, name, threads), config, images,
+                                                   batch_sizes, repeats, say)
+        except Exception as e:  # an unavailable engine is reported, the others still run
+            results["skipped"][name] = f"{type(e).__name__}: {e}"
+            say(f"    skipped: {type(e).__name__}: {str(e)[:200]}")
+    _add_ratios(results)
+    _add_ads_cost(results, bundle, config, images, threads, say)
+    _add_flops(results, bundle, config)
+    return results
+
+
+def _add_ratios(results: dict) -> None:
+    ref = results["engines"].get("torch")
+    if not ref:
+        return
+    for name, r in results["engines"].items():
+        r["vs_torch"] = {bs: {"throughput_x": b["images_per_s"] / ref["batch"][bs]["images_per_s"],
+                              "p50_latency_x": b["latency_s"]["p50"] / ref["batch"][bs]["latency_s"]["p50"]}
+                         for bs, b in r["batch"].items() if bs in ref["batch"]}
+
+
+def _add_ads_cost(results: dict, bundle, config, images, threads, say) -> None:
+    """Adaptive vs fixed-step cost on the fastest measured engine, at the largest batch size."""
+    measured = results["engines"]
+    if not measured:
+        return
+    bs = str(max(results["batch_sizes"]))
+    name = max(measured, key=lambda k: measured[k]["batch"][bs]["images_per_s"])
+    from glad_runtime.pipeline import GladPipeline
+
+    engines = _engine_factory(bundle, name, threads)()
+    cost = {"engine": name, "batch_size": int(bs)}
+    for label, on in (("adaptive", True), ("fixed", False)):
+        pipe = GladPipeline(engines, config.replace(ads_enabled=on))
+        pipe(images[:int(bs)])
+        t = time.perf_counter()
+        stages = Counter()
+        for i in range(0, len(images), int(bs)):
+            stages.update(pipe(images[i:i + int(bs)]).timings)
+        cost[f"{label}_s_per_image"] = (time.perf_counter() - t) / len(images)
+        if on:
+            loop = stages["unet"] + sum(stages[k] for k in ADS_STAGES)
+            cost["ads_share_of_loop"] = sum(stages[k] for k in ADS_STAGES) / loop if loop else 0.0
+    cost["adaptive_over_fixed"] = cost["adaptive_s_per_image"] / cost["fixed_s_per_image"]
+    results["ads_cost"] = cost
+    say(f"ADS cost ({name}, batch {bs}): adaptive/fixed = {cost['adaptive_over_fixed']:.2f}x, checks = "
+        f"{100 * cost['ads_share_of_loop']:.0f}% of the loop")
+
+
+def _add_flops(results: dict, bundle, config) -> None:
+    from bench.flops import PEAK_TFLOPS, stage_flops
+
+    if not bundle.file("onnx/unet.onnx").is_file():
+        return
+    steps = [int(s) for s, c in next(iter(results["engines"].values()), {}).get("adaptive_steps", {}).items()
+             for _ in range(c)] if results["engines"] else []
+    from glad_runtime.schedule import ddim_timesteps
+
+    ts = ddim_timesteps(config.t_max, config.num_inference_steps).tolist()
+    checks = float(np.mean([sum(1 for t in ts if t >= s) for s in steps])) if steps and config.ads_enabled else 0.0
+    fl = stage_flops(bundle.file("onnx"), config.num_inference_steps * config.num_seeds, checks)
+    results["flops_per_image"] = fl
+    gpu = None
+    try:
+        from glad_runtime.trt_engine import current_gpu
+
+        gpu = current_gpu().name
+    except Exception:
+        pass
+    peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
+    for r in results["engines"].values():
+        best = max(b["images_per_s"] for b in r["batch"].values())
+        r["achieved_gflops"] = best * fl["total"] / 1e9
+        if peak:
+            r["tflops_vs_peak"] = {"achieved": r["achieved_gflops"] / 1e3, "peak": peak, "gpu": gpu}
+
+
+def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
+    """``bench.json``, ``bench.md`` (the side-by-side table) and ``bench.png`` (images/s per engine and batch)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "bench.json", "md": out_dir / "bench.md", "png": out_dir / "bench.png"}
+    paths["json"].write_text(json.dumps(results, indent=2))
+    paths["md"].write_text(markdown_table(results))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(results["engines"])
+        bss = [str(b) for b in results["batch_sizes"]]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        w = 0.8 / max(1, len(names))
+        for k, name in enumerate(names):
+            vals = [results["engines"][name]["batch"][b]["images_per_s"] for b in bss]
+            ax.bar(np.arange(len(bss)) + k * w, vals, w, label=name)
+        ax.set_xticks(np.arange(len(bss)) + w * (len(names) - 1) / 2, [f"batch {b}" for b in bss])
+        ax.set_ylabel("images / s")
+        ax.set_title(f"GLAD {results['preset']} (ADS {'on' if results['ads_enabled'] else 'off'})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(paths["png"], dpi=120)
+        plt.close(fig)
+    except ImportError:
+        paths.pop("png")
+    return paths
+
+
+def markdown_table(results: dict) -> str:
+    """The side-by-side table (one row per engine and batch size) plus stage, ADS and FLOP summaries."""
+    lines = [f"# GLAD benchmark: {results['preset']}, {results['num_images']} images, ADS "
+             f"{'on' if results['ads_enabled'] else 'off'}, medians of {results['repeats']} repeats", "",
+             "| engine | batch | images/s | p50 s | p95 s | p99 s | x torch (throughput) | peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results["engines"].items():
+        for bs, b in r["batch"].items():
+            ratio = r.get("vs_torch", {}).get(bs, {}).get("throughput_x")
+            lat = b["latency_s"]
+            lines.append(f"| {name} | {bs} | {b['images_per_s']:.2f} | {lat['p50']:.3f} | {lat['p95']:.3f} | "
+                         f"{lat['p99']:.3f} | {'' if ratio is None else f'{ratio:.2f}'} | "
+                         f"{'' if r.get('peak_rss_mb') is None else round(r['peak_rss_mb'])} |")
+    lines += ["", "Seconds per image by stage (largest batch):", "",
+              "| engine | " + " | ".join(STAGES) + " |", "|---|" + "---:|" * len(STAGES)]
+    for name, r in results["engines"].items():
+        b = r["batch"][str(max(results["batch_sizes"]))]["stage_s_per_image"]
+        lines.append(f"| {name} | " + " | ".join(f"{b[k]:.4f}" for k in STAGES) + " |")
+    lines += ["", "Adaptive steps (DDIM timestep where ADS decided: images):", ""]
+    for name, r in results["engines"].items():
+        lines.append(f"- {name}: {r['adaptive_steps']}")
+    if "ads_cost" in results:
+        c = results["ads_cost"]
+        lines += ["", f"ADS cost ({c['engine']}, batch {c['batch_size']}): adaptive {c['adaptive_s_per_image']:.3f} "
+                      f"s/image vs fixed {c['fixed_s_per_image']:.3f} s/image ({c['adaptive_over_fixed']:.2f}x); "
+                      f"ADS checks take {100 * c['ads_share_of_loop']:.0f}% of the denoising loop."]
+    if "flops_per_image" in results:
+        f = results["flops_per_image"]
+        lines += ["", f"FLOPs per image: total {f['total'] / 1e9:.2f} G; UNet step {f['unet_step'] / 1e9:.2f} G; one "
+                      f"ADS check {f['ads_check'] / 1e9:.2f} G (= {f['ads_check_in_unet_steps']:.1f} UNet steps)."]
+        for name, r in results["engines"].items():
+            extra = ""
+            if "tflops_vs_peak" in r:
+                t = r["tflops_vs_peak"]
+                extra = f" = {t['achieved']:.1f} of {t['peak']:.0f} TFLOP/s peak on {t['gpu']}"
+            lines.append(f"- {name}: {r['achieved_gflops']:.1f} GFLOP/s achieved{extra}")
+    if results["skipped"]:
+        lines += ["", "Skipped:", ""] + [f"- {k}: {v[:300]}" for k, v in results["skipped"].items()]
+    return "\n".join(lines) + "\n"
