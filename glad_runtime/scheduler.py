@@ -1,0 +1,272 @@
+"""Step-level scheduler: in-flight batching across images that are at different denoising steps.
+
+ADS gives every image its own work: the check (decode two x0 estimates, features, distances) runs at every step
+until the image decides, and images decide at different steps. :class:`GladPipeline` runs a fixed batch through
+all steps together; a production line, though, sends a stream. :class:`StepScheduler` keeps a pool of in-flight
+images, each at its own DDIM step, seed and ADS state. Each :meth:`~StepScheduler.tick`:
+
+1. admits queued images into free pool slots (one batched encode, reference decode and input features for them);
+2. makes **one** UNet call for every active image, each at its own timestep (per-sample ``timesteps``);
+3. makes **one** batched ADS check for the images still undecided, whatever step they are at;
+4. finishes the images that completed their last step (one batched decode, features and anomaly map), starting
+   the next noise seed where ``num_seeds > 1``, and returns finished results.
+
+Per image the arithmetic is the pipeline's (same seeded noise, same schedule, same decision rule, same scoring), so
+results equal :class:`GladPipeline`'s within float tolerance and do not depend on which images shared a tick
+(tested). Back-pressure: the queue is bounded; :meth:`~StepScheduler.submit` raises :class:`QueueFullError`
+instead of growing without bound, and :meth:`~StepScheduler.stream` pulls from its input only when there is room.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .ads import ads_decision, raw_feature_input, saff_fuse, saff_mask
+from .anomaly import anomaly_map, foreground_mask, nn_cosine_distance, resize_bilinear, topk_mean
+from .config import GladConfig
+from .engines import EngineError, Engines, check_output
+from .pipeline import GladPipeline
+
+__all__ = ["StepScheduler", "ScheduledResult", "QueueFullError"]
+
+
+class QueueFullError(RuntimeError):
+    """The scheduler's queue is at ``max_queue``: retry later (back-pressure), do not buffer without bound."""
+
+
+@dataclass
+class ScheduledResult:
+    """One finished image.
+
+    Attributes:
+        key: the caller's key (or the submission index).
+        score: float, the top-K mean of the anomaly map (as :class:`PipelineOutput.scores`).
+        anomaly_map: float32 ``[D, D]`` at ``dino_resolution``.
+        adaptive_step: DDIM timestep where ADS decided (first seed); -1 when ADS is off or never decided.
+        ads_score: top-10 distance at the decision (NaN when never decided).
+        triggered: SAFF trigger (score > tau) rather than a forced decision.
+        ticks: scheduler ticks the image spent in the pool (admission to result).
+    """
+
+    key: Any
+    score: float
+    anomaly_map: np.ndarray
+    adaptive_step: int
+    ads_score: float
+    triggered: bool
+    ticks: int
+
+
+@dataclass
+class _Slot:
+    key: Any
+    image: np.ndarray
+    latents: np.ndarray = None
+    ref_small: np.ndarray = None
+    feats_in: list = None
+    fg: np.ndarray | None = None
+    seed_index: int = 0
+    step: int = 0
+    x: np.ndarray = None
+    eps0: np.ndarray = None
+    decided: bool = False
+    adaptive_step: int = -1
+    ads_score: float = float("nan")
+    triggered: bool = False
+    first: tuple | None = None  # (adaptive_step, ads_score, triggered) of seed 0
+    maps: list = field(default_factory=list)
+    ticks: int = 0
+
+
+class StepScheduler:
+    """In-flight batching of GLAD over a stream of images.
+
+    Args:
+        engines: any :class:`~glad_runtime.engines.Engines` (per-sample ``timesteps`` are required, as all ours do).
+        config: the detector's :class:`GladConfig`.
+        max_active: images in flight (the UNet batch of a full tick).
+        max_queue: images waiting for a slot; :meth:`submit` beyond it raises :class:`QueueFullError`.
+    Raises:
+        ValueError: ``max_active`` or ``max_queue`` < 1.
+    """
+
+    def __init__(self, engines: Engines, config: GladConfig, *, max_active: int = 8, max_queue: int = 64):
+        if max_active < 1 or max_queue < 1:
+            raise ValueError(f"max_active and max_queue must be >= 1, got {max_active}, {max_queue}")
+        self.pipeline = GladPipeline(engines, config)  # the same helpers, noise and schedule as the batch pipeline
+        self.config, self.schedule = config, self.pipeline.schedule
+        self.max_active, self.max_queue = int(max_active), int(max_queue)
+        self._queue: deque[_Slot] = deque()
+        self._active: list[_Slot] = []
+        self._count = 0
+        self.stats = {"ticks": 0, "unet_calls": 0, "unet_images": 0, "check_calls": 0, "check_images": 0}
+
+    # ------------------------------------------------------------------ submission
+    @property
+    def pending(self) -> int:
+        """Images queued or in flight."""
+        return len(self._queue) + len(self._active)
+
+    def submit(self, image: np.ndarray, key: Any = None) -> Any:
+        """Queue one preprocessed image ``float32 [3, R, R]`` in [-1, 1]; returns its key.
+
+        Raises:
+            QueueFullError: ``max_queue`` images are already waiting.
+            InvalidInputError: wrong shape, dtype or non-finite values (nothing is queued).
+        """
+        if len(self._queue) >= self.max_queue:
+            raise QueueFullError(f"{len(self._queue)} images queued (max_queue={self.max_queue}); retry later")
+        img = self.pipeline.validate_batch(np.asarray(image)[None])[0]
+        key = self._count if key is None else key
+        self._count += 1
+        self._queue.append(_Slot(key=key, image=img))
+        return key
+
+    # ------------------------------------------------------------------ the tick
+    def tick(self) -> list[ScheduledResult]:
+        """One scheduling step (admit, one UNet call, one ADS check, finish); returns the images finished by it."""
+        if not self._queue and not self._active:
+            return []
+        self._admit()
+        self._denoise()
+        done = self._finish()
+        for s in self._active:
+            s.ticks += 1
+        self.stats["ticks"] += 1
+        return done
+
+    def drain(self) -> Iterator[ScheduledResult]:
+        """Tick until every submitted image has finished, yielding results as they finish."""
+        while self.pending:
+            yield from self.tick()
+
+    def stream(self, items: Iterable[tuple[Any, np.ndarray]]) -> Iterator[ScheduledResult]:
+        """Results for a stream of ``(key, image)``, yielded as each finishes (not in input order).
+
+        The input is pulled only while there is room in the pool, so an endless stream runs in bounded memory.
+        """
+        it = iter(items)
+        exhausted = False
+        while True:
+            while not exhausted and len(self._queue) < min(self.max_queue, self.max_active):
+                try:
+                    key, image = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                self.submit(image, key)
+            if not self.pending:
+                return
+            yield from self.tick()
+
+    # ------------------------------------------------------------------ stages
+    def _admit(self) -> None:
+        new = []
+        while self._queue and len(self._active) < self.max_active:
+            new.append(self._queue.popleft())
+        if not new:
+            return
+        c, p = self.config, self.pipeline
+        images = np.stack([s.image for s in new])
+        latents = p.encode(images)
+        d = (c.dino_resolution, c.dino_resolution)
+        reference = p.decode(latents) if c.score_reference == "vae_roundtrip" else images
+        ref_small = resize_bilinear(reference, d)
+        feats_in = p.features(ref_small)
+        fg = None if c.foreground_mode == 3 else foreground_mask(images, c.foreground_mode, d)
+        for i, s in enumerate(new):
+            s.latents, s.ref_small = latents[i], ref_small[i]
+            s.feats_in = [f[i] for f in feats_in]
+            s.fg = None if fg is None else fg[i]
+            self._start_seed(s, 0)
+        self._active.extend(new)
+
+    def _start_seed(self, s: _Slot, k: int) -> None:
+        sch = self.schedule
+        s.seed_index, s.step = k, 0
+        s.eps0 = self.pipeline.noise(1, self.config.seed + k)[0]
+        s.x = sch.add_noise(s.latents[None], s.eps0[None], sch.noise_timestep)[0]
+        s.decided, s.adaptive_step, s.ads_score, s.triggered = False, -1, float("nan"), False
+
+    def _denoise(self) -> None:
+        c, p, sch = self.config, self.pipeline, self.schedule
+        act = [s for s in self._active if s.step < len(sch.timesteps)]
+        if not act:
+            return
+        t = np.array([int(sch.timesteps[s.step]) for s in act], dtype=np.int64)
+        x = np.stack([s.x for s in act])
+        with p._timed("unet"):
+            eps = p.engines.unet(x, t)
+        eps = check_output("unet", eps, x.shape)
+        self.stats["unet_calls"] += 1
+        self.stats["unet_images"] += len(act)
+        x0 = sch.pred_original_sample(x, eps, t)
+        und = np.array([i for i, s in enumerate(act) if not s.decided], dtype=np.int64)
+        if c.ads_enabled and len(und):
+            lat = np.stack([act[i].latents for i in und])
+            e0 = np.stack([act[i].eps0 for i in und])
+            anchored = sch.input_anchored_sample(lat, e0, eps[und], t[und])
+            imgs = p.decode(np.concatenate([x0[und], anchored]), stage="ads_decode")
+            if c.ads_size != c.resolution:
+                imgs = resize_bilinear(imgs, (c.ads_size, c.ads_size))
+            if not c.ads_imagenet_norm:
+                imgs = raw_feature_input(imgs)
+            feats = p.features(imgs, stage="ads_features")[c.ads_layer]
+            self.stats["check_calls"] += 1
+            self.stats["check_images"] += len(und)
+            n = len(und)
+            with p._timed("ads_distance"):
+                dist = nn_cosine_distance(feats[n:], feats[:n], c.chunk_size)
+                scores = topk_mean(dist, c.ads_top_k)
+            trigger, forced = ads_decision(scores, t[und], c.tau, c.min_step)
+            if trigger.any() and c.saff_enabled:
+                m = saff_mask(dist[trigger], (c.latent_size, c.latent_size))
+                x0[und[trigger]] = saff_fuse(x0[und[trigger]], anchored[trigger], m)
+            elif trigger.any():
+                x0[und[trigger]] = anchored[trigger]
+            x0[und[forced]] = anchored[forced]
+            for k, i in enumerate(und):
+                if trigger[k] or forced[k]:
+                    s = act[i]
+                    s.decided, s.adaptive_step, s.ads_score = True, int(t[i]), float(scores[k])
+                    s.triggered = bool(trigger[k])
+        x_next = sch.ddim_step(x0, eps, t)
+        for i, s in enumerate(act):
+            s.x = x_next[i]
+            s.step += 1
+
+    def _finish(self) -> list[ScheduledResult]:
+        c, p = self.config, self.pipeline
+        fin = [s for s in self._active if s.step >= len(self.schedule.timesteps)]
+        if not fin:
+            return []
+        d = (c.dino_resolution, c.dino_resolution)
+        recon = p.decode(np.stack([s.x for s in fin]))
+        rec_small = resize_bilinear(recon, d)
+        feats_rec = p.features(rec_small)
+        feats_in = [np.stack([s.feats_in[layer] for s in fin]) for layer in range(len(c.feature_layers))]
+        fg = None if c.foreground_mode == 3 else np.stack([s.fg for s in fin])
+        with p._timed("scoring"):
+            maps = anomaly_map(feats_in, feats_rec, d, images_input=np.stack([s.ref_small for s in fin]),
+                               images_recon=rec_small, pixel_weight=c.pixel_weight, bidirectional=c.bidirectional,
+                               blur_sigma=c.blur_sigma, fg_mask=fg, chunk_size=c.chunk_size)
+        done = []
+        for i, s in enumerate(fin):
+            s.maps.append(maps[i])
+            if s.seed_index == 0:
+                s.first = (s.adaptive_step, s.ads_score, s.triggered)
+            if s.seed_index + 1 < c.num_seeds:
+                self._start_seed(s, s.seed_index + 1)
+                continue
+            amap = s.maps[0] if len(s.maps) == 1 else np.mean(s.maps, axis=0).astype(np.float32)
+            if not np.isfinite(amap).all():
+                raise EngineError(f"anomaly map of {s.key!r} contains non-finite values")
+            self._active.remove(s)
+            step, ads_score, trig = s.first
+            done.append(ScheduledResult(key=s.key, score=float(topk_mean(amap[None], c.top_k)[0]), anomaly_map=amap,
+                                        adaptive_step=step, ads_score=ads_score, triggered=trig, ticks=s.ticks + 1))
+        return done
