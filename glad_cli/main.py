@@ -309,7 +309,7 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
               help="--quantize: only these graphs (unet, vae_encoder, vae_decoder, dino, dino_ads); others stay fp32.")
 @click.option("--calib-images", default=16, show_default=True, type=click.IntRange(1),
               help="--quantize: normal images recorded (the first N of NORMAL_DIR, sorted).")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile",
               show_default=True, help="--quantize: activation-range calibrator (ONNX Runtime).")
 @click.option("--quant-tool", type=click.Choice(["ort", "modelopt"]), default="ort", show_default=True,
               help="--quantize: ONNX Runtime quantize_static, or NVIDIA ModelOpt (GPU machine; int8 and fp8).")
