@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["run_bench", "DEFAULT_ENGINES", "load_bench_images", "write_outputs", "percentiles"]
+__all__ = ["run_bench", "run_stream_bench", "DEFAULT_ENGINES", "load_bench_images", "write_outputs", "percentiles"]
 
 DEFAULT_ENGINES = ("torch", "ort-fp32", "ort-fp16", "ort-int8", "tensorrt-fp16")
 STAGES = ("encode", "unet", "ads_decode", "ads_features", "ads_distance", "decode", "features", "scoring")
@@ -315,3 +315,77 @@ def markdown_table(results: dict) -> str:
     if results["skipped"]:
         lines += ["", "Skipped:", ""] + [f"- {k}: {v[:300]}" for k, v in results["skipped"].items()]
     return "\n".join(lines) + "\n"
+
+
+def run_stream_bench(bundle, engine: str = "ort-fp32", images: np.ndarray | None = None, *, pool: int = 8,
+                     ads: bool = True, threads: int = 0, progress: Callable[[str], None] | None = None) -> dict:
+    """A stream of mixed normal and defective images through three ways of serving it (issue: step scheduler):
+
+    * ``one_at_a_time``: :class:`GladPipeline` on each image alone;
+    * ``per_batch``: :class:`GladPipeline` on consecutive batches of ``pool`` images (the official scheme: a batch
+      runs all steps together and ends together);
+    * ``scheduler``: :class:`~glad_runtime.scheduler.StepScheduler` with ``pool`` images in flight.
+
+    All images are available at the start (a saturated line). Latency of an image: from when its work starts (its
+    batch starts, or it is admitted) to its result. Returns images/s, p50/p95/p99 latency and the largest score
+    difference of each mode against one-at-a-time (the results must agree).
+    """
+    from glad_runtime.pipeline import GladPipeline
+    from glad_runtime.scheduler import StepScheduler
+
+    say = progress or (lambda m: None)
+    config = bundle.config.replace(ads_enabled=bool(ads))
+    if images is None:
+        images, _ = load_bench_images(config)
+    engines = _engine_factory(bundle, engine, threads)()
+    pipe = GladPipeline(engines, config)
+    pipe(images[:pool])  # warm-up
+    n = len(images)
+    out: dict = {"engine": engine, "pool": pool, "num_images": n, "ads_enabled": config.ads_enabled, "modes": {}}
+    scores: dict[str, np.ndarray] = {}
+
+    t0 = time.perf_counter()
+    lat, sc = [], []
+    for i in range(n):
+        t = time.perf_counter()
+        sc.append(float(pipe(images[i:i + 1]).scores[0]))
+        lat.append(time.perf_counter() - t)
+    scores["one_at_a_time"] = np.array(sc)
+    out["modes"]["one_at_a_time"] = {"images_per_s": n / (time.perf_counter() - t0), "latency_s": percentiles(lat)}
+
+    t0 = time.perf_counter()
+    lat, sc = [], []
+    for i in range(0, n, pool):
+        t = time.perf_counter()
+        res = pipe(images[i:i + pool])
+        lat += [time.perf_counter() - t] * len(res.scores)
+        sc += res.scores.tolist()
+    scores["per_batch"] = np.array(sc)
+    out["modes"]["per_batch"] = {"images_per_s": n / (time.perf_counter() - t0), "latency_s": percentiles(lat)}
+
+    sched = StepScheduler(engines, config, max_active=pool, max_queue=pool)
+    started: dict[int, float] = {}
+
+    def feed():
+        for i in range(n):
+            started[i] = time.perf_counter()
+            yield i, images[i]
+
+    t0 = time.perf_counter()
+    lat, sc = [], np.zeros(n)
+    for r in sched.stream(feed()):
+        lat.append(time.perf_counter() - started[r.key])
+        sc[r.key] = r.score
+    scores["scheduler"] = sc
+    out["modes"]["scheduler"] = {"images_per_s": n / (time.perf_counter() - t0), "latency_s": percentiles(lat),
+                                 "unet_calls": sched.stats["unet_calls"], "check_calls": sched.stats["check_calls"]}
+    ref = scores["one_at_a_time"]
+    for mode, s in scores.items():
+        out["modes"][mode]["max_score_rel_diff"] = float(np.abs(s - ref).max() / np.abs(ref).max())
+    base = out["modes"]["per_batch"]["images_per_s"]
+    for mode in out["modes"]:
+        out["modes"][mode]["throughput_vs_per_batch"] = out["modes"][mode]["images_per_s"] / base
+        m = out["modes"][mode]
+        say(f"{mode:>14}: {m['images_per_s']:.2f} img/s ({m['throughput_vs_per_batch']:.2f}x per-batch), p99 "
+            f"{m['latency_s']['p99']:.2f} s, score diff {m['max_score_rel_diff']:.1e}")
+    return out

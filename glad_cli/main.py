@@ -95,7 +95,8 @@ def engine_options(fn):
                      "`glad export` (no torch); tensorrt: engines of `glad build` (GPU)."),
         click.option("--device", default="cpu", show_default=True, help="torch: cpu, cuda, cuda:N or auto."),
         click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp32",
-                     show_default=True, help="ort: fp32|fp16 graphs; tensorrt: the engine precision."),
+                     show_default=True, help="ort: fp32|fp16 graphs, int8 the quantised graphs (`glad calibrate --quantize`) "
+                     "with fp32 for the others; tensorrt: the engine precision."),
         click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
                      help="ort: execution provider (cuda/tensorrt need onnxruntime-gpu)."),
         click.option("--threads", default=0, show_default=True, help="ort: intra-op threads (0 = ORT default)."),
@@ -127,6 +128,9 @@ def _open_pipeline(bundle: Path, engine: dict, max_batch: int = 16, **config_cha
                                threads=engine.get("threads", 0), max_batch=max_batch)
     except (ValueError, BundleError) as e:
         raise click.UsageError(str(e)) from e
+    per_graph = getattr(engines, "graph_precisions", None)
+    if per_graph and len(set(per_graph.values())) > 1:  # mixed precisions are said, never silent
+        click.echo("graph precisions: " + ", ".join(f"{g}={p}" for g, p in per_graph.items()), err=True)
     return b, engines, GladPipeline(engines, cfg)
 
 
@@ -238,8 +242,11 @@ def build_cmd(bundle: Path, precision: str, batch: str, graphs, refittable: bool
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0 = default).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default BUNDLE/bench).")
+@click.option("--stream", is_flag=True, help="Instead: a stream of mixed images served one at a time, per batch and "
+              "by the step scheduler (first --engine, default ort-fp32), writing stream.json.")
+@click.option("--pool", default=8, show_default=True, type=click.IntRange(1), help="--stream: batch / pool size.")
 def bench_cmd(bundle: Path, engine_names, image_dir, num_images: int, batch_sizes, repeats: int, ads: bool,
-              threads: int, out_dir) -> None:
+              threads: int, out_dir, stream: bool, pool: int) -> None:
     """Benchmark every available engine on the same real images and print the side-by-side table.
 
     Per engine and batch size: images/s, p50/p95/p99 latency, seconds per stage, adaptive-step distribution,
@@ -254,6 +261,16 @@ def bench_cmd(bundle: Path, engine_names, image_dir, num_images: int, batch_size
     cfg = b.config.replace(ads_enabled=ads)
     paths = list_images([image_dir]) if image_dir else None
     images, names = load_bench_images(cfg, paths, num_images)
+    if stream:
+        from bench.run import run_stream_bench
+
+        res = run_stream_bench(b, (engine_names or ("ort-fp32",))[0], images, pool=pool, ads=ads, threads=threads,
+                               progress=click.echo)
+        out = (out_dir or bundle / "bench")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stream.json").write_text(json.dumps(res, indent=2))
+        click.echo(f"written: {out / 'stream.json'}")
+        return
     results = run_bench(b, engines=engine_names or DEFAULT_ENGINES, images=images, names=names,
                         batch_sizes=sorted(set(batch_sizes)), repeats=repeats, ads=ads, threads=threads,
                         progress=lambda m: click.echo(m, err=True))
@@ -337,9 +354,32 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
               help="Anomaly-map pixels sampled per image for the pixel threshold (seeded).")
 @click.option("--seed", default=0, show_default=True, help="Pixel sampling seed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quantize", "quantize_mode", type=click.Choice(["int8", "fp8"]), default=None,
+              help="Quantisation calibration instead of thresholds: record the loop's network inputs on NORMAL_DIR "
+                   "and write Q/DQ graphs onnx/<graph>.int8.onnx (fp8: --quant-tool modelopt, GPU).")
+@click.option("--graph", "quant_graphs", multiple=True,
+              help="--quantize: only these graphs (unet, vae_encoder, vae_decoder, dino, dino_ads); others stay fp32.")
+@click.option("--calib-images", default=16, show_default=True, type=click.IntRange(1),
+              help="--quantize: normal images recorded (the first N of NORMAL_DIR, sorted).")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="percentile",
+              show_default=True, help="--quantize: activation-range calibrator (ONNX Runtime).")
+@click.option("--quant-tool", type=click.Choice(["ort", "modelopt"]), default="ort", show_default=True,
+              help="--quantize: ONNX Runtime quantize_static, or NVIDIA ModelOpt (GPU machine; int8 and fp8).")
+@click.option("--keep-first-last/--exclude-first-last", default=False, show_default=True,
+              help="--quantize: quantise the first and last Conv/MatMul of each graph too.")
+@click.option("--eval-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="--quantize: MVTec-format category whose test split gates the result (fp32 vs quantised).")
+@click.option("--max-delta", default=0.02, show_default=True, type=click.FloatRange(0),
+              help="--quantize: the largest allowed drop of I-AUROC (and AUPRO with masks) below fp32.")
+@click.option("--eval-max", default=0, show_default=True, type=click.IntRange(0),
+              help="--quantize: at most this many test images for the gate, spread over the list (0 = all).")
+@click.option("--save-calib", type=click.Path(file_okay=False, path_type=Path),
+              help="--quantize: also write the recorded inputs as <graph>.npz here (ModelOpt reads them).")
 def calibrate_cmd(bundle: Path, normal_dir: Path, labelled: Path | None, target_fpr: float, batch_size: int,
                   backend: str, device: str, precision: str, provider: str, threads: int, pixels_per_image: int,
-                  seed: int, quiet: bool) -> None:
+                  seed: int, quiet: bool, quantize_mode: str | None, quant_graphs, calib_images: int,
+                  calib_method: str, quant_tool: str, keep_first_last: bool, eval_data: Path | None,
+                  max_delta: float, eval_max: int, save_calib: Path | None) -> None:
     """Compute thresholds and score normalisation for BUNDLE from held-out images; store BUNDLE/calibration.json.
 
     NORMAL_DIR holds normal images the model was not trained on (files or folders, searched recursively). Without
@@ -347,8 +387,20 @@ def calibrate_cmd(bundle: Path, normal_dir: Path, labelled: Path | None, target_
     threshold on the labelled set, whose normals are pooled with NORMAL_DIR. Pixel thresholds: F1-optimal over the
     masks when the labelled set has them, else the (1 - target FPR) quantile over the normal images' pixels.
     The manifest records calibration.json, so `verify` keeps covering it.
+
+    With --quantize int8 this is quantisation calibration instead (see calib/quantize.py): the fp32 ONNX graphs
+    (`glad export`) run the pipeline on --calib-images normal images while every network's inputs are recorded;
+    each chosen graph becomes a Q/DQ graph onnx/<graph>.int8.onnx (used by `--engine ort --precision int8` and by
+    `glad build --precision int8`). With --eval-data the whole pipeline is evaluated fp32 vs int8 on that test split;
+    when I-AUROC (or AUPRO) drops by more than --max-delta the int8 files are removed and the exit code is 1.
+    Thresholds for the int8 engine: run `glad calibrate` again with `--engine ort --precision int8`.
     """
     import warnings
+
+    if quantize_mode is not None:
+        _quantize(bundle, normal_dir, quantize_mode, quant_graphs, calib_images, calib_method, quant_tool,
+                  keep_first_last, eval_data, max_delta, eval_max, save_calib, batch_size, threads, quiet)
+        return
 
     from calib.collect import score_images
     from calib.thresholds import Calibration, CalibrationError
@@ -398,6 +450,37 @@ def calibrate_cmd(bundle: Path, normal_dir: Path, labelled: Path | None, target_
     for line in cal.summary_lines():
         click.echo(line)
     click.echo(f"calibration written: {path} (bundle checksum {b.checksum()})")
+
+
+def _quantize(bundle: Path, normal_dir: Path, mode: str, graphs, n_images: int, method: str, tool: str,
+              keep_first_last: bool, eval_data: Path | None, max_delta: float, eval_max: int, save_calib,
+              batch_size: int, threads: int, quiet: bool) -> None:
+    """`glad calibrate --quantize`: record, quantise, gate; prints the table, writes onnx/quantize.json."""
+    from calib.quantize import QuantizationError, QuantSettings, format_gate_table, quantize_bundle
+    from glad_runtime.bundle import Bundle, BundleError
+    from glad_runtime.images import list_images
+    from training.evaluate import load_batches
+
+    paths = list_images([normal_dir])[:n_images]
+    if not paths:
+        raise click.BadParameter("no images found", param_hint="NORMAL_DIR")
+    b = Bundle(bundle)
+    say = (lambda m: None) if quiet else (lambda m: click.echo(f"  {m}", err=True))
+    settings = QuantSettings(method=method, exclude_first_last=not keep_first_last)
+    try:
+        report = quantize_bundle(b, load_batches(paths, b.config.resolution, batch_size), names=[str(p) for p in paths],
+                                 graphs=list(graphs) or None, mode=mode, tool=tool, settings=settings,
+                                 eval_data=eval_data, max_delta=max_delta, eval_max=eval_max, batch_size=batch_size,
+                                 threads=threads, save_calibration=save_calib, progress=say)
+    except (QuantizationError, BundleError) as e:
+        raise click.ClickException(str(e)) from e
+    for line in format_gate_table(report):
+        click.echo(line)
+    gate = report.get("gate")
+    kept = [] if gate and not gate["accepted"] else [r["file"] for r in report["graphs"].values()]
+    click.echo(f"quantised graphs kept: {kept or 'none'}; report {b.file('onnx/quantize.json')}")
+    if gate and not gate["accepted"]:
+        sys.exit(1)
 
 
 @cli.group("data")

@@ -71,8 +71,8 @@ def load_engines(bundle, backend: str = "torch", *, device: str = "cpu", precisi
         bundle: a :class:`~glad_runtime.bundle.Bundle`.
         backend: ``"torch"`` (reference, imports torch), ``"ort"`` (ONNX Runtime, no torch) or ``"tensorrt"``.
         device: torch device for ``torch`` (``cpu``, ``cuda``, ``auto``).
-        precision: ``fp32`` / ``fp16`` (``ort``, ``tensorrt``; ``torch`` runs fp16 on CUDA only), ``int8`` / ``fp8``
-            (``tensorrt``, from quantised graphs).
+        precision: ``fp32`` / ``fp16`` (``ort``, ``tensorrt``; ``torch`` runs fp16 on CUDA only), ``int8`` (``ort``:
+            the quantised graphs where they exist, fp32 elsewhere; ``tensorrt``), ``fp8`` (``tensorrt``).
         provider: ONNX Runtime provider for ``ort``: ``cpu``, ``cuda``, ``tensorrt``.
         threads: ONNX Runtime intra-op threads (0 = its default).
         max_batch: images per network call.

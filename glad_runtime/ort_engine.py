@@ -9,6 +9,7 @@ fallback: ``cpu`` (``CPUExecutionProvider``), ``cuda`` (``CUDAExecutionProvider`
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from .bundle import Bundle, BundleError
 from .engines import EngineError, check_output
 
 __all__ = ["OrtEngines", "PROVIDERS", "session_options"]
+
+log = logging.getLogger("glad.ort")
+#: precision -> file suffix in ``onnx/`` (``int8``: Q/DQ graphs from ``glad calibrate --quantize int8``)
+_SUFFIX = {"fp32": "", "fp16": ".fp16", "int8": ".int8"}
 
 #: ``provider`` setting -> ONNX Runtime provider list (first is preferred for each node, CPU only where named).
 PROVIDERS = {
@@ -45,7 +50,10 @@ class OrtEngines:
 
     Args:
         bundle: a :class:`~glad_runtime.bundle.Bundle` or its folder, exported with ``glad export``.
-        precision: ``"fp32"`` (``onnx/<graph>.onnx``) or ``"fp16"`` (``onnx/<graph>.fp16.onnx``; fp32 I/O).
+        precision: ``"fp32"`` (``onnx/<graph>.onnx``), ``"fp16"`` (``onnx/<graph>.fp16.onnx``; fp32 I/O),
+            ``"int8"`` (the Q/DQ ``onnx/<graph>.int8.onnx`` of ``glad calibrate --quantize int8`` where one exists,
+            fp32 for the other graphs: quantisation is per graph), or a mapping ``{graph: precision}`` (graphs not
+            named run fp32). What each graph runs is in :attr:`graph_precisions` and logged (``glad.ort``).
         provider: ``"cpu"``, ``"cuda"`` or ``"tensorrt"`` (see :data:`PROVIDERS`).
         intra_op_threads, inter_op_threads: ONNX Runtime thread pools (0 = its default).
         max_batch: calls are split into chunks of at most this many images (bounded memory).
@@ -62,8 +70,13 @@ class OrtEngines:
 
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.config = self.bundle.config
-        if precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        if not isinstance(precision, str):
+            bad = {g: p for g, p in dict(precision).items() if p not in _SUFFIX}
+        else:
+            bad = {} if precision in _SUFFIX else {"*": precision}
+        if bad:
+            raise ValueError(f"precision must be one of {sorted(_SUFFIX)} (or a {{graph: precision}} map), got "
+                             f"{precision!r}")
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
         available = ort.get_available_providers()
@@ -73,24 +86,27 @@ class OrtEngines:
                              f"{available}); install onnxruntime-gpu instead of onnxruntime for cuda/tensorrt")
         self.precision, self.provider, self.max_batch = precision, provider, max(1, int(max_batch))
         self.opts = session_options(intra_op_threads, inter_op_threads)
-        providers = self._providers(provider, precision)
         self.sessions: dict[str, object] = {}
         needed = ["unet", "vae_encoder", "vae_decoder", "dino"]
         cfg = self.config
-        suffix = "" if precision == "fp32" else ".fp16"
-        if cfg.ads_size != cfg.dino_resolution and (
-                cfg.ads_enabled or self.bundle.file(f"onnx/dino_ads{suffix}.onnx").is_file()):
+        if cfg.ads_size != cfg.dino_resolution and (cfg.ads_enabled or any(
+                self.bundle.file(f"onnx/dino_ads{sfx}.onnx").is_file() for sfx in _SUFFIX.values())):
             needed.append("dino_ads")  # required with ADS on; loaded when present so ADS can be switched on later
-        paths = {name: self.bundle.file(f"onnx/{name}{suffix}.onnx") for name in needed}
+        #: the precision each loaded graph runs at (``int8`` falls back to fp32 per graph, see above)
+        self.graph_precisions = self._resolve(precision, needed)
+        paths = {name: self.bundle.file(f"onnx/{name}{_SUFFIX[p]}.onnx") for name, p in self.graph_precisions.items()}
         absent = [p.name for p in paths.values() if not p.is_file()]
         if absent:
             raise BundleError(f"{self.bundle.path}: no exported graphs {absent}; run `glad export "
                               f"{self.bundle.path}` (precision {precision})")
+        if any(p != "fp32" for p in self.graph_precisions.values()) or precision != "fp32":
+            log.info("%s: graph precisions %s", self.bundle.path, self.graph_precisions)
         if verify:
             rel = [f"onnx/{p.name}" for p in paths.values()]
             rel += [r + ".data" for r in rel if self.bundle.file(r + ".data").is_file()]
             self.bundle.verify(prefix="onnx/", required=rel)
         for name, path in paths.items():
+            providers = self._providers(provider, self.graph_precisions[name])
             self.sessions[name] = ort.InferenceSession(str(path), self.opts, providers=providers)
         # feature graphs are fixed-size: map image size -> graph
         self._feature_graphs = {cfg.dino_resolution: "dino"}
@@ -98,12 +114,26 @@ class OrtEngines:
             self._feature_graphs[cfg.ads_size] = "dino_ads"
         self._token_names = [f"tokens_{layer}" for layer in cfg.feature_layers]
 
+    def _resolve(self, precision, needed: list[str]) -> dict[str, str]:
+        """``{graph: precision}``: a mapping is taken as given (unnamed graphs fp32); ``"int8"`` picks the graphs
+        with an ``.int8.onnx`` and fp32 for the rest, and refuses a bundle with none."""
+        if not isinstance(precision, str):
+            return {g: dict(precision).get(g, "fp32") for g in needed}
+        if precision != "int8":
+            return {g: precision for g in needed}
+        got = {g: "int8" if self.bundle.file(f"onnx/{g}.int8.onnx").is_file() else "fp32" for g in needed}
+        if "int8" not in got.values():
+            raise BundleError(f"{self.bundle.path}: no quantised graphs (onnx/<graph>.int8.onnx); run `glad calibrate "
+                              f"{self.bundle.path} NORMAL_DIR --quantize int8` first")
+        return got
+
     def _providers(self, provider: str, precision: str) -> list:
         if provider != "tensorrt":
             return list(PROVIDERS[provider])
         cache = Path(self.bundle.file("engines/ort-trt"))
         cache.mkdir(parents=True, exist_ok=True)
-        trt_opts = {"trt_fp16_enable": precision == "fp16", "trt_engine_cache_enable": True,
+        trt_opts = {"trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8",
+                    "trt_engine_cache_enable": True,
                     "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True}
         return [("TensorrtExecutionProvider", trt_opts), "CUDAExecutionProvider"]
 

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from glad_runtime.bundle import Bundle, BundleError  # noqa: E402
+from glad_runtime.bundle import BundleError  # noqa: E402
 from glad_runtime.engines import EngineError  # noqa: E402
 from glad_runtime.images import preprocess  # noqa: E402
 from glad_runtime.pipeline import GladPipeline  # noqa: E402

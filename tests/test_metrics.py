@@ -1,6 +1,5 @@
 """Tests of training/metrics.py against scikit-learn and brute-force references (spec section 6, decision 10)."""
 
-import time
 
 import numpy as np
 import pytest
@@ -147,15 +146,14 @@ def test_aupro_never_exceeds_one():
         assert 0.0 <= aupro(masks, maps, fpr_limit=0.01) <= 1.0
 
 
-def test_aupro_speed_hundreds_of_maps():
+def test_aupro_many_maps_stays_in_range():
+    """A category-sized input (40 maps of 256x256, two region shapes). No timing here: speed belongs in bench/."""
     rng = np.random.default_rng(0)
-    masks = np.zeros((100, 256, 256), bool)
+    masks = np.zeros((40, 256, 256), bool)
     masks[::2, 100:140, 60:90] = True
     masks[1::4, 10:20, 10:250] = True
     maps = (masks + rng.normal(0, 0.7, masks.shape)).astype(np.float32)
-    t0 = time.perf_counter()
     r = pixel_metrics(masks, maps)
-    assert time.perf_counter() - t0 < 30.0
     assert 0.5 < r["AUPRO"] <= 1.0
 
 
