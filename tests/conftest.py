@@ -80,6 +80,24 @@ def tiny_bundle(tmp_path_factory, tiny_modules):
 
 
 @pytest.fixture(scope="session")
+def exported_bundle(tmp_path_factory, tiny_bundle, tiny_modules):
+    """``(Bundle, reports)``: a copy of the tiny bundle (ADS on, ADS size != scoring size) exported in fp32 and fp16
+    (about 40-70 s on 2 cores; shared by the export and serving tests). Do not modify it: copy it first."""
+    import shutil
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from export.onnx_export import export_bundle
+    from glad_runtime.bundle import Bundle
+
+    path = tmp_path_factory.mktemp("export") / "tiny"
+    shutil.copytree(tiny_bundle.path, path)
+    b = Bundle(path)
+    reports = export_bundle(b, tiny_modules)
+    return b, reports
+
+
+@pytest.fixture(scope="session")
 def elpv_images():
     """A few real ELPV solar-cell images (uint8 [N,300,300]) and labels; skipped when the package is absent."""
     utils = pytest.importorskip("elpv_dataset.utils")

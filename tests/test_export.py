@@ -28,15 +28,10 @@ SCORE_REL = {"fp32": 1e-4, "fp16": 1e-2}
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_bundle, tiny_modules):
-    """A copy of the tiny bundle (ADS on, ADS size != scoring size) exported in fp32 and fp16."""
-    from export.onnx_export import export_bundle
-
-    path = tmp_path_factory.mktemp("export") / "tiny"
-    shutil.copytree(tiny_bundle.path, path)
-    b = Bundle(path)
-    reports = export_bundle(b, tiny_modules)
-    return b, reports
+def exported(exported_bundle):
+    """The session's exported tiny bundle (conftest ``exported_bundle``: fp32 and fp16), shared with the serving
+    tests."""
+    return exported_bundle
 
 
 @pytest.fixture(scope="module")
