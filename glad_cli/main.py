@@ -137,6 +137,9 @@ def _open_pipeline(bundle: Path, engine: dict, max_batch: int = 16, **config_cha
         raise click.UsageError(str(e)) from e
     except EngineError as e:  # the server or its models are unreachable
         raise click.ClickException(str(e)) from e
+    except ImportError as e:  # an extra that is not installed
+        raise click.UsageError(f"{backend} engine: {e}; install the matching extra (pip install -e '.[serve]' for "
+                               "triton, '.[onnx]' for ort, '.[torch]' for torch)") from e
     return b, engines, GladPipeline(engines, cfg)
 
 
@@ -306,19 +309,20 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
     except ServerStartError as e:
         raise click.ClickException(str(e)) from e
 
-    def _term(signum, frame):
-        raise KeyboardInterrupt
+    import threading
 
-    signal.signal(signal.SIGTERM, _term)
+    stop = threading.Event()  # set by SIGTERM / Ctrl-C: no exception can land between start-up and the wait loop
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
     click.echo(f"ready: grpc {server.grpc_url}  http http://{server.http_url}  metrics {server.metrics_url}  "
                f"(log {server.log_path}); Ctrl-C stops")
     try:
-        while server.running():
-            time.sleep(0.5)
-        code = server.process.returncode
-        click.echo(f"tritonserver exited with code {code}:\n{server.log_tail(2000)}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
+        while server.running() and not stop.is_set():
+            stop.wait(0.5)
+        if not stop.is_set():
+            click.echo(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail(2000)}",
+                       err=True)
+            sys.exit(1)
         click.echo("stopping tritonserver ...", err=True)
     finally:
         code = server.stop()

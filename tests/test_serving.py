@@ -357,6 +357,10 @@ def test_cli_serve_start_and_sigterm(served_bundle, tmp_path):
         assert proc.returncode == 0, "".join(lines) + rest
         assert "stopped (exit code 0)" in rest
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # let the CLI stop its server; the server also dies with it (PDEATHSIG)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

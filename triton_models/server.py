@@ -10,8 +10,9 @@ With ``binary=`` (a full Triton install, e.g. ``/opt/tritonserver/bin/tritonserv
 own backends are used.
 
 The server runs in its own process group (the python-backend stubs are its children); :meth:`TritonServer.stop`
-sends SIGTERM to the group and SIGKILL after a grace period, and an ``atexit`` hook kills any server still running
-when the interpreter exits.
+sends SIGTERM to the group and SIGKILL after a grace period; an ``atexit`` hook stops any server still running
+when the interpreter exits, and on Linux the server gets SIGKILL when the launching thread dies
+(``PR_SET_PDEATHSIG``, ``die_with_parent=True``), so a killed client never leaves an orphan server.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["TritonServer", "ServerStartError", "launch_server", "free_port", "pytriton_root", "server_available"]
 
-_LIVE: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
+_LIVE: "set[TritonServer]" = set()  # strong references: the atexit hook must see servers whose handle was dropped
 
 
 class ServerStartError(RuntimeError):
@@ -180,11 +180,17 @@ def _backend_dir(root: Path, target: Path) -> Path:
     return target
 
 
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def launch_server(repo: str | os.PathLike, *, binary: str | os.PathLike | None = None, host: str = "127.0.0.1",
                   http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
                   backends_dir: str | os.PathLike | None = None, log_path: str | os.PathLike | None = None,
                   ready_timeout: float = 180.0, exit_timeout: int = 5, extra_args: tuple[str, ...] = (),
-                  env: dict[str, str] | None = None) -> TritonServer:
+                  env: dict[str, str] | None = None, die_with_parent: bool = True) -> TritonServer:
     """Start ``tritonserver`` on ``repo`` and wait until ``/v2/health/ready`` answers.
 
     Args:
@@ -198,6 +204,8 @@ def launch_server(repo: str | os.PathLike, *, binary: str | os.PathLike | None =
         ready_timeout: seconds to wait for readiness.
         exit_timeout: ``--exit-timeout-secs`` (in-flight requests finish within it on SIGTERM).
         extra_args: more ``tritonserver`` flags (e.g. ``--log-verbose=1``).
+        die_with_parent: Linux: SIGKILL the server when the thread that launched it exits (launch from a thread
+            that lives as long as the server, e.g. the main thread).
     Returns:
         a :class:`TritonServer`.
     Raises:
@@ -234,18 +242,23 @@ def launch_server(repo: str | os.PathLike, *, binary: str | os.PathLike | None =
            f"--exit-timeout-secs={int(exit_timeout)}", *extra_args]
     if root is not None and Path(binary) == root / "bin" / "tritonserver":
         cmd += ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=_pdeathsig if die_with_parent and sys.platform == "linux" else None)
     server = TritonServer(proc, host, *ports, log_path=log_path, repo=repo, _log=log)
     _LIVE.add(server)
     deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if not server.running():
-            server.stop()
-            raise ServerStartError(f"tritonserver exited with code {proc.returncode} during start-up:\n"
-                                   f"{server.log_tail()}")
-        if server.ready(timeout=1.0):
-            return server
-        time.sleep(0.25)
+    try:
+        while time.monotonic() < deadline:
+            if not server.running():
+                server.stop()
+                raise ServerStartError(f"tritonserver exited with code {proc.returncode} during start-up:\n"
+                                       f"{server.log_tail()}")
+            if server.ready(timeout=1.0):
+                return server
+            time.sleep(0.25)
+    except KeyboardInterrupt:  # Ctrl-C while waiting: never leave the server behind
+        server.stop()
+        raise
     tail = server.log_tail()
     server.stop()
     raise ServerStartError(f"tritonserver not ready after {ready_timeout:.0f} s:\n{tail}")
