@@ -364,3 +364,12 @@ def test_cli_serve_start_and_sigterm(served_bundle, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def test_client_side_imports_without_torch():
+    """The client SDK, the Triton engine and the repository/launcher modules never import torch or onnxruntime."""
+    code = ("import sys, glad_runtime.client, glad_runtime.triton_engine, triton_models.repository, "
+            "triton_models.server; print('torch' in sys.modules, 'onnxruntime' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert res.stdout.strip() == "False False", res.stdout + res.stderr
