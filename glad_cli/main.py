@@ -90,9 +90,10 @@ def init_cmd(bundle: Path, preset: str, features: str, sd_folder, unet_checkpoin
 def engine_options(fn):
     """The options that choose where the networks run (shared by detect, eval, calibrate, bench)."""
     opts = [
-        click.option("--engine", "backend", type=click.Choice(["torch", "ort", "tensorrt"]), default="torch",
-                     show_default=True, help="torch: reference (needs torch); ort: ONNX Runtime on the graphs of "
-                     "`glad export` (no torch); tensorrt: engines of `glad build` (GPU)."),
+        click.option("--engine", "backend", type=click.Choice(["torch", "ort", "tensorrt", "triton"]),
+                     default="torch", show_default=True, help="torch: reference (needs torch); ort: ONNX Runtime on "
+                     "the graphs of `glad export` (no torch); tensorrt: engines of `glad build` (GPU); triton: the "
+                     "network models of a `glad serve` server (--server)."),
         click.option("--device", default="cpu", show_default=True, help="torch: cpu, cuda, cuda:N or auto."),
         click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp32",
                      show_default=True, help="ort: fp32|fp16 graphs, int8 the quantised graphs (`glad calibrate --quantize`) "
@@ -100,6 +101,11 @@ def engine_options(fn):
         click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
                      help="ort: execution provider (cuda/tensorrt need onnxruntime-gpu)."),
         click.option("--threads", default=0, show_default=True, help="ort: intra-op threads (0 = ORT default)."),
+        click.option("--server", metavar="HOST:PORT", default=None,
+                     help="Run the networks on this Triton server (gRPC URL of `glad serve --start`); implies "
+                     "--engine triton. The ADS/SAFF loop stays here; results equal the in-process engines'."),
+        click.option("--model-prefix", default=None, metavar="PREFIX",
+                     help="triton: the bundle's model prefix on the server (default: from the bundle folder name)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -111,23 +117,30 @@ def _open_pipeline(bundle: Path, engine: dict, max_batch: int = 16, **config_cha
 
     Args:
         engine: the values of :func:`engine_options` (``backend``, ``device``, ``precision``, ``provider``,
-            ``threads``), passed to ``glad_runtime.engines.load_engines``.
+            ``threads``, ``server``, ``model_prefix``; a ``server`` selects the ``triton`` backend), passed to ``glad_runtime.engines.load_engines``.
         config_changes: config fields replaced for this run (e.g. ``seed``).
     The files the backend loads are checked against the manifest first; a missing or modified file, or an option
     the backend cannot honour, becomes a click usage error.
     """
     from glad_runtime.bundle import Bundle, BundleError
-    from glad_runtime.engines import load_engines
+    from glad_runtime.engines import EngineError, load_engines
     from glad_runtime.pipeline import GladPipeline
 
     b = Bundle(bundle)
     cfg = b.config.replace(**config_changes) if config_changes else b.config
+    backend = "triton" if engine.get("server") else engine.get("backend", "torch")
     try:
-        engines = load_engines(b, engine.get("backend", "torch"), device=engine.get("device", "cpu"),
+        engines = load_engines(b, backend, device=engine.get("device", "cpu"),
                                precision=engine.get("precision", "fp32"), provider=engine.get("provider", "cpu"),
-                               threads=engine.get("threads", 0), max_batch=max_batch)
+                               threads=engine.get("threads", 0), max_batch=max_batch, url=engine.get("server"),
+                               model_prefix=engine.get("model_prefix"))
     except (ValueError, BundleError) as e:
         raise click.UsageError(str(e)) from e
+    except EngineError as e:  # the server or its models are unreachable
+        raise click.ClickException(str(e)) from e
+    except ImportError as e:  # an extra that is not installed
+        raise click.UsageError(f"{backend} engine: {e}; install the matching extra (pip install -e '.[serve]' for "
+                               "triton, '.[onnx]' for ort, '.[torch]' for torch)") from e
     per_graph = getattr(engines, "graph_precisions", None)
     if per_graph and len(set(per_graph.values())) > 1:  # mixed precisions are said, never silent
         click.echo("graph precisions: " + ", ".join(f"{g}={p}" for g, p in per_graph.items()), err=True)
@@ -279,6 +292,99 @@ def bench_cmd(bundle: Path, engine_names, image_dir, num_images: int, batch_size
     click.echo(f"written: {', '.join(str(p) for p in paths_out.values())}")
 
 
+@cli.command("serve")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Triton model repository to write (several bundles / runs share one; other prefixes are kept).")
+@click.option("--target", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="cpu: python-backend models running ONNX Runtime (the nvidia-pytriton server); gpu: native "
+                   "onnxruntime_onnx / tensorrt_plan models (a full Triton install, --server-binary).")
+@click.option("--prefix", "prefixes", multiple=True, metavar="PREFIX",
+              help="Model-name prefix per bundle, in order (default: from each bundle folder name).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="Images per <prefix>_glad request; the network models take twice as many.")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1), help="Instances per network.")
+@click.option("--glad-instances", default=1, show_default=True, type=click.IntRange(1),
+              help="Instances of the BLS model (concurrent server-side loops).")
+@click.option("--queue-delay-us", default=500, show_default=True, type=click.IntRange(0),
+              help="Dynamic batcher max_queue_delay_microseconds.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(0),
+              help="cpu: ONNX Runtime intra-op threads per model instance.")
+@click.option("--start", is_flag=True, help="Then run tritonserver on the repository until Ctrl-C / SIGTERM.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="--start: listen address.")
+@click.option("--http-port", default=8000, show_default=True, help="--start: 0 = a free port.")
+@click.option("--grpc-port", default=8001, show_default=True)
+@click.option("--metrics-port", default=8002, show_default=True)
+@click.option("--server-binary", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="--start: tritonserver of a full install (default: the one in nvidia-pytriton, CPU).")
+def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instances: int, glad_instances: int,
+              queue_delay_us: int, precision: str, threads: int, start: bool, host: str, http_port: int,
+              grpc_port: int, metrics_port: int, server_binary) -> None:
+    """Write a Triton model repository for exported BUNDLES (`glad export`) and optionally start the server.
+
+    \b
+    Per bundle, under a prefix P:
+      P_unet, P_vae_encoder, P_vae_decoder, P_dino[, P_dino_ads]   one model per network
+      P_recon_features   ensemble: latents -> decoder -> resize -> dino (reconstruction + its tokens)
+      P_glad             BLS model: the whole ADS/SAFF loop, one request per batch (glad_runtime.client)
+    Clients: `glad detect BUNDLE --server HOST:GRPC_PORT` (loop here, networks there) or
+    glad_runtime.client.GladClient(URL, P) (loop on the server).
+    """
+    import signal
+
+    from glad_runtime.bundle import Bundle, BundleError
+    from glad_runtime.triton_engine import default_model_prefix
+    from triton_models.repository import generate_repository
+
+    if prefixes and len(prefixes) != len(bundles):
+        raise click.BadParameter(f"{len(prefixes)} prefixes for {len(bundles)} bundles", param_hint="--prefix")
+    names = list(prefixes) or [default_model_prefix(b) for b in bundles]
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"two bundles get the same prefix {names}; pass --prefix per bundle",
+                                 param_hint="--prefix")
+    for bpath, prefix in zip(bundles, names):
+        try:
+            b = Bundle(bpath)
+            models = generate_repository(b, repo, target=target, prefix=prefix, max_batch=max_batch,
+                                         instances=instances, glad_instances=glad_instances,
+                                         queue_delay_us=queue_delay_us, precision=precision,
+                                         intra_op_threads=threads)
+        except (BundleError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(f"{bpath}: prefix {prefix}, checksum {b.checksum()}, models {', '.join(models)}")
+    click.echo(f"repository: {repo}")
+    if not start:
+        return
+    from triton_models.server import ServerStartError, launch_server
+
+    click.echo("starting tritonserver ...", err=True)
+    try:
+        server = launch_server(repo, binary=server_binary, host=host, http_port=http_port, grpc_port=grpc_port,
+                               metrics_port=metrics_port)
+    except ServerStartError as e:
+        raise click.ClickException(str(e)) from e
+
+    import threading
+
+    stop = threading.Event()  # set by SIGTERM / Ctrl-C: no exception can land between start-up and the wait loop
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    click.echo(f"ready: grpc {server.grpc_url}  http http://{server.http_url}  metrics {server.metrics_url}  "
+               f"(log {server.log_path}); Ctrl-C stops")
+    try:
+        while server.running() and not stop.is_set():
+            stop.wait(0.5)
+        if not stop.is_set():
+            click.echo(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail(2000)}",
+                       err=True)
+            sys.exit(1)
+        click.echo("stopping tritonserver ...", err=True)
+    finally:
+        code = server.stop()
+    click.echo(f"stopped (exit code {code})")
+
+
 @cli.command("detect")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -293,7 +399,8 @@ def bench_cmd(bundle: Path, engine_names, image_dir, num_images: int, batch_size
 @click.option("--threshold", type=float, default=None,
               help="Raw image threshold for this run, overriding the bundle's calibration (labels: score > X).")
 def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size: int, seed: int | None,
-               backend: str, device: str, precision: str, provider: str, threads: int, map_format: str,
+               backend: str, device: str, precision: str, provider: str, threads: int, server, model_prefix,
+               map_format: str,
                quiet: bool, threshold: float | None) -> None:
     """Score images (files or folders) with a model BUNDLE; maps come back at each image's original size.
 
@@ -317,7 +424,8 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
     if not paths:
         raise click.BadParameter("no images found", param_hint="INPUTS")
     start = time.perf_counter()
-    engine = dict(backend=backend, device=device, precision=precision, provider=provider, threads=threads)
+    engine = dict(backend=backend, device=device, precision=precision, provider=provider, threads=threads,
+                  server=server, model_prefix=model_prefix)
     _, _, pipeline = _open_pipeline(bundle, engine, batch_size, **({} if seed is None else {"seed": seed}))
     records = detect_files(pipeline, paths, out_dir, batch_size=batch_size, map_format=map_format,
                            progress=not quiet, calibration=calibration, threshold=threshold)
@@ -376,10 +484,10 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
 @click.option("--save-calib", type=click.Path(file_okay=False, path_type=Path),
               help="--quantize: also write the recorded inputs as <graph>.npz here (ModelOpt reads them).")
 def calibrate_cmd(bundle: Path, normal_dir: Path, labelled: Path | None, target_fpr: float, batch_size: int,
-                  backend: str, device: str, precision: str, provider: str, threads: int, pixels_per_image: int,
-                  seed: int, quiet: bool, quantize_mode: str | None, quant_graphs, calib_images: int,
-                  calib_method: str, quant_tool: str, keep_first_last: bool, eval_data: Path | None,
-                  max_delta: float, eval_max: int, save_calib: Path | None) -> None:
+                  backend: str, device: str, precision: str, provider: str, threads: int, server, model_prefix,
+                  pixels_per_image: int, seed: int, quiet: bool, quantize_mode: str | None, quant_graphs,
+                  calib_images: int, calib_method: str, quant_tool: str, keep_first_last: bool,
+                  eval_data: Path | None, max_delta: float, eval_max: int, save_calib: Path | None) -> None:
     """Compute thresholds and score normalisation for BUNDLE from held-out images; store BUNDLE/calibration.json.
 
     NORMAL_DIR holds normal images the model was not trained on (files or folders, searched recursively). Without
@@ -410,7 +518,8 @@ def calibrate_cmd(bundle: Path, normal_dir: Path, labelled: Path | None, target_
     normal_paths = list_images([normal_dir])
     if not normal_paths:
         raise click.BadParameter("no images found", param_hint="NORMAL_DIR")
-    engine = dict(backend=backend, device=device, precision=precision, provider=provider, threads=threads)
+    engine = dict(backend=backend, device=device, precision=precision, provider=provider, threads=threads,
+                  server=server, model_prefix=model_prefix)
     b, _, pipeline = _open_pipeline(bundle, engine, batch_size)
     common = dict(batch_size=batch_size, pixels_per_image=pixels_per_image, progress=not quiet)
     extra = {"pipeline_seed": pipeline.config.seed, "normal_dir": str(normal_dir.resolve())}
@@ -583,12 +692,13 @@ def _parse_overrides(items) -> dict:
 @engine_options
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field.")
 def eval_cmd(bundle: Path, data: Path, out_dir, baseline: str, batch_size: int, max_test: int, backend: str,
-             device: str, precision: str, provider: str, threads: int, overrides) -> None:
+             device: str, precision: str, provider: str, threads: int, server, model_prefix, overrides) -> None:
     """I-AUROC / I-AP / I-F1max (and P-AUROC / P-AP / P-F1max / AUPRO with masks) plus a report with the
     kNN baseline beside GLAD."""
     from training.evaluate import evaluate
 
-    engine = dict(backend=backend, device=device, precision=precision, provider=provider, threads=threads)
+    engine = dict(backend=backend, device=device, precision=precision, provider=provider, threads=threads,
+                  server=server, model_prefix=model_prefix)
     _, engines, pipeline = _open_pipeline(bundle, engine, batch_size, **_parse_overrides(overrides))
     out = out_dir or (bundle / "eval" / data.name)
     evaluate(engines, pipeline, data, out, baseline=None if baseline == "none" else baseline,
@@ -635,7 +745,8 @@ def demo_cmd(workdir: Path, textures: bool) -> None:
             click.echo(f"[demo] reusing the trained bundle {bundle}")
         out = workdir / "reports" / name
         ctx.invoke(eval_cmd, bundle=bundle, data=data, out_dir=out, baseline="knn", batch_size=8, max_test=0,
-                   backend="torch", device="cpu", precision="fp32", provider="cpu", threads=0, overrides=())
+                   backend="torch", device="cpu", precision="fp32", provider="cpu", threads=0, server=None,
+                   model_prefix=None, overrides=())
         reports.append(out / "report.md")
     click.echo(f"[demo] done in {time.perf_counter() - start:.0f} s; reports: " + ", ".join(map(str, reports)))
 

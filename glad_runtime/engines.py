@@ -59,12 +59,14 @@ def check_output(name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.nda
 
 
 #: Backends :func:`load_engines` knows; ``torch`` needs the ``torch`` extra, ``ort`` the ``onnx`` extra (and
-#: ``glad export``), ``tensorrt`` a GPU, TensorRT and ``glad build``.
-BACKENDS = ("torch", "ort", "tensorrt")
+#: ``glad export``), ``tensorrt`` a GPU, TensorRT and ``glad build``, ``triton`` a server started with
+#: ``glad serve`` and the ``serve`` extra (tritonclient).
+BACKENDS = ("torch", "ort", "tensorrt", "triton")
 
 
 def load_engines(bundle, backend: str = "torch", *, device: str = "cpu", precision: str = "fp32",
-                 provider: str = "cpu", threads: int = 0, max_batch: int = 16) -> Engines:
+                 provider: str = "cpu", threads: int = 0, max_batch: int = 16, url: str | None = None,
+                 model_prefix: str | None = None, shared_memory: bool = False) -> Engines:
     """Open a bundle's networks on one backend; the single place the CLI and SDK build engines.
 
     Args:
@@ -75,7 +77,11 @@ def load_engines(bundle, backend: str = "torch", *, device: str = "cpu", precisi
             the quantised graphs where they exist, fp32 elsewhere; ``tensorrt``), ``fp8`` (``tensorrt``).
         provider: ONNX Runtime provider for ``ort``: ``cpu``, ``cuda``, ``tensorrt``.
         threads: ONNX Runtime intra-op threads (0 = its default).
-        max_batch: images per network call.
+        max_batch: images per network call (``triton``: the served models' ``max_batch_size`` applies).
+        url: ``triton``: the server's gRPC ``host:port``.
+        model_prefix: ``triton``: the bundle's model prefix (default: from the bundle folder name, as
+            ``glad serve`` names it).
+        shared_memory: ``triton``: pass tensors through system shared memory (server on the same host).
     Raises:
         ValueError: unknown backend or an option the backend cannot honour.
         BundleError: the files the backend needs are missing or modified.
@@ -94,4 +100,11 @@ def load_engines(bundle, backend: str = "torch", *, device: str = "cpu", precisi
         from .trt_engine import TensorRTEngines
 
         return TensorRTEngines(bundle, precision=precision)
+    if backend == "triton":
+        from .triton_engine import TritonEngines, default_model_prefix
+
+        if not url:
+            raise ValueError("backend 'triton' needs the server URL (glad detect --server HOST:PORT)")
+        return TritonEngines(url, model_prefix or default_model_prefix(bundle), bundle.config,
+                             checksum=bundle.checksum(), shared_memory=shared_memory)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -80,20 +80,9 @@ def tiny_bundle(tmp_path_factory, tiny_modules):
 
 
 @pytest.fixture(scope="session")
-def elpv_images():
-    """A few real ELPV solar-cell images (uint8 [N,300,300]) and labels; skipped when the package is absent."""
-    utils = pytest.importorskip("elpv_dataset.utils")
-    images, probs, types = utils.load_dataset()
-    mono = types == "mono"
-    good = np.where(mono & (probs == 0))[0][:4]
-    bad = np.where(mono & (probs == 1))[0][:4]
-    return images[good], images[bad]
-
-
-@pytest.fixture(scope="session")
 def exported_bundle(tmp_path_factory, tiny_bundle, tiny_modules):
-    """``(bundle, reports)``: a copy of the tiny bundle (ADS on, ADS size != scoring size) exported to ONNX in fp32
-    and fp16 (``glad export``); shared by the export, bench and serving tests (about 40 s once per session)."""
+    """``(Bundle, reports)``: a copy of the tiny bundle (ADS on, ADS size != scoring size) exported in fp32 and fp16
+    (about 40-70 s on 2 cores; shared by the export and serving tests). Do not modify it: copy it first."""
     import shutil
 
     pytest.importorskip("onnxruntime")
@@ -104,4 +93,16 @@ def exported_bundle(tmp_path_factory, tiny_bundle, tiny_modules):
     path = tmp_path_factory.mktemp("export") / "tiny"
     shutil.copytree(tiny_bundle.path, path)
     b = Bundle(path)
-    return b, export_bundle(b, tiny_modules)
+    reports = export_bundle(b, tiny_modules)
+    return b, reports
+
+
+@pytest.fixture(scope="session")
+def elpv_images():
+    """A few real ELPV solar-cell images (uint8 [N,300,300]) and labels; skipped when the package is absent."""
+    utils = pytest.importorskip("elpv_dataset.utils")
+    images, probs, types = utils.load_dataset()
+    mono = types == "mono"
+    good = np.where(mono & (probs == 0))[0][:4]
+    bad = np.where(mono & (probs == 1))[0][:4]
+    return images[good], images[bad]

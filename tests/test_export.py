@@ -29,6 +29,8 @@ SCORE_REL = {"fp32": 1e-4, "fp16": 1e-2}
 
 @pytest.fixture(scope="module")
 def exported(exported_bundle):
+    """The session's exported tiny bundle (conftest ``exported_bundle``: fp32 and fp16), shared with the serving
+    tests."""
     return exported_bundle
 
 

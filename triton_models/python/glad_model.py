@@ -1,0 +1,149 @@
+"""Triton python-backend BLS model ``<prefix>_glad``: the whole GLAD loop server-side, one request per batch.
+
+:class:`glad_runtime.pipeline.GladPipeline` runs here with :class:`BlsEngines`, whose network calls are BLS requests
+to ``<prefix>_unet``, ``<prefix>_vae_encoder``, ``<prefix>_vae_decoder``, ``<prefix>_dino`` (and ``_dino_ads``), so
+those models keep their own instances and dynamic batching (several ``_glad`` instances, or several bundles, share
+them). The version directory holds the bundle's ``config.json`` and, when calibrated, ``calibration.json``.
+
+Input ``images`` float32 ``[B,3,R,R]`` in [-1, 1] (``glad_runtime.images.preprocess``: decoding stays on the client,
+so 16-bit and EXIF handling are the same as ``glad detect``). Outputs per image (see
+``glad_runtime.client.BLS_OUTPUTS``): ``scores``, ``normalized_scores`` (NaN uncalibrated), ``labels`` int8 (1
+anomalous, 0 normal, -1 uncalibrated), ``anomaly_maps [B,D,D]``, ``adaptive_steps`` int64, ``ads_scores``,
+``triggered`` bool. The requests of a dynamic batch run as one pipeline call (results do not depend on batch mates,
+project decision 2); a request with a bad shape or NaN/Inf values gets INVALID_ARG alone, and if the joint call
+fails every request is rerun alone.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from glad_runtime.config import GladConfig
+from glad_runtime.engines import EngineError, check_output
+from glad_runtime.pipeline import GladPipeline, InvalidInputError
+
+
+def _error(message, code="INTERNAL"):
+    err = pb_utils.TritonError
+    return err(message, getattr(err, code)) if hasattr(err, code) else err(message)
+
+
+class BlsEngines:
+    """The Engines interface as BLS requests to the network models of one prefix.
+
+    Args:
+        prefix: model prefix. config: the bundle's GladConfig. max_batch: the network models' max_batch_size.
+    Raises (calls): EngineError with the network model's error message.
+    """
+
+    def __init__(self, prefix, config, max_batch):
+        self.prefix, self.config, self.max_batch = prefix, config, max(1, int(max_batch))
+        self.graphs = {config.dino_resolution: "dino"}
+        if config.ads_enabled and config.ads_size != config.dino_resolution:
+            self.graphs[config.ads_size] = "dino_ads"
+        self.tokens = [f"tokens_{layer}" for layer in config.feature_layers]
+
+    def _call(self, graph, feeds, outputs):
+        n = len(next(iter(feeds.values())))
+        parts = []
+        for s in range(0, n, self.max_batch):
+            inputs = []
+            for name, arr in feeds.items():
+                part = np.ascontiguousarray(arr[s:s + self.max_batch])
+                if part.ndim == 1:  # [B] tensors are served as [B,1] reshaped to [B]
+                    part = part[:, None]
+                inputs.append(pb_utils.Tensor(name, part))
+            request = pb_utils.InferenceRequest(model_name=f"{self.prefix}_{graph}", inputs=inputs,
+                                                requested_output_names=outputs)
+            response = request.exec()
+            if response.has_error():
+                raise EngineError(f"{self.prefix}_{graph}: {response.error().message()}")
+            parts.append([pb_utils.get_output_tensor_by_name(response, o).as_numpy() for o in outputs])
+        return [np.concatenate([p[k] for p in parts]) for k in range(len(outputs))]
+
+    def encode(self, images):
+        c = self.config
+        out = self._call("vae_encoder", {"images": images}, ["latents"])[0]
+        return check_output("vae_encoder", out, (len(images), c.latent_channels, c.latent_size, c.latent_size))
+
+    def unet(self, latents, timesteps):
+        ts = np.ascontiguousarray(np.broadcast_to(np.asarray(timesteps, np.int64), (len(latents),)))
+        out = self._call("unet", {"latents": np.asarray(latents, np.float32), "timesteps": ts}, ["noise_pred"])[0]
+        return check_output("unet", out, latents.shape)
+
+    def decode(self, latents):
+        r = self.config.resolution
+        out = self._call("vae_decoder", {"latents": np.asarray(latents, np.float32)}, ["images"])[0]
+        return check_output("vae_decoder", out, (len(latents), 3, r, r))
+
+    def features(self, images):
+        size = images.shape[-1]
+        graph = self.graphs.get(size)
+        if graph is None:
+            raise EngineError(f"features: no served graph for {size}px images ({sorted(self.graphs)})")
+        outs = self._call(graph, {"images": np.asarray(images, np.float32)}, self.tokens)
+        g = size // self.config.patch_size
+        return [check_output(graph, o, (len(images), g, g, o.shape[-1])) for o in outs]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        vdir = Path(args["model_repository"]) / args["model_version"]
+        config = GladConfig.from_dict(json.loads((vdir / "config.json").read_text()))
+        self.engines = BlsEngines(params["model_prefix"], config, int(params["network_max_batch"]))
+        self.pipeline = GladPipeline(self.engines, config)
+        self.calibration = None
+        if (vdir / "calibration.json").is_file():
+            from calib.thresholds import Calibration
+
+            self.calibration = Calibration.from_json((vdir / "calibration.json").read_text())
+
+    def _outputs(self, out, start, stop):
+        scores = out.scores[start:stop].astype(np.float32)
+        if self.calibration is not None:
+            norm = np.asarray(self.calibration.normalize(scores), dtype=np.float32).reshape(-1)
+            labels = np.asarray(self.calibration.is_anomalous(scores)).reshape(-1).astype(np.int8)
+        else:
+            norm = np.full(len(scores), np.nan, np.float32)
+            labels = np.full(len(scores), -1, np.int8)
+        tensors = {"scores": scores, "normalized_scores": norm, "labels": labels,
+                   "anomaly_maps": out.anomaly_maps[start:stop].astype(np.float32),
+                   "adaptive_steps": out.adaptive_steps[start:stop].astype(np.int64),
+                   "ads_scores": out.ads_scores[start:stop].astype(np.float32),
+                   "triggered": out.triggered[start:stop].astype(bool)}
+        return pb_utils.InferenceResponse([pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in tensors.items()])
+
+    def _run_one(self, images):
+        try:
+            return self._outputs(self.pipeline(images), 0, len(images))
+        except InvalidInputError as e:
+            return pb_utils.InferenceResponse(error=_error(str(e), "INVALID_ARG"))
+        except Exception as e:  # EngineError from a network model, or anything unexpected
+            return pb_utils.InferenceResponse(error=_error(f"{type(e).__name__}: {e}", "INTERNAL"))
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        valid = []
+        for i, r in enumerate(requests):
+            try:
+                valid.append((i, self.pipeline.validate_batch(pb_utils.get_input_tensor_by_name(r, "images")
+                                                              .as_numpy())))
+            except InvalidInputError as e:
+                responses[i] = pb_utils.InferenceResponse(error=_error(str(e), "INVALID_ARG"))
+        if len(valid) == 1:
+            responses[valid[0][0]] = self._run_one(valid[0][1])
+        elif valid:
+            try:
+                out = self.pipeline(np.concatenate([v for _, v in valid]))
+                start = 0
+                for i, v in valid:
+                    responses[i] = self._outputs(out, start, start + len(v))
+                    start += len(v)
+            except Exception:
+                for i, v in valid:
+                    responses[i] = self._run_one(v)
+        return responses

@@ -1,0 +1,66 @@
+"""Triton python-backend model: one exported GLAD graph run with ONNX Runtime (``glad serve --target cpu``).
+
+Copied by ``triton_models.repository`` as ``<prefix>_<graph>/<version>/model.py`` beside ``model.onnx`` (a hard link
+to the bundle's ``onnx/<graph>.onnx`` when the file system allows, else a copy). Parameters (config.pbtxt):
+``intra_op_threads`` (ONNX Runtime threads per instance). The requests of one dynamic batch are concatenated into
+one ``InferenceSession.run`` and split back; if the joint run fails, each request runs alone so only the failing
+one gets an error.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+def _error(message, code="INTERNAL"):
+    err = pb_utils.TritonError
+    return err(message, getattr(err, code)) if hasattr(err, code) else err(message)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.inputs = [i["name"] for i in cfg["input"]]
+        self.outputs = [o["name"] for o in cfg["output"]]
+        self.name = cfg["name"]
+
+    def _run(self, feeds):
+        return self.session.run(self.outputs, feeds)
+
+    def _respond(self, outs, start, stop):
+        return pb_utils.InferenceResponse(
+            [pb_utils.Tensor(n, np.ascontiguousarray(o[start:stop])) for n, o in zip(self.outputs, outs)])
+
+    def execute(self, requests):
+        arrays = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs} for r in requests]
+        sizes = [len(a[self.inputs[0]]) for a in arrays]
+        try:
+            feeds = {n: np.concatenate([a[n] for a in arrays]) for n in self.inputs}
+            outs = self._run(feeds)
+        except Exception:
+            responses = []
+            for a in arrays:
+                try:
+                    responses.append(self._respond(self._run(a), 0, None))
+                except Exception as e:  # onnxruntime raises its own classes (InvalidArgument, Fail, ...)
+                    code = "INVALID_ARG" if "INVALID_ARGUMENT" in str(e) or "Invalid" in type(e).__name__ \
+                        else "INTERNAL"
+                    responses.append(pb_utils.InferenceResponse(
+                        error=_error(f"{self.name}: {type(e).__name__}: {e}", code)))
+            return responses
+        responses, start = [], 0
+        for s in sizes:
+            responses.append(self._respond(outs, start, start + s))
+            start += s
+        return responses

@@ -1,0 +1,295 @@
+"""Generate a Triton model repository from a GLAD bundle (``glad serve BUNDLE --repo DIR``).
+
+Per bundle, under a model-name prefix (default :func:`glad_runtime.triton_engine.default_model_prefix`, so several
+categories share one server), the repository gets:
+
+======================================  ==========================================================================
+model                                   what
+======================================  ==========================================================================
+``<p>_unet``, ``<p>_vae_encoder``,      one model per exported network. ``target="cpu"``: python backend running
+``<p>_vae_decoder``, ``<p>_dino``,      ONNX Runtime on the graph (``python/ort_model.py``; Triton's native ORT
+``<p>_dino_ads`` (ADS at another size)  backend is not shipped for CPU); ``target="gpu"``: ``onnxruntime_onnx``, or
+                                        ``tensorrt_plan`` where ``glad build`` stored an engine of the precision.
+                                        Inputs/outputs, dtypes and dims are read from the exported ONNX graphs.
+``<p>_resize``                          python backend: bilinear resize to the scoring size (only when the VAE
+                                        resolution differs from the feature size).
+``<p>_recon_features``                  ensemble, a straight line: ``latents -> vae_decoder -> resize -> dino``;
+                                        outputs the reconstruction and its scoring tokens (the last stage of
+                                        every GLAD run: decode the final latents and extract their features).
+``<p>_glad``                            python-backend BLS model: the whole ADS/SAFF loop server-side
+                                        (``python/glad_model.py``), one request per batch of images.
+======================================  ==========================================================================
+
+Files: the graph goes into the version directory as ``model.onnx`` (``model.plan``), as a **hard link** to the
+bundle's file when the repository is on the same file system (no extra disk, identical bytes), otherwise a copy;
+the repository is self-contained either way (the bundle can move; regenerate after re-exporting). External
+weights (``<graph>.onnx.data``) are linked beside it under their own name.
+
+Batching: ``max_batch`` is the number of images of one ``<p>_glad`` request; the network models take
+``2 * max_batch`` because ADS decodes and featurises both estimates of every undecided image in one call. Every
+network model has dynamic batching (``max_queue_delay_microseconds``, ``preferred_batch_size``) and an
+``instance_group``. ``parameters`` of every model carry ``bundle_checksum`` (:meth:`Bundle.checksum`),
+``model_version`` (the version directory), ``glad_version``, ``preset`` and the graph's ``sha256``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from glad_runtime.bundle import Bundle, BundleError, sha256_file
+from glad_runtime.triton_engine import default_model_prefix
+
+__all__ = ["TensorSpec", "onnx_io", "generate_repository", "model_names", "TARGETS", "PYTHON_MODELS"]
+
+TARGETS = ("cpu", "gpu")
+#: The python-backend model sources copied into the repository as ``model.py``.
+PYTHON_MODELS = Path(__file__).parent / "python"
+
+_ONNX_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL",
+               10: "TYPE_FP16", 11: "TYPE_FP64"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output as Triton declares it: ``dims`` without the batch dimension (-1 = dynamic);
+    ``reshape`` True for per-sample scalars (served as ``[B, 1]``, seen by the model as ``[B]``)."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+    reshape: bool = False
+
+    def pbtxt(self) -> str:
+        dims = list(self.dims) if self.dims else [1]
+        s = f'{{ name: "{self.name}" data_type: {self.data_type} dims: {dims}'
+        if self.reshape or not self.dims:
+            s += " reshape: { shape: [ ] }"
+        return s + " }"
+
+
+def onnx_io(path: str | os.PathLike) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of an ONNX graph as Triton tensor specs (weights are not loaded).
+
+    Raises:
+        BundleError: the first dimension of a tensor is not a dynamic batch, or an unsupported element type.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+
+    def spec(v) -> TensorSpec:
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        if not dims or dims[0] != -1:
+            raise BundleError(f"{path}: {v.name} has no dynamic batch dimension ({dims}); re-export with glad export")
+        if t.elem_type not in _ONNX_TYPES:
+            raise BundleError(f"{path}: {v.name} has unsupported element type {t.elem_type}")
+        return TensorSpec(v.name, _ONNX_TYPES[t.elem_type], tuple(dims[1:]))
+
+    return [spec(v) for v in model.graph.input if v.name not in inits], [spec(v) for v in model.graph.output]
+
+
+def _graphs(config) -> list[str]:
+    """The networks served for a config (the graphs ``glad export`` writes; ``dino_ads`` only when ADS runs at
+    another size). Kept torch-free here: ``export.onnx_export.graph_names`` imports torch."""
+    names = ["unet", "vae_encoder", "vae_decoder", "dino"]
+    if config.ads_enabled and config.ads_size != config.dino_resolution:
+        names.append("dino_ads")
+    return names
+
+
+def model_names(bundle: Bundle, prefix: str | None = None) -> list[str]:
+    """The model names :func:`generate_repository` writes for ``bundle`` (prefix default from its folder)."""
+    p = prefix or default_model_prefix(bundle)
+    cfg = bundle.config
+    extra = ["recon_features", "glad"] + (["resize"] if cfg.resolution != cfg.dino_resolution else [])
+    return [f"{p}_{n}" for n in _graphs(cfg) + extra]
+
+
+def _params(d: dict[str, object]) -> str:
+    items = [f'  {{ key: "{k}" value: {{ string_value: {json.dumps(str(v))} }} }}' for k, v in d.items()]
+    return "parameters [\n" + ",\n".join(items) + "\n]\n"
+
+
+def _io(kind: str, specs: list[TensorSpec]) -> str:
+    return f"{kind} [\n" + ",\n".join("  " + s.pbtxt() for s in specs) + "\n]\n"
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _batching(max_batch: int, delay_us: int) -> str:
+    preferred = sorted({b for b in (max_batch // 2, max_batch) if b >= 1})
+    return (f"dynamic_batching {{\n  preferred_batch_size: {preferred}\n"
+            f"  max_queue_delay_microseconds: {int(delay_us)}\n}}\n")
+
+
+def _instances(count: int, kind: str) -> str:
+    return f"instance_group [ {{ count: {int(count)} kind: {kind} }} ]\n"
+
+
+def _plan_for(bundle: Bundle, graph: str, precision: str, max_batch: int) -> Path | None:
+    """A stored TensorRT engine of this graph / precision admitting ``max_batch`` (largest batch wins)."""
+    from glad_runtime.trt_engine import stored_keys
+
+    fits = [(p, k) for p, k in stored_keys(bundle) if k.graph == graph and k.precision == precision
+            and k.max_batch >= max_batch]
+    return max(fits, key=lambda pk: pk[1].max_batch)[0] if fits else None
+
+
+def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathLike, *, target: str = "cpu",
+                        prefix: str | None = None, max_batch: int = 8, instances: int = 1, glad_instances: int = 1,
+                        queue_delay_us: int = 500, precision: str = "fp32", version: int = 1,
+                        intra_op_threads: int = 1) -> list[str]:
+    """Write (or replace) the models of one bundle in a Triton model repository.
+
+    Args:
+        bundle: an exported bundle (``glad export``); its ``onnx/`` and config are verified against the manifest.
+        repo: the repository folder (created; models of other prefixes in it are left alone).
+        target: ``"cpu"`` (python backend + ONNX Runtime, runs with the ``nvidia-pytriton`` server) or ``"gpu"``
+            (native ``onnxruntime_onnx`` / ``tensorrt_plan`` models, for a full Triton install).
+        prefix: model-name prefix (default from the bundle folder name).
+        max_batch: images per ``<prefix>_glad`` request (network models take twice as many).
+        instances: instances per network model; glad_instances: instances of the BLS model.
+        queue_delay_us: dynamic batcher ``max_queue_delay_microseconds`` of every model.
+        precision: ``fp32`` or ``fp16`` graphs (``onnx/<g>.fp16.onnx``; fp32 I/O either way).
+        version: the model version directory (also in ``parameters``).
+        intra_op_threads: ONNX Runtime threads per instance (cpu target).
+    Returns:
+        the model names written.
+    Raises:
+        BundleError: graphs missing (run ``glad export``) or modified since export, or not batchable.
+        ValueError: unknown target / precision, max_batch < 1.
+    """
+    b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
+    if max_batch < 1:
+        raise ValueError("max_batch must be >= 1")
+    cfg = b.config
+    p = prefix or default_model_prefix(b)
+    graphs = _graphs(cfg)
+    suffix = "" if precision == "fp32" else ".fp16"
+    sources = {g: b.file(f"onnx/{g}{suffix}.onnx") for g in graphs}
+    absent = [s.name for s in sources.values() if not s.is_file()]
+    if absent:
+        raise BundleError(f"{b.path}: no exported graphs {absent}; run `glad export {b.path}` first")
+    rel = [f"onnx/{s.name}" for s in sources.values()]
+    rel += [r + ".data" for r in rel if b.file(r + ".data").is_file()]
+    b.verify(prefix="onnx/", required=rel)
+    b.verify(prefix="config.json")
+    from glad_runtime import __version__
+
+    checksum = b.checksum()
+    common = {"bundle_checksum": checksum, "model_version": version, "glad_version": __version__,
+              "preset": cfg.preset}
+    repo = Path(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    for name in model_names(b, p):
+        shutil.rmtree(repo / name, ignore_errors=True)
+    net_batch = 2 * max_batch
+    io = {g: onnx_io(src) for g, src in sources.items()}
+    written = []
+    for g in graphs:
+        name = f"{p}_{g}"
+        vdir = repo / name / str(version)
+        vdir.mkdir(parents=True)
+        ins, outs = io[g]
+        params = dict(common, graph=g, precision=precision, sha256=sha256_file(sources[g]))
+        plan = _plan_for(b, g, precision, net_batch) if target == "gpu" else None
+        if target == "cpu":
+            head = f'name: "{name}"\nbackend: "python"\n'
+            params["intra_op_threads"] = intra_op_threads
+            shutil.copy(PYTHON_MODELS / "ort_model.py", vdir / "model.py")
+            kind = "KIND_CPU"
+        elif plan is not None:
+            head = f'name: "{name}"\nplatform: "tensorrt_plan"\ndefault_model_filename: "model.plan"\n'
+            params["engine"] = plan.name
+            kind = "KIND_GPU"
+        else:
+            head = f'name: "{name}"\nplatform: "onnxruntime_onnx"\ndefault_model_filename: "model.onnx"\n'
+            kind = "KIND_GPU"
+        if plan is not None:
+            _link(plan, vdir / "model.plan")
+        else:
+            _link(sources[g], vdir / "model.onnx")
+            data = sources[g].with_name(sources[g].name + ".data")
+            if data.is_file():
+                _link(data, vdir / data.name)
+        ins = [TensorSpec(s.name, s.data_type, s.dims, reshape=not s.dims) for s in ins]
+        text = (head + f"max_batch_size: {net_batch}\n" + _io("input", ins) + _io("output", outs)
+                + _instances(instances, kind) + _batching(net_batch, queue_delay_us) + _params(params))
+        (repo / name / "config.pbtxt").write_text(text)
+        written.append(name)
+
+    # resize (python) + the straight-line ensemble decode -> [resize] -> dino
+    dec_in, dec_out = io["vae_decoder"]
+    dino_in, dino_out = io["dino"]
+    steps = [("vae_decoder", {dec_in[0].name: "latents"}, {dec_out[0].name: "reconstruction"})]
+    feat_src = "reconstruction"
+    if cfg.resolution != cfg.dino_resolution:
+        name = f"{p}_resize"
+        (repo / name / str(version)).mkdir(parents=True)
+        shutil.copy(PYTHON_MODELS / "resize_model.py", repo / name / str(version) / "model.py")
+        s = cfg.dino_resolution
+        text = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {net_batch}\n'
+                + _io("input", [TensorSpec("images", "TYPE_FP32", dec_out[0].dims)])
+                + _io("output", [TensorSpec("resized", "TYPE_FP32", (3, s, s))])
+                + _instances(instances, "KIND_CPU") + _batching(net_batch, queue_delay_us)
+                + _params(dict(common, size=s)))
+        (repo / name / "config.pbtxt").write_text(text)
+        written.append(name)
+        steps.append(("resize", {"images": "reconstruction"}, {"resized": "dino_input"}))
+        feat_src = "dino_input"
+    steps.append(("dino", {dino_in[0].name: feat_src}, {o.name: o.name for o in dino_out}))
+    name = f"{p}_recon_features"
+    (repo / name / str(version)).mkdir(parents=True)
+    step_txt = ",\n".join(
+        f'  {{ model_name: "{p}_{m}" model_version: -1\n'
+        + "".join(f'    input_map {{ key: "{k}" value: "{v}" }}\n' for k, v in imap.items())
+        + "".join(f'    output_map {{ key: "{k}" value: "{v}" }}\n' for k, v in omap.items()) + "  }"
+        for m, imap, omap in steps)
+    text = (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {net_batch}\n'
+            + _io("input", [TensorSpec("latents", dec_in[0].data_type, dec_in[0].dims)])
+            + _io("output", [TensorSpec("reconstruction", dec_out[0].data_type, dec_out[0].dims)] + dino_out)
+            + f"ensemble_scheduling {{ step [\n{step_txt}\n] }}\n" + _params(common))
+    (repo / name / "config.pbtxt").write_text(text)
+    written.append(name)
+
+    # the BLS model: the whole loop server-side
+    name = f"{p}_glad"
+    vdir = repo / name / str(version)
+    vdir.mkdir(parents=True)
+    shutil.copy(PYTHON_MODELS / "glad_model.py", vdir / "model.py")
+    shutil.copy(b.file("config.json"), vdir / "config.json")
+    cal = b.calibration()
+    if cal is not None:
+        shutil.copy(b.file("calibration.json"), vdir / "calibration.json")
+    d, r = cfg.dino_resolution, cfg.resolution
+    outputs = [TensorSpec("scores", "TYPE_FP32", (), True), TensorSpec("normalized_scores", "TYPE_FP32", (), True),
+               TensorSpec("labels", "TYPE_INT8", (), True), TensorSpec("anomaly_maps", "TYPE_FP32", (d, d)),
+               TensorSpec("adaptive_steps", "TYPE_INT64", (), True), TensorSpec("ads_scores", "TYPE_FP32", (), True),
+               TensorSpec("triggered", "TYPE_BOOL", (), True)]
+    bls_params = dict(common, model_prefix=p, network_max_batch=net_batch, resolution=r, dino_resolution=d,
+                      calibrated="true" if cal is not None else "false",
+                      threshold="" if cal is None else cal.image_threshold)
+    text = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+            + _io("input", [TensorSpec("images", "TYPE_FP32", (3, r, r))]) + _io("output", outputs)
+            + _instances(glad_instances, "KIND_CPU") + _batching(max_batch, queue_delay_us) + _params(bls_params))
+    (repo / name / "config.pbtxt").write_text(text)
+    written.append(name)
+    return written
