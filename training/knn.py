@@ -3,9 +3,13 @@
 Numpy only, over any :class:`~glad_runtime.engines.Engines` backend: patch tokens of the configured layers at
 ``dino_resolution`` (ImageNet normalisation inside the feature network), 3x3 average pooling over the patch grid
 (PatchCore's local neighbourhood aggregation), a memory bank of training patches (randomly subsampled to
-``max_bank`` for bounded cost), and per test patch the Euclidean distance to its nearest bank patch. The image score
-is the maximum patch distance; the map is the distance grid bilinearly upsampled and Gaussian-blurred (sigma 4).
-The setting data.md measured at image AUROC 0.97 on ELPV mono with the DINOv2-like ViT-S/14 (layer 7).
+``max_bank`` for bounded cost; the default keeps all 76,800 patches of 300 training cells at 224 px), and per test
+patch the Euclidean distance to its nearest bank patch. The image score is the maximum patch distance; the map is
+the distance grid bilinearly upsampled and Gaussian-blurred (sigma 4).
+The setting data.md measured at image AUROC 0.97 on ELPV mono with the DINOv2-like ViT-S/14 (layer 7). Here, on
+the demo's split (300 / 100 + 100), images read at 224 px and the full bank give 0.953 (0.944 when the images went
+through the detector's 128 px and a 30,000-patch bank; without the 3x3 pooling 0.958: all within the standard
+error of about 0.015).
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ class KnnBaseline:
     Args:
         engines: any Engines backend (only ``features`` is used).
         dino_resolution: input size of the feature network (the bundle's ``dino_resolution``).
-        max_bank: keep at most this many training patches (random subset, seeded).
+        max_bank: keep at most this many training patches (random subset, seeded). On ELPV mono (300 training
+            cells, 16x16 grid) a 30,000-patch subset scored image AUROC 0.950 against 0.953 with the full bank.
         blur_sigma: Gaussian sigma of the map in pixels.
         seed: subsampling seed.
     """
 
-    def __init__(self, engines: Engines, dino_resolution: int, max_bank: int = 30000, blur_sigma: float = 4.0,
+    def __init__(self, engines: Engines, dino_resolution: int, max_bank: int = 100000, blur_sigma: float = 4.0,
                  seed: int = 0):
         self.engines = engines
         self.size = int(dino_resolution)
@@ -56,7 +61,7 @@ class KnnBaseline:
         self._bank_sq = (self.bank ** 2).sum(1)
         return self
 
-    def score(self, images: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, images: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """Image scores ``[B]`` (max patch distance) and maps ``[B, S, S]`` at ``dino_resolution``.
 
         Raises:
