@@ -100,16 +100,23 @@ def tensor_max_abs(model, feeds: dict[str, np.ndarray]) -> dict[str, float]:
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    names = [v.name for v in list(m.graph.value_info) + list(m.graph.output)
-             if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    wanted = {v.name for v in list(m.graph.value_info) + list(m.graph.output)
+              if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     del m.graph.output[:]
-    outs = {}
-    for k, name in enumerate(dict.fromkeys(names)):
-        a, r = f"__glad_abs_{k}", f"__glad_absmax_{k}"
-        m.graph.node.append(helper.make_node("Abs", [name], [a], name=a))
-        m.graph.node.append(helper.make_node("ReduceMax", [a], [r], name=r, keepdims=0))
-        m.graph.output.append(helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, []))
-        outs[r] = name
+    outs: dict[str, str] = {}
+    nodes = []
+    for node in m.graph.node:  # each reduction right after its producer, so activations are freed as usual
+        nodes.append(node)
+        for name in node.output:
+            if name in wanted:
+                k = len(outs)
+                a, r = f"__glad_abs_{k}", f"__glad_absmax_{k}"
+                nodes.append(helper.make_node("Abs", [name], [a], name=a))
+                nodes.append(helper.make_node("ReduceMax", [a], [r], name=r, keepdims=0))
+                m.graph.output.append(helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, []))
+                outs[r] = name
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
