@@ -89,13 +89,16 @@ def load_bench_images(config, image_paths: Sequence[Path] | None = None, count: 
     return np.stack([preprocess(r[..., :3], config.resolution) for r in rgb]), names
 
 
-def _engine_factory(bundle, name: str, threads: int) -> Callable:
+def _engine_factory(bundle, name: str, threads: int, server: str | None = None,
+                    model_prefix: str | None = None) -> Callable:
     from glad_runtime.engines import load_engines
 
     backend, _, precision = name.partition("-")
     precision = precision or "fp32"
 
     def make():
+        if backend == "triton":  # the client-side loop against served networks
+            return load_engines(bundle, "triton", url=server, model_prefix=model_prefix, max_batch=64)
         return load_engines(bundle, backend, precision=precision, threads=threads, max_batch=64)
 
     return make
@@ -143,7 +146,8 @@ def _run_engine(make, config, images: np.ndarray, batch_sizes: Sequence[int], re
 
 def run_bench(bundle, *, engines: Sequence[str] = DEFAULT_ENGINES, images: np.ndarray | None = None,
               names: Sequence[str] | None = None, batch_sizes: Sequence[int] = (1, 4, 16), repeats: int = 2,
-              ads: bool = True, threads: int = 0, progress: Callable[[str], None] | None = None) -> dict:
+              ads: bool = True, threads: int = 0, server: str | None = None, model_prefix: str | None = None,
+              progress: Callable[[str], None] | None = None) -> dict:
     """Benchmark the engines on the same images; returns the JSON-able result (see module docstring).
 
     Args:
@@ -154,6 +158,8 @@ def run_bench(bundle, *, engines: Sequence[str] = DEFAULT_ENGINES, images: np.nd
         repeats: passes over the images per batch size (medians reported).
         ads: run with ADS on (the tiny preset ships it off; the checks are what a deployment must engineer down).
         threads: ONNX Runtime intra-op threads (0 = default).
+        server, model_prefix: a Triton server serving this bundle (``glad serve``); adds the ``triton`` engine
+            (the ADS/SAFF loop here, every network call served).
     """
     say = progress or (lambda m: None)
     config = bundle.config.replace(ads_enabled=bool(ads))
@@ -164,16 +170,18 @@ def run_bench(bundle, *, engines: Sequence[str] = DEFAULT_ENGINES, images: np.nd
                      "repeats": repeats, "host": {"machine": platform.machine(), "processor": platform.processor(),
                                                   "python": platform.python_version()},
                      "engines": {}, "skipped": {}}
+    engines = list(engines) + (["triton"] if server and "triton" not in engines else [])
     for name in engines:
         say(f"{name}:")
         try:
-            results["engines"][name] = _run_engine(_engine_factory(bundle, name, threads), config, images,
+            results["engines"][name] = _run_engine(_engine_factory(bundle, name, threads, server, model_prefix),
+                                                   config, images,
                                                    batch_sizes, repeats, say)
         except Exception as e:  # an unavailable engine is reported, the others still run
             results["skipped"][name] = f"{type(e).__name__}: {e}"
             say(f"    skipped: {type(e).__name__}: {str(e)[:200]}")
     _add_ratios(results)
-    _add_ads_cost(results, bundle, config, images, threads, say)
+    _add_ads_cost(results, bundle, config, images, threads, say, server, model_prefix)
     _add_flops(results, bundle, config)
     return results
 
@@ -188,7 +196,7 @@ def _add_ratios(results: dict) -> None:
                          for bs, b in r["batch"].items() if bs in ref["batch"]}
 
 
-def _add_ads_cost(results: dict, bundle, config, images, threads, say) -> None:
+def _add_ads_cost(results: dict, bundle, config, images, threads, say, server=None, model_prefix=None) -> None:
     """Adaptive vs fixed-step cost on the fastest measured engine, at the largest batch size."""
     measured = results["engines"]
     if not measured:
@@ -197,7 +205,7 @@ def _add_ads_cost(results: dict, bundle, config, images, threads, say) -> None:
     name = max(measured, key=lambda k: measured[k]["batch"][bs]["images_per_s"])
     from glad_runtime.pipeline import GladPipeline
 
-    engines = _engine_factory(bundle, name, threads)()
+    engines = _engine_factory(bundle, name, threads, server, model_prefix)()
     cost = {"engine": name, "batch_size": int(bs)}
     for label, on in (("adaptive", True), ("fixed", False)):
         pipe = GladPipeline(engines, config.replace(ads_enabled=on))

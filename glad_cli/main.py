@@ -258,8 +258,10 @@ def build_cmd(bundle: Path, precision: str, batch: str, graphs, refittable: bool
 @click.option("--stream", is_flag=True, help="Instead: a stream of mixed images served one at a time, per batch and "
               "by the step scheduler (first --engine, default ort-fp32), writing stream.json.")
 @click.option("--pool", default=8, show_default=True, type=click.IntRange(1), help="--stream: batch / pool size.")
+@click.option("--server", default=None, help="Also the `triton` engine: gRPC URL of a server serving this bundle.")
+@click.option("--model-prefix", default=None, help="With --server: the bundle's model prefix (default its name).")
 def bench_cmd(bundle: Path, engine_names, image_dir, num_images: int, batch_sizes, repeats: int, ads: bool,
-              threads: int, out_dir, stream: bool, pool: int) -> None:
+              threads: int, out_dir, stream: bool, pool: int, server, model_prefix) -> None:
     """Benchmark every available engine on the same real images and print the side-by-side table.
 
     Per engine and batch size: images/s, p50/p95/p99 latency, seconds per stage, adaptive-step distribution,
@@ -286,7 +288,7 @@ def bench_cmd(bundle: Path, engine_names, image_dir, num_images: int, batch_size
         return
     results = run_bench(b, engines=engine_names or DEFAULT_ENGINES, images=images, names=names,
                         batch_sizes=sorted(set(batch_sizes)), repeats=repeats, ads=ads, threads=threads,
-                        progress=lambda m: click.echo(m, err=True))
+                        server=server, model_prefix=model_prefix, progress=lambda m: click.echo(m, err=True))
     paths_out = write_outputs(results, out_dir or bundle / "bench")
     click.echo(paths_out["md"].read_text())
     click.echo(f"written: {', '.join(str(p) for p in paths_out.values())}")
