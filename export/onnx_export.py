@@ -219,6 +219,12 @@ def export_graph(module: torch.nn.Module, feeds: dict[str, np.ndarray], output_n
         # proto is edited without its weights and the external data file is moved (peak memory stays near the
         # torch module's; loading and re-saving 3.4 GB of UNet weights would triple it).
         model = onnx.load(str(raw), load_external_data=not large)
+        static = [v.name for v in model.graph.input
+                  if v.type.tensor_type.shape.dim and v.type.tensor_type.shape.dim[0].dim_value > 0]
+        if static:
+            raise ExportError(f"{path.name}: the {exporter} exporter fixed the batch of {static} to the example's "
+                              f"({len(next(iter(feeds.values())))}); the graph would refuse other batch sizes. Try "
+                              "`--exporter torchscript --opset 17` for this model")
         if large:
             _move_external_data(model, Path(tmp), path)
         else:
