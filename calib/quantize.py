@@ -674,6 +674,8 @@ def quantize_bundle(bundle: Bundle, images: Iterable[np.ndarray], *, names: Sequ
     record_s = time.perf_counter() - t0
     if save_calibration:
         cset.save(save_calibration)
+    if not graphs:  # default: the graphs this config's loop calls (dino_ads only with ADS on)
+        wanted = [g for g in available if cset.samples(g) > 0]
     # previous quantised files of this mode are replaced as a set
     for g in available:
         quantized_path(bundle, g, mode).unlink(missing_ok=True)
