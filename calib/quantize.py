@@ -679,6 +679,7 @@ def quantize_bundle(bundle: Bundle, images: Iterable[np.ndarray], *, names: Sequ
     # previous quantised files of this mode are replaced as a set
     for g in available:
         quantized_path(bundle, g, mode).unlink(missing_ok=True)
+    bundle.update_manifest([f"onnx/{g}.{mode}.onnx" for g in available])  # drop the removed files' entries
     report = {"mode": mode, "tool": tool, "settings": asdict(s), "graphs_requested": wanted,
               "calibration": {"images": len(cset.images), "samples": {g: cset.samples(g) for g in cset.feeds},
                               "calls": cset.calls, "record_s": round(record_s, 1)},
