@@ -191,6 +191,18 @@ class _Base:
         self.threshold = threshold
         self._current = 0  # index of the URL that answered last (sticky until it fails)
         self._meta: dict | None = None
+        self._clients: dict[str, Any] = {}
+
+    _grpc_module = "tritonclient.grpc"  # the asyncio client uses tritonclient.grpc.aio
+
+    def _client(self, url: str):
+        """The (cached) tritonclient connection to ``url``."""
+        import importlib
+
+        if url not in self._clients:
+            module = importlib.import_module(self._grpc_module)
+            self._clients[url] = module.InferenceServerClient(url, channel_args=GRPC_CHANNEL_ARGS)
+        return self._clients[url]
 
     def _parse_config(self, cfg: dict) -> dict:
         dims = [int(d) for d in cfg["input"][0]["dims"]]
@@ -262,16 +274,6 @@ class GladClient(_Base):
         threshold: raw-score threshold overriding the server's calibration for this client's labels.
     """
 
-    def __init__(self, urls: str | Sequence[str], model_prefix: str, **kw):
-        super().__init__(urls, model_prefix, **kw)
-        self._clients: dict[str, Any] = {}
-
-    def _client(self, url: str):
-        import tritonclient.grpc as grpcclient
-
-        if url not in self._clients:
-            self._clients[url] = grpcclient.InferenceServerClient(url, channel_args=GRPC_CHANNEL_ARGS)
-        return self._clients[url]
 
     def _call(self, fn):
         """Run ``fn(client, url)`` on the current URL, failing over on UNAVAILABLE, with backoff between rounds."""
@@ -394,16 +396,7 @@ class AsyncGladClient(_Base):
     ``async with AsyncGladClient(...) as client`` or ``await client.close()``.
     """
 
-    def __init__(self, urls: str | Sequence[str], model_prefix: str, **kw):
-        super().__init__(urls, model_prefix, **kw)
-        self._clients: dict[str, Any] = {}
-
-    def _client(self, url: str):
-        import tritonclient.grpc.aio as aioclient
-
-        if url not in self._clients:
-            self._clients[url] = aioclient.InferenceServerClient(url, channel_args=GRPC_CHANNEL_ARGS)
-        return self._clients[url]
+    _grpc_module = "tritonclient.grpc.aio"
 
     async def _drop(self, url: str) -> None:
         c = self._clients.pop(url, None)

@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Engines", "EngineError", "check_output", "load_engines", "BACKENDS"]
+__all__ = ["Engines", "EngineError", "GraphEngines", "check_output", "load_engines", "BACKENDS"]
 
 
 class EngineError(RuntimeError):
@@ -56,6 +56,67 @@ def check_output(name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.nda
     if bad.any():
         raise EngineError(f"{name}: {int(bad.sum())} non-finite values in the output")
     return array
+
+
+class GraphEngines:
+    """The :class:`Engines` calls over named graphs with fixed I/O names, shared by the graph backends (ONNX
+    Runtime, Triton, TensorRT): each implements only ``_run_graph(graph, feeds, outputs) -> list of arrays`` and
+    sets ``config`` and the feature graphs (:meth:`_init_feature_graphs`).
+
+    Graph I/O (``export.onnx_export``): ``vae_encoder(images) -> latents``, ``unet(latents, timesteps int64) ->
+    noise_pred``, ``vae_decoder(latents) -> images``, ``dino`` / ``dino_ads(images) -> tokens_<layer>``. Every output
+    is checked (:func:`check_output`: float32, expected shape, finite) and failures raise :class:`EngineError`.
+    """
+
+    config = None  # GladConfig, set by the subclass
+    _kind = "graph"
+
+    def _run_graph(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _init_feature_graphs(self, loaded) -> None:
+        """Map image size -> feature graph: ``dino`` at ``dino_resolution``, ``dino_ads`` at the ADS size if loaded."""
+        c = self.config
+        self._feature_graphs = {c.dino_resolution: "dino"}
+        if "dino_ads" in loaded:
+            self._feature_graphs[c.ads_size] = "dino_ads"
+        self._token_names = [f"tokens_{layer}" for layer in c.feature_layers]
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """``images f32 [B,3,H,W]`` in [-1,1] -> scaled latents ``[B,C,h,w]``."""
+        c = self.config
+        out = self._run_graph("vae_encoder", {"images": np.asarray(images, np.float32)}, ["latents"])[0]
+        return check_output("vae_encoder", out, (len(images), c.latent_channels, c.latent_size, c.latent_size))
+
+    def unet(self, latents: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+        """Guided ``noise_pred [B,C,h,w]`` at int64 ``timesteps [B]`` (per-sample)."""
+        latents = np.asarray(latents, np.float32)
+        ts = np.ascontiguousarray(np.broadcast_to(np.asarray(timesteps, np.int64), (len(latents),)))
+        out = self._run_graph("unet", {"latents": latents, "timesteps": ts}, ["noise_pred"])[0]
+        return check_output("unet", out, latents.shape)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Scaled latents ``[B,C,h,w]`` -> images ``[B,3,H,W]``."""
+        r = self.config.resolution
+        out = self._run_graph("vae_decoder", {"latents": np.asarray(latents, np.float32)}, ["images"])[0]
+        return check_output("vae_decoder", out, (len(latents), 3, r, r))
+
+    def features(self, images: np.ndarray) -> list[np.ndarray]:
+        """Patch tokens ``[B,S/p,S/p,D]`` per configured layer, for images at a size with a feature graph.
+
+        Raises:
+            EngineError: the image size has no feature graph (the sizes available are named).
+        """
+        images = np.asarray(images, np.float32)
+        size = images.shape[-1]
+        graph = self._feature_graphs.get(size)
+        if graph is None or images.shape[-2] != size:
+            raise EngineError(f"features: no {self._kind} for {images.shape[-2]}x{size} images; available sizes "
+                              f"{sorted(self._feature_graphs)} (re-export after changing dino/ads resolution)")
+        outs = self._run_graph(graph, {"images": images}, self._token_names)
+        g = size // self.config.patch_size
+        return [check_output(f"{graph}:{name}", o, (len(images), g, g, o.shape[-1]))
+                for name, o in zip(self._token_names, outs)]
 
 
 #: Backends :func:`load_engines` knows; ``torch`` needs the ``torch`` extra, ``ort`` the ``onnx`` extra (and

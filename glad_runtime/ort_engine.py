@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .engines import EngineError, check_output
+from .engines import EngineError, GraphEngines
 
 __all__ = ["OrtEngines", "PROVIDERS", "session_options"]
 
@@ -45,7 +45,7 @@ def session_options(intra_op_threads: int = 0, inter_op_threads: int = 0):
     return opts
 
 
-class OrtEngines:
+class OrtEngines(GraphEngines):
     """GLAD's four networks in ONNX Runtime.
 
     Args:
@@ -109,10 +109,7 @@ class OrtEngines:
             providers = self._providers(provider, self.graph_precisions[name])
             self.sessions[name] = ort.InferenceSession(str(path), self.opts, providers=providers)
         # feature graphs are fixed-size: map image size -> graph
-        self._feature_graphs = {cfg.dino_resolution: "dino"}
-        if "dino_ads" in self.sessions:
-            self._feature_graphs[cfg.ads_size] = "dino_ads"
-        self._token_names = [f"tokens_{layer}" for layer in cfg.feature_layers]
+        self._init_feature_graphs(self.sessions)
 
     def _resolve(self, precision, needed: list[str]) -> dict[str, str]:
         """``{graph: precision}``: a mapping is taken as given (unnamed graphs fp32); ``"int8"`` picks the graphs
@@ -142,7 +139,8 @@ class OrtEngines:
         """Names of the loaded graphs."""
         return list(self.sessions)
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+    def _run_graph(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str] | None = None
+                   ) -> list[np.ndarray]:
         sess = self.sessions[graph]
         n = len(next(iter(feeds.values())))
         chunks = []
@@ -153,39 +151,3 @@ class OrtEngines:
             except Exception as e:  # onnxruntime raises its own exception classes (Fail, InvalidArgument, ...)
                 raise EngineError(f"{graph}: ONNX Runtime failed: {type(e).__name__}: {e}") from e
         return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
-
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        """``images f32 [B,3,H,W]`` in [-1,1] -> scaled latents ``[B,C,h,w]``."""
-        c = self.config
-        out = self._run("vae_encoder", {"images": np.asarray(images, np.float32)})[0]
-        return check_output("vae_encoder", out, (len(images), c.latent_channels, c.latent_size, c.latent_size))
-
-    def unet(self, latents: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
-        """Guided ``noise_pred [B,C,h,w]`` at int64 ``timesteps [B]`` (per-sample)."""
-        latents = np.asarray(latents, np.float32)
-        ts = np.broadcast_to(np.asarray(timesteps, np.int64), (len(latents),))
-        out = self._run("unet", {"latents": latents, "timesteps": np.ascontiguousarray(ts)})[0]
-        return check_output("unet", out, latents.shape)
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Scaled latents ``[B,C,h,w]`` -> images ``[B,3,H,W]``."""
-        r = self.config.resolution
-        out = self._run("vae_decoder", {"latents": np.asarray(latents, np.float32)})[0]
-        return check_output("vae_decoder", out, (len(latents), 3, r, r))
-
-    def features(self, images: np.ndarray) -> list[np.ndarray]:
-        """Patch tokens ``[B,S/p,S/p,D]`` per configured layer, for images at a size with an exported graph.
-
-        Raises:
-            EngineError: the image size has no feature graph (the sizes available are named).
-        """
-        images = np.asarray(images, np.float32)
-        size = images.shape[-1]
-        graph = self._feature_graphs.get(size)
-        if graph is None or images.shape[-2] != size:
-            raise EngineError(f"features: no graph for {images.shape[-2]}x{size} images; exported sizes "
-                              f"{sorted(self._feature_graphs)} (re-export after changing dino/ads resolution)")
-        outs = self._run(graph, {"images": images}, self._token_names)
-        g = size // self.config.patch_size
-        return [check_output(f"{graph}:{name}", o, (len(images), g, g, o.shape[-1]))
-                for name, o in zip(self._token_names, outs)]

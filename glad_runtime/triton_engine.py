@@ -25,7 +25,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .config import GladConfig
-from .engines import EngineError, check_output
+from .engines import EngineError, GraphEngines
 
 __all__ = ["TritonEngines", "default_model_prefix", "NETWORKS"]
 
@@ -57,7 +57,7 @@ class _Model:
         self.shm: dict[str, tuple[str, object, int]] = {}
 
 
-class TritonEngines:
+class TritonEngines(GraphEngines):
     """GLAD's four networks on a Triton server (gRPC).
 
     Args:
@@ -107,10 +107,7 @@ class TritonEngines:
                 raise BundleError(f"{url} serves {name} from bundle {served}, this bundle is {checksum}; "
                                   "regenerate the repository with `glad serve` or pass the right --model-prefix")
             self.models[graph] = m
-        self._feature_graphs = {config.dino_resolution: "dino"}
-        if "dino_ads" in self.models:
-            self._feature_graphs[config.ads_size] = "dino_ads"
-        self._token_names = [f"tokens_{layer}" for layer in config.feature_layers]
+        self._init_feature_graphs(self.models)
         self.shared_memory = False
         if shared_memory:
             self._setup_shm()
@@ -132,7 +129,7 @@ class TritonEngines:
         self.shared_memory = True
 
     # ------------------------------------------------------------------ calls
-    def _infer(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    def _run_graph(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         m = self.models[graph]
         n = len(next(iter(feeds.values())))
         parts = []
@@ -180,39 +177,6 @@ class TritonEngines:
                     arr = r.as_numpy(name)
                 result.append(arr)
         return result
-
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        """``images f32 [B,3,H,W]`` in [-1,1] -> scaled latents ``[B,C,h,w]``. Raises EngineError."""
-        c = self.config
-        out = self._infer("vae_encoder", {"images": np.asarray(images, np.float32)}, ["latents"])[0]
-        return check_output("vae_encoder", out, (len(images), c.latent_channels, c.latent_size, c.latent_size))
-
-    def unet(self, latents: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
-        """Guided ``noise_pred [B,C,h,w]`` at int64 ``timesteps [B]``. Raises EngineError."""
-        latents = np.asarray(latents, np.float32)
-        ts = np.ascontiguousarray(np.broadcast_to(np.asarray(timesteps, np.int64), (len(latents),)))
-        out = self._infer("unet", {"latents": latents, "timesteps": ts}, ["noise_pred"])[0]
-        return check_output("unet", out, latents.shape)
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Scaled latents ``[B,C,h,w]`` -> images ``[B,3,H,W]``. Raises EngineError."""
-        r = self.config.resolution
-        out = self._infer("vae_decoder", {"latents": np.asarray(latents, np.float32)}, ["images"])[0]
-        return check_output("vae_decoder", out, (len(latents), 3, r, r))
-
-    def features(self, images: np.ndarray) -> list[np.ndarray]:
-        """Patch tokens ``[B,S/p,S/p,D]`` per configured layer. Raises EngineError (also for a size with no
-        served feature graph)."""
-        images = np.asarray(images, np.float32)
-        size = images.shape[-1]
-        graph = self._feature_graphs.get(size)
-        if graph is None or images.shape[-2] != size:
-            raise EngineError(f"features: no served graph for {images.shape[-2]}x{size} images; served sizes "
-                              f"{sorted(self._feature_graphs)}")
-        outs = self._infer(graph, {"images": images}, self._token_names)
-        g = size // self.config.patch_size
-        return [check_output(f"{graph}:{n}", o, (len(images), g, g, o.shape[-1]))
-                for n, o in zip(self._token_names, outs)]
 
     def close(self) -> None:
         """Unregister and destroy the shared-memory regions and close the channel (idempotent)."""

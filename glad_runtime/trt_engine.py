@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .engines import EngineError, check_output
+from .engines import EngineError, GraphEngines
 
 __all__ = ["EngineKey", "GpuInfo", "TensorRTUnavailable", "EngineMismatchError", "current_gpu", "parse_nvidia_smi",
            "optimization_profile", "find_engine", "TensorRTEngines", "PRECISIONS", "onnx_source"]
@@ -235,7 +235,7 @@ def find_engine(bundle: Bundle, graph: str, precision: str, gpu: GpuInfo, trt_ve
         f". Run `glad build {bundle.path} --precision {precision}` on this machine")
 
 
-class TensorRTEngines:
+class TensorRTEngines(GraphEngines):
     """GLAD's networks on TensorRT engines from ``glad build`` (polygraphy's ``TrtRunner``: numpy in and out).
 
     Args:
@@ -266,10 +266,7 @@ class TensorRTEngines:
             runner = TrtRunner(EngineFromBytes(path.read_bytes()))
             runner.activate()
             self.runners[g], self.keys[g] = runner, key
-        self._feature_graphs = {cfg.dino_resolution: "dino"}
-        if "dino_ads" in self.runners:
-            self._feature_graphs[cfg.ads_size] = "dino_ads"
-        self._token_names = [f"tokens_{layer}" for layer in cfg.feature_layers]
+        self._init_feature_graphs(self.runners)
 
     def close(self) -> None:
         """Release the engines' GPU memory."""
@@ -277,7 +274,7 @@ class TensorRTEngines:
             r.deactivate()
         self.runners.clear()
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    def _run_graph(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         step = self.keys[graph].max_batch
         lo = min(a[0] for _, a, _, _ in self.keys[graph].profile)
         n = len(next(iter(feeds.values())))
@@ -293,34 +290,3 @@ class TensorRTEngines:
                 raise EngineError(f"{graph}: TensorRT failed: {type(e).__name__}: {e}") from e
             chunks.append([np.asarray(out[name])[:m] for name in outputs])
         return [np.concatenate([c[i] for c in chunks]).astype(np.float32) for i in range(len(outputs))]
-
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        """``images [B,3,H,W]`` in [-1,1] -> scaled latents ``[B,C,h,w]``."""
-        c = self.config
-        out = self._run("vae_encoder", {"images": np.asarray(images, np.float32)}, ["latents"])[0]
-        return check_output("vae_encoder", out, (len(images), c.latent_channels, c.latent_size, c.latent_size))
-
-    def unet(self, latents: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
-        """Guided ``noise_pred [B,C,h,w]`` at int64 ``timesteps [B]``."""
-        latents = np.asarray(latents, np.float32)
-        ts = np.ascontiguousarray(np.broadcast_to(np.asarray(timesteps, np.int64), (len(latents),)))
-        out = self._run("unet", {"latents": latents, "timesteps": ts}, ["noise_pred"])[0]
-        return check_output("unet", out, latents.shape)
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Scaled latents -> images ``[B,3,H,W]``."""
-        r = self.config.resolution
-        out = self._run("vae_decoder", {"latents": np.asarray(latents, np.float32)}, ["images"])[0]
-        return check_output("vae_decoder", out, (len(latents), 3, r, r))
-
-    def features(self, images: np.ndarray) -> list[np.ndarray]:
-        """Patch tokens per configured layer; only the exported feature sizes are accepted (EngineError)."""
-        images = np.asarray(images, np.float32)
-        graph = self._feature_graphs.get(images.shape[-1])
-        if graph is None or images.shape[-2] != images.shape[-1]:
-            raise EngineError(f"features: no engine for {images.shape[-2]}x{images.shape[-1]} images; built sizes "
-                              f"{sorted(self._feature_graphs)}")
-        outs = self._run(graph, {"images": images}, self._token_names)
-        g = images.shape[-1] // self.config.patch_size
-        return [check_output(f"{graph}:{n}", o, (len(images), g, g, o.shape[-1]))
-                for n, o in zip(self._token_names, outs)]
