@@ -117,6 +117,42 @@ class GladPipeline:
             raise EngineError(f"features: {len(feats)} layers returned, config has {len(c.feature_layers)}")
         return [check_output("features", f, (len(images), g, g, f.shape[-1])) for f in feats]
 
+    # ------------------------------------------------------------------ ADS check
+    def ads_check(self, x0: np.ndarray, eps: np.ndarray, latents: np.ndarray, eps0: np.ndarray,
+                  t: int | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One batched ADS check of undecided images (spec 2.1-2.2, section 3), shared by this pipeline and the
+        step scheduler (where the images may be at different timesteps).
+
+        Args:
+            x0: model estimates ``[U, C, h, w]``; eps: noise predictions; latents: clean ``z0``; eps0: the initial
+                noise; t: timestep, scalar or int ``[U]``.
+        Returns:
+            ``(x0, scores, trigger, forced)``: the estimates after SAFF fusion (triggered) or replacement by the
+            input-anchored estimate (forced), the top-k check scores float ``[U]`` and the two bool ``[U]`` masks.
+        """
+        c, s = self.config, self.schedule
+        n = len(x0)
+        anchored = s.input_anchored_sample(latents, eps0, eps, t)
+        # decode both estimates of the undecided images in one call
+        imgs = self.decode(np.concatenate([x0, anchored]), stage="ads_decode")
+        if c.ads_size != c.resolution:
+            imgs = resize_bilinear(imgs, (c.ads_size, c.ads_size))
+        if not c.ads_imagenet_norm:
+            imgs = raw_feature_input(imgs)
+        feats = self.features(imgs, stage="ads_features")[c.ads_layer]
+        with self._timed("ads_distance"):
+            dist = nn_cosine_distance(feats[n:], feats[:n], c.chunk_size)  # i: anchored, j: model (spec 2.1)
+            scores = topk_mean(dist, c.ads_top_k)
+        trigger, forced = ads_decision(scores, t, c.tau, c.min_step)
+        x0 = x0.copy()
+        if trigger.any() and c.saff_enabled:
+            m = saff_mask(dist[trigger], (c.latent_size, c.latent_size))
+            x0[trigger] = saff_fuse(x0[trigger], anchored[trigger], m)
+        elif trigger.any():
+            x0[trigger] = anchored[trigger]
+        x0[forced] = anchored[forced]
+        return x0, scores, trigger, forced
+
     # ------------------------------------------------------------------ reconstruction
     def reconstruct(self, latents: np.ndarray, seed: int) -> tuple[np.ndarray, list[_Track]]:
         """DDIM reconstruction of clean input latents with ADS/SAFF (spec 2.3 steps 3-7).
@@ -133,7 +169,6 @@ class GladPipeline:
         eps0 = self.noise(b, seed)
         x = s.add_noise(latents, eps0, s.noise_timestep)
         tracks = [_Track() for _ in range(b)]
-        ads_size = c.ads_size
         for t in s.timesteps:
             t = int(t)
             with self._timed("unet"):
@@ -142,25 +177,7 @@ class GladPipeline:
             undecided = [i for i, tr in enumerate(tracks) if not tr.decided]
             if c.ads_enabled and undecided:
                 u = np.asarray(undecided)
-                anchored = s.input_anchored_sample(latents[u], eps0[u], eps[u], t)
-                # decode both estimates of the undecided images in one call
-                imgs = self.decode(np.concatenate([x0[u], anchored]), stage="ads_decode")
-                if ads_size != c.resolution:
-                    imgs = resize_bilinear(imgs, (ads_size, ads_size))
-                if not c.ads_imagenet_norm:
-                    imgs = raw_feature_input(imgs)
-                feats = self.features(imgs, stage="ads_features")[c.ads_layer]
-                f_model, f_anchor = feats[:len(u)], feats[len(u):]
-                with self._timed("ads_distance"):
-                    dist = nn_cosine_distance(f_anchor, f_model, c.chunk_size)  # i: anchored, j: model (spec 2.1)
-                    scores = topk_mean(dist, c.ads_top_k)
-                trigger, forced = ads_decision(scores, t, c.tau, c.min_step)
-                if trigger.any() and c.saff_enabled:
-                    m = saff_mask(dist[trigger], (c.latent_size, c.latent_size))
-                    x0[u[trigger]] = saff_fuse(x0[u[trigger]], anchored[trigger], m)
-                elif trigger.any():
-                    x0[u[trigger]] = anchored[trigger]
-                x0[u[forced]] = anchored[forced]
+                x0[u], scores, trigger, forced = self.ads_check(x0[u], eps[u], latents[u], eps0[u], t)
                 for k, i in enumerate(undecided):
                     if trigger[k] or forced[k]:
                         tracks[i] = _Track(True, t, float(scores[k]), bool(trigger[k]))

@@ -25,8 +25,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .ads import ads_decision, raw_feature_input, saff_fuse, saff_mask
-from .anomaly import anomaly_map, foreground_mask, nn_cosine_distance, resize_bilinear, topk_mean
+from .anomaly import anomaly_map, foreground_mask, resize_bilinear, topk_mean
 from .config import GladConfig
 from .engines import EngineError, Engines, check_output
 from .pipeline import GladPipeline
@@ -209,26 +208,9 @@ class StepScheduler:
         if c.ads_enabled and len(und):
             lat = np.stack([act[i].latents for i in und])
             e0 = np.stack([act[i].eps0 for i in und])
-            anchored = sch.input_anchored_sample(lat, e0, eps[und], t[und])
-            imgs = p.decode(np.concatenate([x0[und], anchored]), stage="ads_decode")
-            if c.ads_size != c.resolution:
-                imgs = resize_bilinear(imgs, (c.ads_size, c.ads_size))
-            if not c.ads_imagenet_norm:
-                imgs = raw_feature_input(imgs)
-            feats = p.features(imgs, stage="ads_features")[c.ads_layer]
+            x0[und], scores, trigger, forced = p.ads_check(x0[und], eps[und], lat, e0, t[und])
             self.stats["check_calls"] += 1
             self.stats["check_images"] += len(und)
-            n = len(und)
-            with p._timed("ads_distance"):
-                dist = nn_cosine_distance(feats[n:], feats[:n], c.chunk_size)
-                scores = topk_mean(dist, c.ads_top_k)
-            trigger, forced = ads_decision(scores, t[und], c.tau, c.min_step)
-            if trigger.any() and c.saff_enabled:
-                m = saff_mask(dist[trigger], (c.latent_size, c.latent_size))
-                x0[und[trigger]] = saff_fuse(x0[und[trigger]], anchored[trigger], m)
-            elif trigger.any():
-                x0[und[trigger]] = anchored[trigger]
-            x0[und[forced]] = anchored[forced]
             for k, i in enumerate(und):
                 if trigger[k] or forced[k]:
                     s = act[i]
