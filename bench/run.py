@@ -326,7 +326,8 @@ def markdown_table(results: dict) -> str:
 
 
 def run_stream_bench(bundle, engine: str = "ort-fp32", images: np.ndarray | None = None, *, pool: int = 8,
-                     ads: bool = True, threads: int = 0, progress: Callable[[str], None] | None = None) -> dict:
+                     ads: bool = True, threads: int = 0, progress: Callable[[str], None] | None = None,
+                     engines=None, config=None) -> dict:
     """A stream of mixed normal and defective images through three ways of serving it (issue: step scheduler):
 
     * ``one_at_a_time``: :class:`GladPipeline` on each image alone;
@@ -336,16 +337,19 @@ def run_stream_bench(bundle, engine: str = "ort-fp32", images: np.ndarray | None
 
     All images are available at the start (a saturated line). Latency of an image: from when its work starts (its
     batch starts, or it is admitted) to its result. Returns images/s, p50/p95/p99 latency and the largest score
-    difference of each mode against one-at-a-time (the results must agree).
+    difference of each mode against one-at-a-time (the results must agree). ``engines`` and ``config`` (an
+    already-built :class:`~glad_runtime.engines.Engines` and its config) replace ``bundle`` and ``engine``, e.g. the
+    PyTorch engine on a GPU in ``bench.gpu_check``.
     """
     from glad_runtime.pipeline import GladPipeline
     from glad_runtime.scheduler import StepScheduler
 
     say = progress or (lambda m: None)
-    config = bundle.config.replace(ads_enabled=bool(ads))
+    config = (config or bundle.config).replace(ads_enabled=bool(ads))
     if images is None:
         images, _ = load_bench_images(config)
-    engines = _engine_factory(bundle, engine, threads)()
+    if engines is None:
+        engines = _engine_factory(bundle, engine, threads)()
     pipe = GladPipeline(engines, config)
     pipe(images[:pool])  # warm-up
     n = len(images)
