@@ -325,25 +325,32 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+STREAM_MODES = ("one_at_a_time", "per_batch_official", "per_batch", "scheduler")
+
+
 def run_stream_bench(bundle, engine: str = "ort-fp32", images: np.ndarray | None = None, *, pool: int = 8,
                      ads: bool = True, threads: int = 0, progress: Callable[[str], None] | None = None,
-                     engines=None, config=None) -> dict:
-    """A stream of mixed normal and defective images through three ways of serving it (issue: step scheduler):
+                     engines=None, config=None, modes: Sequence[str] = STREAM_MODES) -> dict:
+    """A stream of mixed normal and defective images through the ways of serving it (issue: step scheduler):
 
     * ``one_at_a_time``: :class:`GladPipeline` on each image alone;
-    * ``per_batch``: :class:`GladPipeline` on consecutive batches of ``pool`` images (the official scheme: a batch
-      runs all steps together and ends together);
+    * ``per_batch_official``: :class:`GladPipeline` on consecutive batches of ``pool`` images with the official
+      code's check cost (``check_decided=True``: while any image of the batch is undecided, every image is checked);
+    * ``per_batch``: the same batches with this project's pipeline (only undecided images are checked);
     * ``scheduler``: :class:`~glad_runtime.scheduler.StepScheduler` with ``pool`` images in flight.
 
     All images are available at the start (a saturated line). Latency of an image: from when its work starts (its
     batch starts, or it is admitted) to its result. Returns images/s, p50/p95/p99 latency and the largest score
-    difference of each mode against one-at-a-time (the results must agree). ``engines`` and ``config`` (an
+    difference of each mode against the first mode run (the results must agree). ``engines`` and ``config`` (an
     already-built :class:`~glad_runtime.engines.Engines` and its config) replace ``bundle`` and ``engine``, e.g. the
     PyTorch engine on a GPU in ``bench.gpu_check``.
     """
     from glad_runtime.pipeline import GladPipeline
     from glad_runtime.scheduler import StepScheduler
 
+    unknown = set(modes) - set(STREAM_MODES)
+    if unknown:
+        raise ValueError(f"unknown stream modes {sorted(unknown)}; known: {STREAM_MODES}")
     say = progress or (lambda m: None)
     config = (config or bundle.config).replace(ads_enabled=bool(ads))
     if images is None:
@@ -356,48 +363,41 @@ def run_stream_bench(bundle, engine: str = "ort-fp32", images: np.ndarray | None
     out: dict = {"engine": engine, "pool": pool, "num_images": n, "ads_enabled": config.ads_enabled, "modes": {}}
     scores: dict[str, np.ndarray] = {}
 
-    t0 = time.perf_counter()
-    lat, sc = [], []
-    for i in range(n):
-        t = time.perf_counter()
-        sc.append(float(pipe(images[i:i + 1]).scores[0]))
-        lat.append(time.perf_counter() - t)
-    scores["one_at_a_time"] = np.array(sc)
-    out["modes"]["one_at_a_time"] = {"images_per_s": n / (time.perf_counter() - t0), "latency_s": percentiles(lat)}
+    for mode in [m for m in STREAM_MODES if m in modes]:
+        t0 = time.perf_counter()
+        lat, sc = [], np.zeros(n)
+        extra: dict = {}
+        if mode == "scheduler":
+            sched = StepScheduler(engines, config, max_active=pool, max_queue=pool)
+            started: dict[int, float] = {}
 
-    t0 = time.perf_counter()
-    lat, sc = [], []
-    for i in range(0, n, pool):
-        t = time.perf_counter()
-        res = pipe(images[i:i + pool])
-        lat += [time.perf_counter() - t] * len(res.scores)
-        sc += res.scores.tolist()
-    scores["per_batch"] = np.array(sc)
-    out["modes"]["per_batch"] = {"images_per_s": n / (time.perf_counter() - t0), "latency_s": percentiles(lat)}
+            def feed():
+                for i in range(n):
+                    started[i] = time.perf_counter()
+                    yield i, images[i]
 
-    sched = StepScheduler(engines, config, max_active=pool, max_queue=pool)
-    started: dict[int, float] = {}
-
-    def feed():
-        for i in range(n):
-            started[i] = time.perf_counter()
-            yield i, images[i]
-
-    t0 = time.perf_counter()
-    lat, sc = [], np.zeros(n)
-    for r in sched.stream(feed()):
-        lat.append(time.perf_counter() - started[r.key])
-        sc[r.key] = r.score
-    scores["scheduler"] = sc
-    out["modes"]["scheduler"] = {"images_per_s": n / (time.perf_counter() - t0), "latency_s": percentiles(lat),
-                                 "unet_calls": sched.stats["unet_calls"], "check_calls": sched.stats["check_calls"]}
-    ref = scores["one_at_a_time"]
+            for r in sched.stream(feed()):
+                lat.append(time.perf_counter() - started[r.key])
+                sc[r.key] = r.score
+            extra = {k: sched.stats[k] for k in ("unet_calls", "unet_images", "check_calls", "check_images")}
+        else:
+            size = 1 if mode == "one_at_a_time" else pool
+            runner = GladPipeline(engines, config, check_decided=mode == "per_batch_official")
+            for i in range(0, n, size):
+                t = time.perf_counter()
+                res = runner(images[i:i + size])
+                lat += [time.perf_counter() - t] * len(res.scores)
+                sc[i:i + size] = res.scores
+        scores[mode] = sc
+        out["modes"][mode] = {"images_per_s": n / (time.perf_counter() - t0), "latency_s": percentiles(lat), **extra}
+    ref = next(iter(scores.values()))
     for mode, s in scores.items():
         out["modes"][mode]["max_score_rel_diff"] = float(np.abs(s - ref).max() / np.abs(ref).max())
-    base = out["modes"]["per_batch"]["images_per_s"]
+    base_mode = "per_batch" if "per_batch" in scores else next(iter(scores))
+    base = out["modes"][base_mode]["images_per_s"]
     for mode in out["modes"]:
-        out["modes"][mode]["throughput_vs_per_batch"] = out["modes"][mode]["images_per_s"] / base
         m = out["modes"][mode]
-        say(f"{mode:>14}: {m['images_per_s']:.2f} img/s ({m['throughput_vs_per_batch']:.2f}x per-batch), p99 "
+        m[f"throughput_vs_{base_mode}"] = m["images_per_s"] / base
+        say(f"{mode:>18}: {m['images_per_s']:.2f} img/s ({m[f'throughput_vs_{base_mode}']:.2f}x {base_mode}), p99 "
             f"{m['latency_s']['p99']:.2f} s, score diff {m['max_score_rel_diff']:.1e}")
     return out

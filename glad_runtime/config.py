@@ -64,6 +64,15 @@ class GladConfig:
         ads_resolution: square size of the decoded images fed to the feature extractor by ADS; None means
             ``resolution`` (official: 512, a 64x64 grid equal to the latent grid). The distance map is resized to
             the latent grid for SAFF when the grids differ (patch-14 extractors).
+        ads_check_every: check-cost control (not in the official code, which checks at every step): run the ADS
+            check only at every m-th DDIM step of an undecided image (step indices 0, m, 2m, ...) and at every step
+            where the decision is forced (``t < min_step``, where SAFF-or-replace still needs the score). 1 is the
+            official behaviour; m > 1 cuts the check cost about m-fold and coarsens the adaptive step.
+        ads_reuse_final_decode: check-cost control: when an image is checked at the last DDIM step and not
+            triggered there, its reconstruction is the check's decode of the post-check x0 estimate (x0_hat, or
+            the input-anchored x~0 when forced) instead of a decode of the final DDIM latents: one decode fewer per
+            image, an approximation (the last DDIM step adds sqrt(1 - alphas_cumprod[0]) = 0.029 of noise
+            prediction). False is the official behaviour.
         chunk_size: query tokens per chunk in nearest-neighbour distances.
         conditioning: names the baked text conditioning ("a photo of sks" / "").
     """
@@ -101,6 +110,8 @@ class GladConfig:
     num_seeds: int = 1
     seed: int = 0
     ads_resolution: int | None = None
+    ads_check_every: int = 1
+    ads_reuse_final_decode: bool = False
     chunk_size: int = 1024
     conditioning: dict[str, str] = field(default_factory=lambda: {"prompt": "a photo of sks", "negative": ""})
 
@@ -131,6 +142,7 @@ class GladConfig:
         need(self.num_seeds >= 1 and self.top_k >= 1 and self.ads_top_k >= 1 and self.chunk_size >= 1,
              "num_seeds, top_k, ads_top_k and chunk_size must be >= 1")
         need(self.guidance_scale >= 0, "guidance_scale must be >= 0")
+        need(self.ads_check_every >= 1, "ads_check_every must be >= 1")
 
     # ------------------------------------------------------------------ derived
     @property

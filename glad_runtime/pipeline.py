@@ -68,11 +68,15 @@ class GladPipeline:
     Args:
         engines: the four networks (PyTorch, ONNX Runtime or Triton).
         config: the detector's :class:`GladConfig`.
+        check_decided: reproduce the official code's cost (spec 2.2: "DINO and VAE decodes stop only when *all*
+            samples in the batch are decided"): while any image of the batch is undecided, the check runs on every
+            image; decided images ignore its result, so results are unchanged. For benchmarks (``bench.run``).
     """
 
-    def __init__(self, engines: Engines, config: GladConfig):
+    def __init__(self, engines: Engines, config: GladConfig, *, check_decided: bool = False):
         self.engines = engines
         self.config = config
+        self.check_decided = bool(check_decided)
         self.schedule = NoiseSchedule.create(
             config.t_max, config.num_inference_steps, beta_start=config.beta_start, beta_end=config.beta_end,
             num_train_timesteps=config.num_train_timesteps, noise_at=config.noise_at,
@@ -119,22 +123,25 @@ class GladPipeline:
 
     # ------------------------------------------------------------------ ADS check
     def ads_check(self, x0: np.ndarray, eps: np.ndarray, latents: np.ndarray, eps0: np.ndarray,
-                  t: int | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                  t: int | np.ndarray, keep_decodes: bool = False) -> tuple:
         """One batched ADS check of undecided images (spec 2.1-2.2, section 3), shared by this pipeline and the
         step scheduler (where the images may be at different timesteps).
 
         Args:
             x0: model estimates ``[U, C, h, w]``; eps: noise predictions; latents: clean ``z0``; eps0: the initial
                 noise; t: timestep, scalar or int ``[U]``.
+            keep_decodes: also return the decodes of the post-check estimates (``ads_reuse_final_decode``).
         Returns:
             ``(x0, scores, trigger, forced)``: the estimates after SAFF fusion (triggered) or replacement by the
             input-anchored estimate (forced), the top-k check scores float ``[U]`` and the two bool ``[U]`` masks.
+            With ``keep_decodes`` a fifth item: float32 ``[U, 3, R, R]``, the decode of each returned estimate, NaN
+            for the triggered (fused, never decoded) ones.
         """
         c, s = self.config, self.schedule
         n = len(x0)
         anchored = s.input_anchored_sample(latents, eps0, eps, t)
         # decode both estimates of the undecided images in one call
-        imgs = self.decode(np.concatenate([x0, anchored]), stage="ads_decode")
+        imgs = raw = self.decode(np.concatenate([x0, anchored]), stage="ads_decode")
         if c.ads_size != c.resolution:
             imgs = resize_bilinear(imgs, (c.ads_size, c.ads_size))
         if not c.ads_imagenet_norm:
@@ -151,38 +158,72 @@ class GladPipeline:
         elif trigger.any():
             x0[trigger] = anchored[trigger]
         x0[forced] = anchored[forced]
-        return x0, scores, trigger, forced
+        if not keep_decodes:
+            return x0, scores, trigger, forced
+        decodes = np.where(forced[:, None, None, None], raw[n:], raw[:n])
+        decodes[trigger] = np.nan
+        return x0, scores, trigger, forced, decodes
 
     # ------------------------------------------------------------------ reconstruction
-    def reconstruct(self, latents: np.ndarray, seed: int) -> tuple[np.ndarray, list[_Track]]:
+    def check_due(self, step_index: int, t: int) -> bool:
+        """Whether an undecided image at DDIM step ``step_index`` (timestep ``t``) is checked: every
+        ``ads_check_every``-th step, and every step where the decision is forced (``t < min_step``)."""
+        c = self.config
+        return step_index % c.ads_check_every == 0 or t < c.min_step
+
+    def reconstruct(self, latents: np.ndarray, seed: int) -> tuple[np.ndarray, list[_Track], dict[int, np.ndarray]]:
         """DDIM reconstruction of clean input latents with ADS/SAFF (spec 2.3 steps 3-7).
 
         Args:
             latents: ``z0`` float32 ``[B, C, h, w]`` (scaled VAE latents).
             seed: noise seed for ``eps0``.
         Returns:
-            ``(x0_latents [B, C, h, w], tracks)``: the final latents (decode them for the reconstruction) and
-            the per-image ADS record.
+            ``(x0_latents [B, C, h, w], tracks, reused)``: the final latents (decode them for the reconstruction),
+            the per-image ADS record, and ``{image index: reconstruction [3, R, R]}`` for the images whose
+            reconstruction is the last-step check's decode (``ads_reuse_final_decode``; empty otherwise).
         """
         c, s = self.config, self.schedule
         b = len(latents)
         eps0 = self.noise(b, seed)
         x = s.add_noise(latents, eps0, s.noise_timestep)
         tracks = [_Track() for _ in range(b)]
-        for t in s.timesteps:
+        reused: dict[int, np.ndarray] = {}
+        last = len(s.timesteps) - 1
+        for k, t in enumerate(s.timesteps):
             t = int(t)
             with self._timed("unet"):
                 eps = check_output("unet", self.engines.unet(x, np.full(b, t, dtype=np.int64)), x.shape)
             x0 = s.pred_original_sample(x, eps, t)
             undecided = [i for i, tr in enumerate(tracks) if not tr.decided]
-            if c.ads_enabled and undecided:
-                u = np.asarray(undecided)
-                x0[u], scores, trigger, forced = self.ads_check(x0[u], eps[u], latents[u], eps0[u], t)
-                for k, i in enumerate(undecided):
-                    if trigger[k] or forced[k]:
-                        tracks[i] = _Track(True, t, float(scores[k]), bool(trigger[k]))
+            if c.ads_enabled and undecided and self.check_decided:  # official cost: the whole batch is checked
+                checked = list(range(b))
+            else:
+                checked = undecided if c.ads_enabled and self.check_due(k, t) else []
+            if checked:
+                u = np.asarray(checked)
+                keep = c.ads_reuse_final_decode and k == last
+                res = self.ads_check(x0[u], eps[u], latents[u], eps0[u], t, keep_decodes=keep)
+                for j, i in enumerate(checked):
+                    if tracks[i].decided:
+                        continue
+                    x0[i] = res[0][j]
+                    if res[2][j] or res[3][j]:
+                        tracks[i] = _Track(True, t, float(res[1][j]), bool(res[2][j]))
+                    if keep and not res[2][j]:
+                        reused[i] = res[4][j]
             x = s.ddim_step(x0, eps, t)
-        return x, tracks
+        return x, tracks, reused
+
+    def final_decode(self, final: np.ndarray, reused: dict[int, np.ndarray]) -> np.ndarray:
+        """Reconstructions ``[B, 3, R, R]``: the decode of the final latents, except where a last-step check's
+        decode is reused (those images are not decoded again)."""
+        todo = [i for i in range(len(final)) if i not in reused]
+        out = np.empty((len(final), 3, self.config.resolution, self.config.resolution), np.float32)
+        if todo:
+            out[todo] = self.decode(final[todo])
+        for i, img in reused.items():
+            out[i] = img
+        return out
 
     # ------------------------------------------------------------------ full run
     def validate_batch(self, images: np.ndarray) -> np.ndarray:
@@ -225,8 +266,8 @@ class GladPipeline:
         maps = []
         recon0, tracks0 = None, None
         for k in range(c.num_seeds):
-            final, tracks = self.reconstruct(latents, c.seed + k)
-            recon = self.decode(final)
+            final, tracks, reused = self.reconstruct(latents, c.seed + k)
+            recon = self.final_decode(final, reused)
             rec_small = resize_bilinear(recon, d)
             feats_rec = self.features(rec_small)
             with self._timed("scoring"):

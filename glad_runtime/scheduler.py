@@ -78,6 +78,7 @@ class _Slot:
     triggered: bool = False
     first: tuple | None = None  # (adaptive_step, ads_score, triggered) of seed 0
     maps: list = field(default_factory=list)
+    reused: np.ndarray | None = None  # last-step check decode used as the reconstruction (ads_reuse_final_decode)
     ticks: int = 0
 
 
@@ -190,6 +191,7 @@ class StepScheduler:
         s.eps0 = self.pipeline.noise(1, self.config.seed + k)[0]
         s.x = sch.add_noise(s.latents[None], s.eps0[None], sch.noise_timestep)[0]
         s.decided, s.adaptive_step, s.ads_score, s.triggered = False, -1, float("nan"), False
+        s.reused = None
 
     def _denoise(self) -> None:
         c, p, sch = self.config, self.pipeline, self.schedule
@@ -204,18 +206,24 @@ class StepScheduler:
         self.stats["unet_calls"] += 1
         self.stats["unet_images"] += len(act)
         x0 = sch.pred_original_sample(x, eps, t)
-        und = np.array([i for i, s in enumerate(act) if not s.decided], dtype=np.int64)
+        und = np.array([i for i, s in enumerate(act) if not s.decided and p.check_due(s.step, int(t[i]))],
+                       dtype=np.int64)
         if c.ads_enabled and len(und):
             lat = np.stack([act[i].latents for i in und])
             e0 = np.stack([act[i].eps0 for i in und])
-            x0[und], scores, trigger, forced = p.ads_check(x0[und], eps[und], lat, e0, t[und])
+            keep = c.ads_reuse_final_decode
+            res = p.ads_check(x0[und], eps[und], lat, e0, t[und], keep_decodes=keep)
+            x0[und], scores, trigger, forced = res[:4]
             self.stats["check_calls"] += 1
             self.stats["check_images"] += len(und)
+            last = len(sch.timesteps) - 1
             for k, i in enumerate(und):
+                s = act[i]
                 if trigger[k] or forced[k]:
-                    s = act[i]
                     s.decided, s.adaptive_step, s.ads_score = True, int(t[i]), float(scores[k])
                     s.triggered = bool(trigger[k])
+                if keep and s.step == last and not trigger[k]:
+                    s.reused = res[4][k]
         x_next = sch.ddim_step(x0, eps, t)
         for i, s in enumerate(act):
             s.x = x_next[i]
@@ -227,7 +235,8 @@ class StepScheduler:
         if not fin:
             return []
         d = (c.dino_resolution, c.dino_resolution)
-        recon = p.decode(np.stack([s.x for s in fin]))
+        recon = p.final_decode(np.stack([s.x for s in fin]),
+                               {i: s.reused for i, s in enumerate(fin) if s.reused is not None})
         rec_small = resize_bilinear(recon, d)
         feats_rec = p.features(rec_small)
         feats_in = [np.stack([s.feats_in[layer] for s in fin]) for layer in range(len(c.feature_layers))]

@@ -64,7 +64,7 @@ def test_pipeline_matches_reference_loop(tau):
     images = _images()
     z0 = eng.encode(images)
     eps0 = pipe.noise(1, cfg.seed)[0]
-    final, tracks = pipe.reconstruct(z0, cfg.seed)
+    final, tracks, _ = pipe.reconstruct(z0, cfg.seed)
     for i in range(2):
         x_ref, step_ref, kind = reference_loop(StubEngines(), images[i], cfg, eps0)
         assert tracks[i].adaptive_step == step_ref
@@ -75,10 +75,10 @@ def test_pipeline_matches_reference_loop(tau):
 def test_decision_steps_extremes():
     ts = [251, 201, 151, 101, 51, 1]
     # tau below every score: decided (SAFF) at the first timestep
-    _, tracks = GladPipeline(StubEngines(), stub_config(tau=-1.0)).reconstruct(_images(), 0)
+    _, tracks, _ = GladPipeline(StubEngines(), stub_config(tau=-1.0)).reconstruct(_images(), 0)
     assert [t.adaptive_step for t in tracks] == [ts[0], ts[0]] and all(t.triggered for t in tracks)
     # tau above every score: forced at the first timestep below min_step (150 -> 101)
-    _, tracks = GladPipeline(StubEngines(), stub_config(tau=10.0)).reconstruct(_images(), 0)
+    _, tracks, _ = GladPipeline(StubEngines(), stub_config(tau=10.0)).reconstruct(_images(), 0)
     assert [t.adaptive_step for t in tracks] == [101, 101] and not any(t.triggered for t in tracks)
 
 
@@ -86,7 +86,7 @@ def test_decode_work_only_for_undecided():
     """Once decided, a sample costs no more ADS decodes: batch sizes of the ADS decodes shrink."""
     cfg = stub_config(tau=0.02)
     eng = StubEngines()
-    _, tracks = GladPipeline(eng, cfg).reconstruct(_images(), 0)
+    _, tracks, _ = GladPipeline(eng, cfg).reconstruct(_images(), 0)
     steps = sorted(t.adaptive_step for t in tracks)
     assert steps[0] != steps[1], "the test needs the two images to decide at different steps"
     # each ADS decode holds both estimates (x0 and x~0) of every undecided image
@@ -99,7 +99,7 @@ def test_decode_work_only_for_undecided():
 def test_ads_disabled_is_plain_ddim():
     cfg = stub_config(ads_enabled=False)
     eng = StubEngines()
-    _, tracks = GladPipeline(eng, cfg).reconstruct(_images(), 0)
+    _, tracks, _ = GladPipeline(eng, cfg).reconstruct(_images(), 0)
     assert all(t.adaptive_step == -1 for t in tracks) and eng.calls["features"] == 0
 
 

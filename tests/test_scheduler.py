@@ -94,3 +94,77 @@ def test_scheduler_equals_pipeline_on_ort_real_images(exported_bundle, elpv_imag
     res, _ = _run(eng, cfg, imgs, max_active=3)
     assert [res[i].adaptive_step for i in range(4)] == ref.adaptive_steps.tolist()
     np.testing.assert_allclose([res[i].score for i in range(4)], ref.scores, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- check-cost controls
+def _decided_at(cfg, images):
+    out = GladPipeline(StubEngines(), cfg)(images)
+    return out, out.adaptive_steps.tolist()
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_check_every_m_steps(every):
+    images = _stub_images(7)
+    base = stub_config(min_step=0)  # never forced: undecided images are checked to the end
+    base = base.replace(tau=_split_tau(StubEngines(), base, images))
+    cfg = base.replace(ads_check_every=every)
+    out, steps = _decided_at(cfg, images)
+    ts = [int(t) for t in GladPipeline(StubEngines(), cfg).schedule.timesteps]
+    allowed = {t for k, t in enumerate(ts) if k % every == 0 or t < cfg.min_step}
+    assert set(steps) - {-1} <= allowed
+    # the reference loop with an explicit check mask (the official loop, skipping non-due steps) agrees
+    eng = StubEngines()
+    pipe = GladPipeline(eng, cfg)
+    _, tracks, _ = pipe.reconstruct(eng.encode(images), cfg.seed)
+    assert [t.adaptive_step for t in tracks] == steps
+    # cost: fewer checks than the official every-step loop, and the scheduler gives the same results
+    e1, em = StubEngines(), StubEngines()  # never triggered: every step checked vs every m-th
+    GladPipeline(e1, base.replace(tau=10.0))(images)
+    GladPipeline(em, cfg.replace(tau=10.0))(images)
+    n_steps = len(ts)
+    assert sum(e1.decode_batches) == 7 * (2 * n_steps + 1)
+    assert sum(em.decode_batches) == 7 * (2 * len(range(0, n_steps, every)) + 1)
+    res, _ = _run(StubEngines(), cfg, images, max_active=3)
+    assert [res[i].adaptive_step for i in range(7)] == steps
+    np.testing.assert_allclose([res[i].score for i in range(7)], out.scores, rtol=1e-5, atol=1e-7)
+
+
+def test_official_batch_checks_cost_more_and_change_nothing():
+    images = _stub_images(6)
+    cfg = stub_config()
+    cfg = cfg.replace(tau=_split_tau(StubEngines(), cfg, images))
+    e_ours, e_off = StubEngines(), StubEngines()
+    ours = GladPipeline(e_ours, cfg)(images)
+    official = GladPipeline(e_off, cfg, check_decided=True)(images)
+    np.testing.assert_array_equal(official.adaptive_steps, ours.adaptive_steps)
+    np.testing.assert_allclose(official.scores, ours.scores, rtol=1e-6)
+    assert sum(e_off.decode_batches) > sum(e_ours.decode_batches)
+
+
+def test_reuse_final_decode():
+    images = _stub_images(6)
+    cfg = stub_config(min_step=0)  # never forced: untriggered images are checked at the last step
+    for tau in np.linspace(0.05, 0.5, 46):  # a tau some images never exceed
+        steps = GladPipeline(StubEngines(), cfg.replace(tau=float(tau)))(images).adaptive_steps
+        if (steps == -1).any() and (steps != -1).any():
+            cfg = cfg.replace(tau=float(tau))
+            break
+    reuse = cfg.replace(ads_reuse_final_decode=True)
+    e_ref, e_re = StubEngines(), StubEngines()
+    ref = GladPipeline(e_ref, cfg)(images)
+    got = GladPipeline(e_re, reuse)(images)
+    assert (ref.adaptive_steps == -1).any() and (ref.adaptive_steps != -1).any()
+    np.testing.assert_array_equal(got.adaptive_steps, ref.adaptive_steps)
+    # untriggered images: reconstruction = decode of the last step's x0_hat (stub decode is the identity)
+    pipe = GladPipeline(StubEngines(), cfg)
+    z0 = images
+    final, tracks, reused = GladPipeline(StubEngines(), reuse).reconstruct(z0, cfg.seed)
+    assert sorted(reused) == [i for i, t in enumerate(tracks) if not t.decided]
+    s = pipe.schedule
+    for i, img in reused.items():  # the last x0_hat differs from the final DDIM latents by the last update only
+        np.testing.assert_allclose(img, final[i], atol=0.1)
+        assert not np.allclose(img, final[i], atol=1e-7)
+    assert sum(e_re.decode_batches) == sum(e_ref.decode_batches) - len(reused)
+    assert s.timesteps[-1] == 1
+    res, _ = _run(StubEngines(), reuse, images, max_active=4)
+    np.testing.assert_allclose([res[i].score for i in range(6)], got.scores, rtol=1e-5, atol=1e-7)
