@@ -96,9 +96,12 @@ def _graphs(engines, config, batches=(1, 4, 8)) -> dict:
 
         row["ads_check"] = _time(check)
         row["ads_check_in_unet_steps"] = row["ads_check"] / row["unet"]
+        if callable(getattr(engines, "ads_distance", None)):  # the fused check: only the distance map leaves
+            row["ads_check_fused"] = _time(engines.ads_distance, lat, lat, c)
+            row["ads_check_fused_in_unet_steps"] = row["ads_check_fused"] / row["unet"]
         out[str(b)] = row
-        print(f"  batch {b}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" if k != "ads_check_in_unet_steps" else
-                                           f"check = {v:.2f} UNet steps" for k, v in row.items()), flush=True)
+        print(f"  batch {b}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" if not k.endswith("unet_steps") else
+                                           f"{k} = {v:.2f}" for k, v in row.items()), flush=True)
     return out
 
 
@@ -139,6 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     ap.add_argument("--skip", action="append", default=[], choices=["graphs", "pipeline", "stream"])
+    ap.add_argument("--stream-mode", action="append", help="bench.run.STREAM_MODES (default: all)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"arch": args.arch, "dtype": args.dtype, "device": args.device}
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
     print(json.dumps(result["probe"]), flush=True)
     save()
 
-    from bench.run import load_bench_images, run_stream_bench
+    from bench.run import STREAM_MODES, load_bench_images, run_stream_bench
     from export.models import build_sd14_modules, build_tiny_modules
     from glad_runtime.config import get_preset
     from glad_runtime.torch_engine import TorchEngines
@@ -187,7 +191,8 @@ def main(argv=None) -> int:
     section("graphs", lambda e: _graphs(e, cfg))
     section("pipeline", lambda e: _pipeline(e, cfg, images))
     section("stream", lambda e: run_stream_bench(None, f"torch-{args.dtype}", images, pool=8, ads=True, engines=e,
-                                                 config=cfg, progress=print))
+                                                 config=cfg, progress=print,
+                                                 modes=args.stream_mode or STREAM_MODES))
     if args.device.startswith("cuda"):
         import torch
 

@@ -27,8 +27,8 @@ import numpy as np
 __all__ = ["run_bench", "run_stream_bench", "DEFAULT_ENGINES", "load_bench_images", "write_outputs", "percentiles"]
 
 DEFAULT_ENGINES = ("torch", "ort-fp32", "ort-fp16", "ort-int8", "tensorrt-fp16")
-STAGES = ("encode", "unet", "ads_decode", "ads_features", "ads_distance", "decode", "features", "scoring")
-ADS_STAGES = ("ads_decode", "ads_features", "ads_distance")
+STAGES = ("encode", "unet", "ads_decode", "ads_features", "ads_fused", "ads_distance", "decode", "features", "scoring")
+ADS_STAGES = ("ads_decode", "ads_features", "ads_fused", "ads_distance")
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float]:

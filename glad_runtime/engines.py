@@ -32,6 +32,10 @@ class Engines(Protocol):
     * ``features(images [B,3,H',W'] in [-1,1]) -> list of [B,H'/p,W'/p,D]``: patch tokens (class and register
       tokens dropped) of each configured layer, pre-final-norm; ImageNet normalisation ``((x+1)/2-mean)/std`` is
       applied inside. The list follows ``GladConfig.feature_layers``.
+
+    Optional: ``ads_distance(pred_original_sample [U,C,h,w], input_anchored [U,C,h,w], config) -> [U,g,g]``, the
+    whole network part of an ADS check fused on the engine's device (``TorchEngines``); the pipeline uses it when
+    present and otherwise composes ``decode`` and ``features`` on the host.
     """
 
     def encode(self, images: np.ndarray) -> np.ndarray: ...

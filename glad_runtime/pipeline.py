@@ -140,15 +140,22 @@ class GladPipeline:
         c, s = self.config, self.schedule
         n = len(x0)
         anchored = s.input_anchored_sample(latents, eps0, eps, t)
-        # decode both estimates of the undecided images in one call
-        imgs = raw = self.decode(np.concatenate([x0, anchored]), stage="ads_decode")
-        if c.ads_size != c.resolution:
-            imgs = resize_bilinear(imgs, (c.ads_size, c.ads_size))
-        if not c.ads_imagenet_norm:
-            imgs = raw_feature_input(imgs)
-        feats = self.features(imgs, stage="ads_features")[c.ads_layer]
+        fused = getattr(self.engines, "ads_distance", None)
+        if callable(fused) and not keep_decodes:  # decode, features and distance on the engine's device
+            g = c.ads_size // c.patch_size
+            with self._timed("ads_fused"):
+                dist = check_output("ads_distance", fused(x0, anchored, c), (n, g, g))
+        else:
+            # decode both estimates of the undecided images in one call
+            imgs = raw = self.decode(np.concatenate([x0, anchored]), stage="ads_decode")
+            if c.ads_size != c.resolution:
+                imgs = resize_bilinear(imgs, (c.ads_size, c.ads_size))
+            if not c.ads_imagenet_norm:
+                imgs = raw_feature_input(imgs)
+            feats = self.features(imgs, stage="ads_features")[c.ads_layer]
+            with self._timed("ads_distance"):
+                dist = nn_cosine_distance(feats[n:], feats[:n], c.chunk_size)  # i: anchored, j: model (spec 2.1)
         with self._timed("ads_distance"):
-            dist = nn_cosine_distance(feats[n:], feats[:n], c.chunk_size)  # i: anchored, j: model (spec 2.1)
             scores = topk_mean(dist, c.ads_top_k)
         trigger, forced = ads_decision(scores, t, c.tau, c.min_step)
         x0 = x0.copy()
