@@ -132,6 +132,40 @@ class FeatureExtractor(nn.Module):
         return tuple(t.permute(0, 2, 3, 1).contiguous() for t in inter)
 
 
+class AdsCheck(nn.Module):
+    """The network part of one ADS check as one module (spec 2.1 items 3-5): the ``ads_check`` graph, and
+    ``TorchEngines.ads_distance``.
+
+    ``forward(pred_original_sample [B,C,h,w], input_anchored [B,C,h,w]) -> distance [B,g,g]``: decode both latents,
+    resize to the ADS size (bilinear, align_corners, as ``glad_runtime.anomaly.resize_bilinear``), the official raw
+    [-1, 1] input to DINO (``glad_runtime.ads.raw_feature_input``) unless ``ads_imagenet_norm``, the tokens of the
+    ADS layer only (the ViT stops there), and for each patch of the anchored decode the cosine distance to its
+    nearest patch of the model decode (``glad_runtime.anomaly.nn_cosine_distance``, float32), in [0, 2].
+    ``g = ads_size / patch_size``. Only this map leaves the device.
+    """
+
+    def __init__(self, decoder: "VaeDecoder", features: "FeatureExtractor", config: GladConfig):
+        super().__init__()
+        c = config
+        self.decoder = decoder
+        self.features = FeatureExtractor(features.vit, (c.feature_layers[c.ads_layer],))
+        self.resolution, self.size, self.raw = c.resolution, c.ads_size, not c.ads_imagenet_norm
+        self.grid = c.ads_size // c.patch_size
+
+    def forward(self, pred_original_sample: torch.Tensor, input_anchored: torch.Tensor) -> torch.Tensor:
+        n = pred_original_sample.shape[0]
+        imgs = self.decoder(torch.cat([pred_original_sample, input_anchored])).float()
+        if self.size != self.resolution:
+            imgs = nn.functional.interpolate(imgs, size=(self.size, self.size), mode="bilinear", align_corners=True)
+        if self.raw:  # the network then sees the raw decode (its ImageNet normalisation is undone)
+            imgs = 2.0 * (imgs * self.features.std + self.features.mean) - 1.0
+        tok = self.features(imgs.to(pred_original_sample.dtype))[0].float()
+        tok = tok.reshape(2 * n, self.grid * self.grid, tok.shape[-1])
+        tok = tok / tok.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        sim = torch.bmm(tok[n:], tok[:n].transpose(1, 2))  # [B, anchored patches, model patches]
+        return (1.0 - sim.amax(dim=2)).clamp(0.0, 2.0).reshape(n, self.grid, self.grid)
+
+
 @dataclass
 class GladModules:
     """The four deployable torch modules of one detector, plus how to rebuild them."""

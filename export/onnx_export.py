@@ -83,10 +83,14 @@ class GraphReport:
 
 def graph_names(config: GladConfig) -> list[str]:
     """The graphs exported for a config: ``dino_ads`` whenever the ADS check runs at another size than scoring
-    (also with ADS off, so ADS can be switched on at run time without re-exporting)."""
+    (also with ADS off, so ADS can be switched on at run time without re-exporting), and ``ads_check``, the whole
+    network part of an ADS check in one graph (``export.models.AdsCheck``: two decodes, the ADS layer's tokens and
+    the nearest-neighbour distance map; it repeats the decoder and ViT weights so that only the map leaves the
+    device)."""
     names = ["unet", "vae_encoder", "vae_decoder", "dino"]
     if config.ads_size != config.dino_resolution:
         names.append("dino_ads")
+    names.append("ads_check")
     return names
 
 
@@ -97,10 +101,16 @@ def _io_spec(name: str, config: GladConfig) -> tuple[list[str], list[str]]:
         return ["images"], ["latents"]
     if name == "vae_decoder":
         return ["latents"], ["images"]
+    if name == "ads_check":
+        return ["pred_original_sample", "input_anchored"], ["distance"]
     return ["images"], [f"tokens_{layer}" for layer in config.feature_layers]
 
 
-def _module(modules, name: str) -> torch.nn.Module:
+def _module(modules, name: str, config: GladConfig) -> torch.nn.Module:
+    if name == "ads_check":
+        from export.models import AdsCheck
+
+        return AdsCheck(modules.decoder, modules.features, config).eval()
     return {"unet": modules.unet, "vae_encoder": modules.encoder, "vae_decoder": modules.decoder,
             "dino": modules.features, "dino_ads": modules.features}[name]
 
@@ -135,7 +145,7 @@ def example_inputs(modules, config: GladConfig, images: Sequence | None = None,
 
     ``vae_encoder`` gets the images; ``vae_decoder`` their latents; ``unet`` the latents noised with seeded noise
     at the first and last DDIM timesteps of the config (int64 ``timesteps``); ``dino`` / ``dino_ads`` the images
-    resized to the feature sizes.
+    resized to the feature sizes; ``ads_check`` the latents and a copy with seeded noise added in one square.
 
     Args:
         modules: ``export.models.GladModules`` (eval mode).
@@ -159,6 +169,11 @@ def example_inputs(modules, config: GladConfig, images: Sequence | None = None,
              "unet": {"latents": noisy, "timesteps": ts},
              "dino": {"images": _resize(x, config.dino_resolution)}}
     feeds["dino_ads"] = {"images": _resize(x, config.ads_size)}
+    # an ADS check's pair: the clean latents, and the latents with a patch of the noise (a local discrepancy)
+    anchored = latents.copy()
+    h = latents.shape[-1]
+    anchored[..., h // 4:h // 2, h // 4:h // 2] += noise[..., h // 4:h // 2, h // 4:h // 2]
+    feeds["ads_check"] = {"pred_original_sample": latents, "input_anchored": anchored}
     return feeds
 
 
@@ -361,7 +376,7 @@ def export_bundle(bundle: Bundle, modules=None, *, opset: int = DEFAULT_OPSET, e
     for name in wanted:
         in_names, out_names = _io_spec(name, cfg)
         feeds = {k: feeds_all[name][k] for k in in_names}
-        module = _module(modules, name)
+        module = _module(modules, name, cfg)
         ref = _torch_run(module, feeds)
         fp32_path = odir / f"{name}.onnx"
         meta = {"glad.graph": name, "glad.preset": cfg.preset, "glad.weights_id": weights_id,

@@ -33,9 +33,10 @@ class Engines(Protocol):
       tokens dropped) of each configured layer, pre-final-norm; ImageNet normalisation ``((x+1)/2-mean)/std`` is
       applied inside. The list follows ``GladConfig.feature_layers``.
 
-    Optional: ``ads_distance(pred_original_sample [U,C,h,w], input_anchored [U,C,h,w], config) -> [U,g,g]``, the
-    whole network part of an ADS check fused on the engine's device (``TorchEngines``); the pipeline uses it when
-    present and otherwise composes ``decode`` and ``features`` on the host.
+    Optional: ``ads_distance(pred_original_sample [U,C,h,w], input_anchored [U,C,h,w], config) -> [U,g,g] | None``,
+    the whole network part of an ADS check fused on the engine's device (``TorchEngines``; the ``ads_check`` graph of
+    the graph backends); the pipeline uses it when present and not None, and otherwise composes ``decode`` and
+    ``features`` on the host.
     """
 
     def encode(self, images: np.ndarray) -> np.ndarray: ...
@@ -85,6 +86,7 @@ class GraphEngines:
         if "dino_ads" in loaded:
             self._feature_graphs[c.ads_size] = "dino_ads"
         self._token_names = [f"tokens_{layer}" for layer in c.feature_layers]
+        self._ads_check_loaded = "ads_check" in loaded
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """``images f32 [B,3,H,W]`` in [-1,1] -> scaled latents ``[B,C,h,w]``."""
@@ -121,6 +123,25 @@ class GraphEngines:
         g = size // self.config.patch_size
         return [check_output(f"{graph}:{name}", o, (len(images), g, g, o.shape[-1]))
                 for name, o in zip(self._token_names, outs)]
+
+    def ads_distance(self, pred_original_sample: np.ndarray, input_anchored: np.ndarray, config
+                     ) -> np.ndarray | None:
+        """The fused ADS check through the ``ads_check`` graph (``export.models.AdsCheck``): float32 latents
+        ``[U,C,h,w]`` twice -> distance map ``[U,g,g]`` in [0, 2].
+
+        Returns None (the pipeline then checks on the host) when the graph is not loaded or ``config`` asks for
+        other ADS settings than the graph was exported with (size, layer, normalisation).
+        """
+        c = self.config
+        same = (config.ads_size, config.feature_layers[config.ads_layer], config.ads_imagenet_norm,
+                config.resolution) == (c.ads_size, c.feature_layers[c.ads_layer], c.ads_imagenet_norm, c.resolution)
+        if not (getattr(self, "_ads_check_loaded", False) and same):
+            return None
+        feeds = {"pred_original_sample": np.asarray(pred_original_sample, np.float32),
+                 "input_anchored": np.asarray(input_anchored, np.float32)}
+        out = self._run_graph("ads_check", feeds, ["distance"])[0]
+        g = c.ads_size // c.patch_size
+        return check_output("ads_check", out, (len(pred_original_sample), g, g))
 
 
 #: Backends :func:`load_engines` knows; ``torch`` needs the ``torch`` extra, ``ort`` the ``onnx`` extra (and

@@ -58,6 +58,10 @@ class OrtEngines(GraphEngines):
         intra_op_threads, inter_op_threads: ONNX Runtime thread pools (0 = its default).
         max_batch: calls are split into chunks of at most this many images (bounded memory).
         verify: check the graphs' sha256 against the bundle manifest before loading.
+        fused_check: load the ``ads_check`` graph (the whole ADS check in one call, only the distance map returned)
+            when the bundle has it. Default: on the ``cuda`` / ``tensorrt`` providers, where it avoids moving two
+            decodes and the tokens to the host per check (3.2x on an H200, see bench/gpu_check.py); off on ``cpu``,
+            where the host path measured as fast (tiny ELPV bundle: 136-153 vs 157-173 ms per image in checks).
     Raises:
         BundleError: graphs missing (run ``glad export``) or modified since export.
         ValueError: unknown precision or provider, or a provider this onnxruntime build lacks (naming the package
@@ -65,7 +69,8 @@ class OrtEngines(GraphEngines):
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, precision: str = "fp32", provider: str = "cpu", *,
-                 intra_op_threads: int = 0, inter_op_threads: int = 0, max_batch: int = 16, verify: bool = True):
+                 intra_op_threads: int = 0, inter_op_threads: int = 0, max_batch: int = 16, verify: bool = True,
+                 fused_check: bool | None = None):
         import onnxruntime as ort
 
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
@@ -92,8 +97,16 @@ class OrtEngines(GraphEngines):
         if cfg.ads_size != cfg.dino_resolution and (cfg.ads_enabled or any(
                 self.bundle.file(f"onnx/dino_ads{sfx}.onnx").is_file() for sfx in _SUFFIX.values())):
             needed.append("dino_ads")  # required with ADS on; loaded when present so ADS can be switched on later
+        if fused_check is None:
+            fused_check = provider != "cpu"
+        if fused_check and any(self.bundle.file(f"onnx/ads_check{sfx}.onnx").is_file() for sfx in _SUFFIX.values()):
+            needed.append("ads_check")  # optional: bundles exported before it run the check on the host
         #: the precision each loaded graph runs at (``int8`` falls back to fp32 per graph, see above)
         self.graph_precisions = self._resolve(precision, needed)
+        gp = self.graph_precisions
+        ads_feats = "dino_ads" if "dino_ads" in gp else "dino"
+        if "ads_check" in gp and not gp["ads_check"] == gp["vae_decoder"] == gp[ads_feats]:
+            del gp["ads_check"]  # the fused check would bypass a quantised decoder / ADS feature graph
         paths = {name: self.bundle.file(f"onnx/{name}{_SUFFIX[p]}.onnx") for name, p in self.graph_precisions.items()}
         absent = [p.name for p in paths.values() if not p.is_file()]
         if absent:

@@ -141,11 +141,14 @@ class GladPipeline:
         n = len(x0)
         anchored = s.input_anchored_sample(latents, eps0, eps, t)
         fused = getattr(self.engines, "ads_distance", None)
+        dist = None
         if callable(fused) and not keep_decodes:  # decode, features and distance on the engine's device
-            g = c.ads_size // c.patch_size
             with self._timed("ads_fused"):
-                dist = check_output("ads_distance", fused(x0, anchored, c), (n, g, g))
-        else:
+                dist = fused(x0, anchored, c)
+            if dist is not None:
+                g = c.ads_size // c.patch_size
+                dist = check_output("ads_distance", dist, (n, g, g))
+        if dist is None:
             # decode both estimates of the undecided images in one call
             imgs = raw = self.decode(np.concatenate([x0, anchored]), stage="ads_decode")
             if c.ads_size != c.resolution:

@@ -43,6 +43,14 @@ class StubEngines:
         return [np.transpose(tok, (0, 2, 3, 1)).astype(np.float32)]
 
 
+class HostComposite:
+    """The four networks of an engine without its fused ``ads_distance`` (forces the pipeline's host-side check)."""
+
+    def __init__(self, engines):
+        self.encode, self.unet, self.decode, self.features = (engines.encode, engines.unet, engines.decode,
+                                                              engines.features)
+
+
 def stub_config(**kw) -> GladConfig:
     base = dict(preset="stub", architecture="tiny", resolution=8, latent_channels=3, latent_downsample=1,
                 scaling_factor=1.0, t_max=300, num_inference_steps=6, guidance_scale=1.0, tau=0.05, min_step=150,

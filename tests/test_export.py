@@ -46,7 +46,8 @@ def real_batch(elpv_images, exported):
 def test_graphs_io_and_ops(exported):
     b, reports = exported
     got = {(r.graph, r.precision) for r in reports}
-    assert got == {(g, p) for g in ("unet", "vae_encoder", "vae_decoder", "dino", "dino_ads") for p in ("fp32", "fp16")}
+    assert got == {(g, p) for g in ("unet", "vae_encoder", "vae_decoder", "dino", "dino_ads", "ads_check")
+                   for p in ("fp32", "fp16")}
     by = {(r.graph, r.precision): r for r in reports}
     cfg = b.config
     unet = by["unet", "fp32"]
@@ -59,13 +60,16 @@ def test_graphs_io_and_ops(exported):
     ga = cfg.ads_size // cfg.patch_size
     assert by["dino_ads", "fp32"].inputs == {"images": ["batch", 3, cfg.ads_size, cfg.ads_size]}
     assert by["dino_ads", "fp32"].outputs == {"tokens_7": ["batch", ga, ga, 48]}
+    assert by["ads_check", "fp32"].inputs == {"pred_original_sample": ["batch", 4, 32, 32],
+                                              "input_anchored": ["batch", 4, 32, 32]}
+    assert by["ads_check", "fp32"].outputs == {"distance": ["batch", ga, ga]}
     # opset 21: GroupNorm and LayerNorm are single ops, no decomposed InstanceNorm pattern, no position-embedding
     # resampling left at run time (folded for the fixed size)
     assert unet.ops.get("GroupNormalization", 0) > 0 and "InstanceNormalization" not in unet.ops
     assert by["dino", "fp32"].ops.get("LayerNormalization", 0) > 0
     assert "Resize" not in by["dino", "fp32"].ops
     report = json.loads(b.file("onnx/export.json").read_text())
-    assert report["opset"] == 21 and len(report["graphs"]) == 10
+    assert report["opset"] == 21 and len(report["graphs"]) == 12
     b.verify()  # manifest re-written with the graphs
 
 
@@ -130,6 +134,32 @@ def test_pipeline_ort_vs_torch_on_real_images(exported, tiny_modules, real_batch
     rel_same = np.abs(out.scores[same] - ref.scores[same]).max() / np.abs(ref.scores).max()
     assert rel_same < SCORE_REL[precision], (precision, rel, rel_same)
     assert np.all(np.isfinite(out.anomaly_maps))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_ort_fused_check_equals_host_path(exported, real_batch, precision):
+    """The ``ads_check`` graph (decode, resize, raw mapping, ADS tokens, distance in one ONNX Runtime call) against
+    the host path over the same engine's decoder and dino_ads graphs, tau splitting the decisions."""
+    from conftest import HostComposite
+
+    from glad_runtime.ort_engine import OrtEngines
+
+    b = exported[0]
+    assert "ads_check" not in OrtEngines(b, precision=precision).graphs  # cpu provider: host path by default
+    eng = OrtEngines(b, precision=precision, fused_check=True)
+    assert "ads_check" in eng.graphs
+    probe = GladPipeline(HostComposite(eng), b.config.replace(min_step=1000, tau=1e9))(real_batch).ads_scores
+    cfg = b.config.replace(tau=float(np.median(probe)), min_step=0)
+    ref, got = GladPipeline(HostComposite(eng), cfg)(real_batch), GladPipeline(eng, cfg)(real_batch)
+    assert "ads_fused" in got.timings and "ads_decode" not in got.timings
+    tol = 1e-5 if precision == "fp32" else 2e-3
+    near_tau = np.abs(ref.ads_scores - cfg.tau) < tol * 10 + 1e-6
+    same = got.adaptive_steps == ref.adaptive_steps
+    assert np.all(same | near_tau)
+    np.testing.assert_allclose(got.ads_scores[same], ref.ads_scores[same], rtol=tol * 10, atol=tol)
+    # another ADS size than the graph's: the engine declines and the pipeline checks on the host
+    assert eng.ads_distance(np.zeros((1, 4, 32, 32), np.float32), np.zeros((1, 4, 32, 32), np.float32),
+                            cfg.replace(ads_resolution=56)) is None
 
 
 def test_ort_detect_runs_without_torch(exported, tmp_path, elpv_images):

@@ -59,27 +59,21 @@ def test_same_image_alone_and_in_batch(tiny_modules, elpv_images):
     np.testing.assert_array_equal(pipe(batch[:1]).scores, alone.scores)
 
 
-class _HostComposite:
-    """The four networks of an engine without its fused ``ads_distance`` (forces the host-side check)."""
-
-    def __init__(self, engines):
-        self.encode, self.unet, self.decode, self.features = (engines.encode, engines.unet, engines.decode,
-                                                              engines.features)
-
-
 @pytest.mark.parametrize("ads_resolution", [56, 112])
 def test_fused_ads_check_equals_host_composite(tiny_modules, elpv_images, ads_resolution):
     """TorchEngines.ads_distance (decode, resize, raw mapping, ADS tokens, distance on the device) against the
     pipeline's host path on real cells, with tau splitting the decisions: same steps, same scores."""
+    from conftest import HostComposite
+
     from glad_runtime.torch_engine import TorchEngines
 
     eng = TorchEngines(tiny_modules)
     cfg = get_preset("tiny", ads_enabled=True, min_step=0, ads_resolution=ads_resolution)
     batch = _real_batch(elpv_images, cfg.resolution)
-    host = GladPipeline(_HostComposite(eng), cfg)
-    probe = host.__class__(_HostComposite(eng), cfg.replace(min_step=1000, tau=1e9))(batch).ads_scores
+    host = GladPipeline(HostComposite(eng), cfg)
+    probe = host.__class__(HostComposite(eng), cfg.replace(min_step=1000, tau=1e9))(batch).ads_scores
     cfg = cfg.replace(tau=float(np.median(probe)))
-    ref, got = GladPipeline(_HostComposite(eng), cfg)(batch), GladPipeline(eng, cfg)(batch)
+    ref, got = GladPipeline(HostComposite(eng), cfg)(batch), GladPipeline(eng, cfg)(batch)
     assert len(set(ref.adaptive_steps.tolist())) > 1
     np.testing.assert_array_equal(got.adaptive_steps, ref.adaptive_steps)
     np.testing.assert_allclose(got.ads_scores, ref.ads_scores, rtol=1e-4, atol=1e-6)

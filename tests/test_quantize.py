@@ -215,9 +215,12 @@ def test_int8_engines_run_loop_with_fallback(exported32, recorded, elpv_batch):
     quantize_graph(b.file("onnx/unet.onnx"), quantized_path(b, "unet"), calib)
     b.update_manifest(["onnx/unet.int8.onnx"])
     try:
-        e = OrtEngines(b, "int8")
+        e = OrtEngines(b, "int8", fused_check=True)
         assert e.graph_precisions == {"unet": "int8", "vae_encoder": "fp32", "vae_decoder": "fp32", "dino": "fp32",
-                                      "dino_ads": "fp32"}
+                                      "dino_ads": "fp32", "ads_check": "fp32"}
+        # the check graphs at another precision than ads_check: the fused check would bypass them (host path)
+        assert "ads_check" not in OrtEngines(b, {"unet": "int8", "vae_decoder": "fp32", "dino_ads": "fp16"},
+                                             fused_check=True).graphs
         assert onnx_source(b, "unet", "int8") == quantized_path(b, "unet")  # what `glad build --precision int8` uses
         good, bad = elpv_batch
         batch = np.concatenate([good[:1], bad[:1]])
