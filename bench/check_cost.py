@@ -13,7 +13,8 @@ setting of :data:`SETTINGS`:
   the step scheduler.
 
 Settings that change a graph (the ADS check at a lower resolution needs a ``dino_ads`` graph at that size) run on a
-variant bundle exported next to the output (same weights, fp32 graphs). Writes ``check_cost.json`` and
+variant bundle exported next to the output (same weights, fp32 graphs), with ``tau`` derived again the same way
+(the check's score scale changes with its resolution). Writes ``check_cost.json`` and
 ``check_cost.md``.
 """
 
@@ -80,7 +81,7 @@ def _stream_images(data: Path, resolution: int, n: int) -> np.ndarray:
 
 
 def run_case(bundle_dir: Path, data: Path, out: Path, *, stream_images: int, pool: int, max_test: int = 0,
-             say=print) -> dict:
+             settings: list[str] | None = None, say=print) -> dict:
     from bench.run import run_stream_bench
     from glad_runtime.bundle import Bundle
     from glad_runtime.engines import load_engines
@@ -96,6 +97,8 @@ def run_case(bundle_dir: Path, data: Path, out: Path, *, stream_images: int, poo
     images = _stream_images(data, base.resolution, stream_images)
     rows = {}
     for name, overrides in SETTINGS.items():
+        if settings and name not in settings:
+            continue
         over = dict(overrides)
         eng, cfg = engines, base
         if over.get("ads_resolution") == "half":
@@ -104,6 +107,8 @@ def run_case(bundle_dir: Path, data: Path, out: Path, *, stream_images: int, poo
             vb = variant_bundle(src, out / f"{bundle_dir.name}-ads{over['ads_resolution']}",
                                 ads_resolution=over["ads_resolution"])
             eng = load_engines(vb, "ort", precision="fp32", max_batch=64)
+            # the check's score scale changes with its resolution: tau is derived again, the same way
+            over["tau"] = auto_tau(eng, vb.config.replace(tau=base.tau), data)
         cfg = base.replace(**over)
         say(f"  {name}: {over}")
         t0 = time.perf_counter()
@@ -146,13 +151,15 @@ def main(argv=None) -> int:
     ap.add_argument("--stream-images", type=int, default=32)
     ap.add_argument("--pool", type=int, default=8)
     ap.add_argument("--max-test", type=int, default=0, help="evaluate at most this many test images (0 = all)")
+    ap.add_argument("--setting", action="append", choices=list(SETTINGS), help="run only these settings")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for case in args.case:
         bundle, _, data = case.partition(":")
         results.append(run_case(Path(bundle), Path(data), args.out, stream_images=args.stream_images,
-                                pool=args.pool, max_test=args.max_test))
+                                pool=args.pool, max_test=args.max_test,
+                                settings=args.setting))
         (args.out / "check_cost.json").write_text(json.dumps(results, indent=2, default=float))
     (args.out / "check_cost.md").write_text(markdown(results))
     print(markdown(results))

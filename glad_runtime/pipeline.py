@@ -205,10 +205,9 @@ class GladPipeline:
                 eps = check_output("unet", self.engines.unet(x, np.full(b, t, dtype=np.int64)), x.shape)
             x0 = s.pred_original_sample(x, eps, t)
             undecided = [i for i, tr in enumerate(tracks) if not tr.decided]
-            if c.ads_enabled and undecided and self.check_decided:  # official cost: the whole batch is checked
+            checked = undecided if c.ads_enabled and self.check_due(k, t) else []
+            if checked and self.check_decided:  # official cost: the whole batch is checked while any is undecided
                 checked = list(range(b))
-            else:
-                checked = undecided if c.ads_enabled and self.check_due(k, t) else []
             if checked:
                 u = np.asarray(checked)
                 keep = c.ads_reuse_final_decode and k == last

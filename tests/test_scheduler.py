@@ -139,6 +139,10 @@ def test_official_batch_checks_cost_more_and_change_nothing():
     np.testing.assert_array_equal(official.adaptive_steps, ours.adaptive_steps)
     np.testing.assert_allclose(official.scores, ours.scores, rtol=1e-6)
     assert sum(e_off.decode_batches) > sum(e_ours.decode_batches)
+    # with a check-cost control the official cost mode checks at the same steps, so results still agree
+    m2 = cfg.replace(ads_check_every=2)
+    np.testing.assert_allclose(GladPipeline(StubEngines(), m2, check_decided=True)(images).scores,
+                               GladPipeline(StubEngines(), m2)(images).scores, rtol=1e-6)
 
 
 def test_reuse_final_decode():
