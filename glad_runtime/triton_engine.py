@@ -30,7 +30,7 @@ from .engines import EngineError, GraphEngines
 __all__ = ["TritonEngines", "default_model_prefix", "NETWORKS"]
 
 #: Network model suffixes served per bundle (``dino_ads`` only when the bundle exports it).
-NETWORKS = ("unet", "vae_encoder", "vae_decoder", "dino", "dino_ads")
+NETWORKS = ("unet", "vae_encoder", "vae_decoder", "dino", "dino_ads", "ads_check")
 
 _NP = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32,
        "TYPE_INT8": np.int8, "TYPE_BOOL": np.bool_, "TYPE_UINT8": np.uint8}
@@ -88,8 +88,15 @@ class TritonEngines(GraphEngines):
         wanted = ["unet", "vae_encoder", "vae_decoder", "dino"]
         if config.ads_enabled and config.ads_size != config.dino_resolution:
             wanted.append("dino_ads")
-        for graph in wanted:
+        optional = ["ads_check"] if config.ads_enabled else []  # served when the bundle has it (fused ADS check)
+        for graph in wanted + optional:
             name = f"{model_prefix}_{graph}"
+            if graph in optional:
+                try:
+                    if not self.client.is_model_ready(name, client_timeout=timeout):
+                        continue
+                except Exception:  # noqa: BLE001 - not served: the pipeline checks on the host
+                    continue
             try:
                 cfg = self.client.get_model_config(name, as_json=True, client_timeout=timeout)["config"]
                 if not self.client.is_model_ready(name, client_timeout=timeout):

@@ -103,8 +103,8 @@ def test_repository_layout_and_configs(served_bundle, repo, tmp_path):
 
     names = sorted(p.name for p in repo.iterdir())
     assert names == sorted(model_names(served_bundle)) == sorted(
-        f"tiny_line_{n}" for n in ("unet", "vae_encoder", "vae_decoder", "dino", "dino_ads", "resize",
-                                   "recon_features", "glad"))
+        f"tiny_line_{n}" for n in ("unet", "vae_encoder", "vae_decoder", "dino", "dino_ads", "ads_check",
+                                   "resize", "recon_features", "glad"))
     unet = (repo / "tiny_line_unet" / "config.pbtxt").read_text()
     # dims read from the graph (not hard-coded): compare with what ONNX Runtime reports
     sess = ort.InferenceSession(str(served_bundle.file("onnx/unet.onnx")), providers=["CPUExecutionProvider"])
@@ -133,7 +133,7 @@ def test_repository_layout_and_configs(served_bundle, repo, tmp_path):
     text = (gpu / "a_dino" / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in text and "kind: KIND_GPU" in text and "backend" not in text
     assert "max_batch_size: 4" in (gpu / "b_unet" / "config.pbtxt").read_text()
-    assert len(list(gpu.iterdir())) == 16
+    assert len(list(gpu.iterdir())) == 18  # 9 models per prefix
 
 
 def test_repository_refuses_unexported(tiny_bundle, tmp_path):
@@ -156,6 +156,8 @@ def test_triton_engine_matches_in_process(server, served_bundle, reference):
             out = GladPipeline(engines, served_bundle.config)(batch)
         finally:
             engines.close()
+        if served_bundle.config.ads_enabled:  # the served fused check: one distance map per check comes back
+            assert "ads_check" in engines.models and "ads_fused" in out.timings and "ads_decode" not in out.timings
         np.testing.assert_allclose(out.scores, ref.scores, atol=ATOL)
         np.testing.assert_allclose(out.anomaly_maps, ref.anomaly_maps, atol=ATOL)
         np.testing.assert_array_equal(out.adaptive_steps, ref.adaptive_steps)

@@ -94,12 +94,17 @@ def onnx_io(path: str | os.PathLike) -> tuple[list[TensorSpec], list[TensorSpec]
     return [spec(v) for v in model.graph.input if v.name not in inits], [spec(v) for v in model.graph.output]
 
 
-def _graphs(config) -> list[str]:
-    """The networks served for a config (the graphs ``glad export`` writes; ``dino_ads`` only when ADS runs at
-    another size). Kept torch-free here: ``export.onnx_export.graph_names`` imports torch."""
+def _graphs(bundle: Bundle) -> list[str]:
+    """The networks served for a bundle (the graphs ``glad export`` writes; ``dino_ads`` only when ADS runs at
+    another size; ``ads_check``, the fused ADS check, with ADS on when the bundle has it: a client-side loop then
+    receives one distance map per check instead of two decodes and their tokens). Kept torch-free here:
+    ``export.onnx_export.graph_names`` imports torch."""
+    config = bundle.config
     names = ["unet", "vae_encoder", "vae_decoder", "dino"]
     if config.ads_enabled and config.ads_size != config.dino_resolution:
         names.append("dino_ads")
+    if config.ads_enabled and bundle.file("onnx/ads_check.onnx").is_file():
+        names.append("ads_check")
     return names
 
 
@@ -108,7 +113,7 @@ def model_names(bundle: Bundle, prefix: str | None = None) -> list[str]:
     p = prefix or default_model_prefix(bundle)
     cfg = bundle.config
     extra = ["recon_features", "glad"] + (["resize"] if cfg.resolution != cfg.dino_resolution else [])
-    return [f"{p}_{n}" for n in _graphs(cfg) + extra]
+    return [f"{p}_{n}" for n in _graphs(bundle) + extra]
 
 
 def _params(d: dict[str, object]) -> str:
@@ -182,7 +187,7 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
         raise ValueError("max_batch must be >= 1")
     cfg = b.config
     p = prefix or default_model_prefix(b)
-    graphs = _graphs(cfg)
+    graphs = _graphs(b)
     suffix = "" if precision == "fp32" else ".fp16"
     sources = {g: b.file(f"onnx/{g}{suffix}.onnx") for g in graphs}
     absent = [s.name for s in sources.values() if not s.is_file()]
