@@ -211,15 +211,16 @@ class GladPipeline:
             if checked:
                 u = np.asarray(checked)
                 keep = c.ads_reuse_final_decode and k == last
-                res = self.ads_check(x0[u], eps[u], latents[u], eps0[u], t, keep_decodes=keep)
+                x0_checked, scores, trigger, forced, *decodes = self.ads_check(
+                    x0[u], eps[u], latents[u], eps0[u], t, keep_decodes=keep)
                 for j, i in enumerate(checked):
                     if tracks[i].decided:
                         continue
-                    x0[i] = res[0][j]
-                    if res[2][j] or res[3][j]:
-                        tracks[i] = _Track(True, t, float(res[1][j]), bool(res[2][j]))
-                    if keep and not res[2][j]:
-                        reused[i] = res[4][j]
+                    x0[i] = x0_checked[j]
+                    if trigger[j] or forced[j]:
+                        tracks[i] = _Track(True, t, float(scores[j]), bool(trigger[j]))
+                    if keep and not trigger[j]:
+                        reused[i] = decodes[0][j]
             x = s.ddim_step(x0, eps, t)
         return x, tracks, reused
 

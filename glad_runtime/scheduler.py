@@ -212,8 +212,8 @@ class StepScheduler:
             lat = np.stack([act[i].latents for i in und])
             e0 = np.stack([act[i].eps0 for i in und])
             keep = c.ads_reuse_final_decode
-            res = p.ads_check(x0[und], eps[und], lat, e0, t[und], keep_decodes=keep)
-            x0[und], scores, trigger, forced = res[:4]
+            x0[und], scores, trigger, forced, *decodes = p.ads_check(x0[und], eps[und], lat, e0, t[und],
+                                                                     keep_decodes=keep)
             self.stats["check_calls"] += 1
             self.stats["check_images"] += len(und)
             last = len(sch.timesteps) - 1
@@ -223,7 +223,7 @@ class StepScheduler:
                     s.decided, s.adaptive_step, s.ads_score = True, int(t[i]), float(scores[k])
                     s.triggered = bool(trigger[k])
                 if keep and s.step == last and not trigger[k]:
-                    s.reused = res[4][k]
+                    s.reused = decodes[0][k]
         x_next = sch.ddim_step(x0, eps, t)
         for i, s in enumerate(act):
             s.x = x_next[i]
