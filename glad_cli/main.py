@@ -606,14 +606,17 @@ def data_grp() -> None:
 @click.option("--train", "n_train", default=300, show_default=True, help="Normal cells in train/good.")
 @click.option("--test-good", default=100, show_default=True, help="Held-out normal cells in test/good.")
 @click.option("--test-defect", default=100, show_default=True, help="Defective cells (p=1) in test/defect.")
+@click.option("--test-fold", default=0, show_default=True,
+              help="Which block of held-out cells is the test split (same train/good for every fold; mono has 0-1): "
+                   "a second, disjoint test set for a detector already trained.")
 @click.option("--overwrite", is_flag=True)
 def data_elpv(out: Path, cell_type: str, seed: int, n_train: int, test_good: int, test_defect: int,
-              overwrite: bool) -> None:
+              test_fold: int, overwrite: bool) -> None:
     """ELPV solar cells (elpv-dataset package): normal = defect probability 0, defective = 1 (image labels only)."""
     from training.data import prepare_elpv
 
     info = prepare_elpv(out, cell_type=cell_type, seed=seed, n_train=n_train, n_test_good=test_good,
-                        n_test_defect=test_defect, overwrite=overwrite)
+                        n_test_defect=test_defect, overwrite=overwrite, test_fold=test_fold)
     click.echo(json.dumps(info["counts"]))
 
 

@@ -186,6 +186,34 @@ def test_prepare_elpv_shortage_recorded(tmp_path, monkeypatch):
     assert files.isdisjoint({5, 6, 10, 11})  # uncertain and wrong-type cells excluded
     with pytest.raises(ValueError, match="cell_type"):
         prepare_elpv(tmp_path / "f", cell_type="cigs")
+    with pytest.raises(ValueError, match="test_fold"):
+        prepare_elpv(tmp_path / "g", cell_type="mono", test_fold=-1)
+
+
+def test_prepare_elpv_test_folds(tmp_path, monkeypatch):
+    """Fold k keeps train/good and takes the k-th next block of held-out cells; folds are disjoint."""
+    utils = pytest.importorskip("elpv_dataset.utils")
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (30, 8, 8), dtype=np.uint8)
+    probs = np.array([0.0] * 20 + [1.0] * 10)
+    types = np.array(["mono"] * 30)
+    monkeypatch.setattr(utils, "load_dataset", lambda: (images, probs, types))
+    metas = [prepare_elpv(tmp_path / f"f{k}", cell_type="mono", n_train=8, n_test_good=5, n_test_defect=4,
+                          test_fold=k) for k in (0, 1)]
+    idx = [{s: [i["index"] for i in m["files"][s]] for s in m["files"]} for m in metas]
+    assert idx[0]["train/good"] == idx[1]["train/good"]
+    for s in ("test/good", "test/defect"):
+        assert set(idx[0][s]).isdisjoint(idx[1][s]) and len(idx[1][s]) == len(idx[0][s])
+    # closed form: the same generator order as prepare_elpv (normals, then defects)
+    g = np.random.default_rng(0)
+    normals = np.arange(20)[g.permutation(20)]
+    defects = np.arange(20, 30)[g.permutation(10)]
+    assert idx[1]["test/good"] == normals[13:18].tolist() and idx[1]["test/defect"] == defects[4:8].tolist()
+    assert metas[1]["test_fold"] == 1
+    with pytest.warns(UserWarning, match="fewer images"):
+        short = prepare_elpv(tmp_path / "f2", cell_type="mono", n_train=8, n_test_good=5, n_test_defect=4,
+                             test_fold=2)
+    assert short["counts"] == {"train/good": 8, "test/good": 2, "test/defect": 2}
 
 
 def test_prepare_elpv_real_tiny(tmp_path):
