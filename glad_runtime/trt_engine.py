@@ -105,7 +105,7 @@ class EngineKey:
     """What an engine was built for; two keys must be equal for an engine to be used.
 
     Attributes:
-        graph: ``unet``, ``vae_encoder``, ``vae_decoder``, ``dino`` or ``dino_ads``.
+        graph: ``unet``, ``vae_encoder``, ``vae_decoder``, ``dino``, ``dino_ads`` or ``ads_check``.
         precision: ``fp32``, ``fp16``, ``int8`` or ``fp8``.
         gpu: GPU name (``nvidia-smi``); compute_capability: ``"9.0"``.
         trt_version: TensorRT version string (engines are tied to the exact version).
@@ -235,6 +235,29 @@ def find_engine(bundle: Bundle, graph: str, precision: str, gpu: GpuInfo, trt_ve
         f". Run `glad build {bundle.path} --precision {precision}` on this machine")
 
 
+def engines_to_load(bundle: Bundle, precision: str, gpu: GpuInfo, trt_version: str) -> list[tuple[str, Path, EngineKey]]:
+    """The engines :class:`TensorRTEngines` opens: ``(graph, plan path, key)`` per graph.
+
+    Required: ``unet``, ``vae_encoder``, ``vae_decoder``, ``dino``, and ``dino_ads`` when the ADS size differs from
+    ``dino_resolution`` and ADS is on or such an engine was built. Optional: ``ads_check`` (the fused ADS check), only
+    when an engine of this precision fits this GPU and TensorRT; bundles built before it check on the host.
+
+    Raises:
+        EngineMismatchError: a required engine is missing or does not fit (:func:`find_engine`).
+    """
+    cfg = bundle.config
+    stored = stored_keys(bundle)
+    graphs = ["unet", "vae_encoder", "vae_decoder", "dino"]
+    if cfg.ads_size != cfg.dino_resolution and (cfg.ads_enabled or any(k.graph == "dino_ads" for _, k in stored)):
+        graphs.append("dino_ads")
+    out = [(g, *find_engine(bundle, g, precision, gpu, trt_version)) for g in graphs]
+    try:
+        out.append(("ads_check", *find_engine(bundle, "ads_check", precision, gpu, trt_version)))
+    except EngineMismatchError:
+        pass
+    return out
+
+
 class TensorRTEngines(GraphEngines):
     """GLAD's networks on TensorRT engines from ``glad build`` (polygraphy's ``TrtRunner``: numpy in and out).
 
@@ -249,19 +272,14 @@ class TensorRTEngines(GraphEngines):
 
     def __init__(self, bundle: Bundle | str, precision: str = "fp16", gpu_index: int = 0):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-        self.config = cfg = self.bundle.config
+        self.config = self.bundle.config
         gpu, version = current_gpu(gpu_index), tensorrt_version()
         try:
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
         except ImportError as e:
             raise TensorRTUnavailable("polygraphy is needed to run TensorRT engines (the tensorrt extra)") from e
-        graphs = ["unet", "vae_encoder", "vae_decoder", "dino"]
-        if cfg.ads_size != cfg.dino_resolution and (
-                cfg.ads_enabled or any(k.graph == "dino_ads" for _, k in stored_keys(self.bundle))):
-            graphs.append("dino_ads")
         self.runners, self.keys = {}, {}
-        for g in graphs:
-            path, key = find_engine(self.bundle, g, precision, gpu, version)
+        for g, path, key in engines_to_load(self.bundle, precision, gpu, version):
             self.bundle.verify(prefix="engines/", required=[f"engines/{path.name}"])
             runner = TrtRunner(EngineFromBytes(path.read_bytes()))
             runner.activate()

@@ -119,6 +119,8 @@ def test_repository_layout_and_configs(served_bundle, repo, tmp_path):
         assert 'key: "model_version" value: { string_value: "1" }' in text
     glad = (repo / "tiny_line_glad" / "config.pbtxt").read_text()
     assert "max_batch_size: 4" in glad and 'key: "calibrated" value: { string_value: "true" }' in glad
+    served = "unet,vae_encoder,vae_decoder,dino,dino_ads,ads_check"  # what the BLS loop may call
+    assert f'key: "served_graphs" value: {{ string_value: "{served}" }}' in glad
     assert (repo / "tiny_line_glad" / "1" / "calibration.json").is_file()
     ens = (repo / "tiny_line_recon_features" / "config.pbtxt").read_text()
     assert 'platform: "ensemble"' in ens and ens.index("tiny_line_vae_decoder") < ens.index("tiny_line_resize") \
@@ -167,7 +169,15 @@ def test_bls_matches_in_process_with_labels(server, served_bundle, images, refer
     """Server-side loop (BLS): one request per batch; calibrated labels and normalised scores."""
     from glad_runtime.client import GladClient
 
+    import tritonclient.grpc as grpcclient
+
+    def fused_checks():  # successful requests the served ads_check model has answered so far
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            stats = c.get_inference_statistics("tiny_line_ads_check", as_json=True)["model_stats"][0]
+        return int(stats["inference_stats"]["success"].get("count", 0))
+
     cal = served_bundle.calibration()
+    before = fused_checks()
     with GladClient(server.grpc_url, "tiny_line") as client:
         assert client.health() == {server.grpc_url: True}
         assert client.model_ready("unet") and client.model_ready("glad")
@@ -175,6 +185,7 @@ def test_bls_matches_in_process_with_labels(server, served_bundle, images, refer
         assert meta["resolution"] == 128 and meta["parameters"]["bundle_checksum"] == served_bundle.checksum()
         dets = client.detect(images)
     _check(dets, reference, range(4))
+    assert fused_checks() > before  # the server-side loop checks through the fused graph
     for d in dets:
         assert d.label == cal.label(d.score) and d.normalized_score == pytest.approx(cal.normalize(d.score), abs=1e-5)
         assert d.original_size == (300, 300) and d.map_at_original_size().shape == (300, 300)

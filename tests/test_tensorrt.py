@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from glad_runtime.bundle import Bundle, BundleError
-from glad_runtime.trt_engine import (EngineKey, EngineMismatchError, GpuInfo, TensorRTUnavailable, find_engine,
+from glad_runtime.trt_engine import (EngineKey, EngineMismatchError, GpuInfo, TensorRTUnavailable, engines_to_load,
+                                     find_engine,
                                      onnx_source, optimization_profile, parse_nvidia_smi)
 
 H200 = GpuInfo("NVIDIA H200", "9.0")
@@ -91,6 +92,23 @@ def test_find_engine_matches_and_refuses(tmp_path, tiny_bundle):
         find_engine(b, "unet", "int8", H200, "10.13.0.35")
     with pytest.raises(EngineMismatchError, match="none built"):
         find_engine(b, "dino", "fp16", H200, "10.13.0.35")
+
+
+def test_engines_to_load_takes_the_fused_check_when_built(tmp_path, tiny_bundle):
+    """The four networks are required; ``ads_check`` is loaded only when an engine of this precision fits."""
+    b = Bundle(shutil.copytree(tiny_bundle.path, tmp_path / "b"))
+    assert b.config.ads_enabled and b.config.ads_size != b.config.dino_resolution  # dino_ads is required too
+    want = ["unet", "vae_encoder", "vae_decoder", "dino", "dino_ads"]
+    for g in want:
+        _store(b, _key(graph=g))
+    assert [g for g, _, _ in engines_to_load(b, "fp16", H200, "10.13.0.35")] == want
+    _store(b, _key(graph="ads_check", precision="fp32"))  # another precision: not used at fp16
+    assert [g for g, _, _ in engines_to_load(b, "fp16", H200, "10.13.0.35")] == want
+    _store(b, _key(graph="ads_check"))
+    loaded = engines_to_load(b, "fp16", H200, "10.13.0.35")
+    assert [g for g, _, _ in loaded] == want + ["ads_check"] and loaded[-1][2] == _key(graph="ads_check")
+    with pytest.raises(EngineMismatchError, match="'unet'"):
+        engines_to_load(b, "fp32", H200, "10.13.0.35")  # a required network missing at fp32 still fails
 
 
 def test_onnx_source_names_the_missing_step(tiny_bundle):

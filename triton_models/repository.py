@@ -290,6 +290,7 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
                TensorSpec("adaptive_steps", "TYPE_INT64", (), True), TensorSpec("ads_scores", "TYPE_FP32", (), True),
                TensorSpec("triggered", "TYPE_BOOL", (), True)]
     bls_params = dict(common, model_prefix=p, network_max_batch=net_batch, resolution=r, dino_resolution=d,
+                      served_graphs=",".join(graphs),
                       calibrated="true" if cal is not None else "false",
                       threshold="" if cal is None else cal.image_threshold)
     text = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'

@@ -1,7 +1,8 @@
 """Triton python-backend BLS model ``<prefix>_glad``: the whole GLAD loop server-side, one request per batch.
 
 :class:`glad_runtime.pipeline.GladPipeline` runs here with :class:`BlsEngines`, whose network calls are BLS requests
-to ``<prefix>_unet``, ``<prefix>_vae_encoder``, ``<prefix>_vae_decoder``, ``<prefix>_dino`` (and ``_dino_ads``), so
+to ``<prefix>_unet``, ``<prefix>_vae_encoder``, ``<prefix>_vae_decoder``, ``<prefix>_dino`` (and ``_dino_ads``; with
+ADS on, ``_ads_check`` when served: one request per check returning the distance map), so
 those models keep their own instances and dynamic batching (several ``_glad`` instances, or several bundles, share
 them). The version directory holds the bundle's ``config.json`` and, when calibrated, ``calibration.json``.
 
@@ -21,7 +22,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from glad_runtime.config import GladConfig
-from glad_runtime.engines import EngineError, check_output
+from glad_runtime.engines import EngineError, GraphEngines
 from glad_runtime.pipeline import GladPipeline, InvalidInputError
 
 
@@ -30,22 +31,28 @@ def _error(message, code="INTERNAL"):
     return err(message, getattr(err, code)) if hasattr(err, code) else err(message)
 
 
-class BlsEngines:
-    """The Engines interface as BLS requests to the network models of one prefix.
+class BlsEngines(GraphEngines):
+    """The Engines interface as BLS requests to the network models of one prefix (the shared
+    :class:`~glad_runtime.engines.GraphEngines` calls, checks and fused ADS check over ``_run_graph``).
 
     Args:
         prefix: model prefix. config: the bundle's GladConfig. max_batch: the network models' max_batch_size.
+        served: the network models served for this prefix (the ``served_graphs`` parameter; ``ads_check`` among
+            them makes each ADS check one request returning only the distance map). None: repositories written
+            before that parameter: the feature graphs, no fused check.
     Raises (calls): EngineError with the network model's error message.
     """
 
-    def __init__(self, prefix, config, max_batch):
-        self.prefix, self.config, self.max_batch = prefix, config, max(1, int(max_batch))
-        self.graphs = {config.dino_resolution: "dino"}
-        if config.ads_enabled and config.ads_size != config.dino_resolution:
-            self.graphs[config.ads_size] = "dino_ads"
-        self.tokens = [f"tokens_{layer}" for layer in config.feature_layers]
+    _kind = "served feature model"
 
-    def _call(self, graph, feeds, outputs):
+    def __init__(self, prefix, config, max_batch, served=None):
+        self.prefix, self.config, self.max_batch = prefix, config, max(1, int(max_batch))
+        if served is None:
+            served = ["dino"] + (["dino_ads"] if config.ads_enabled and config.ads_size != config.dino_resolution
+                                 else [])
+        self._init_feature_graphs(served)
+
+    def _run_graph(self, graph, feeds, outputs):
         n = len(next(iter(feeds.values())))
         parts = []
         for s in range(0, n, self.max_batch):
@@ -63,30 +70,6 @@ class BlsEngines:
             parts.append([pb_utils.get_output_tensor_by_name(response, o).as_numpy() for o in outputs])
         return [np.concatenate([p[k] for p in parts]) for k in range(len(outputs))]
 
-    def encode(self, images):
-        c = self.config
-        out = self._call("vae_encoder", {"images": images}, ["latents"])[0]
-        return check_output("vae_encoder", out, (len(images), c.latent_channels, c.latent_size, c.latent_size))
-
-    def unet(self, latents, timesteps):
-        ts = np.ascontiguousarray(np.broadcast_to(np.asarray(timesteps, np.int64), (len(latents),)))
-        out = self._call("unet", {"latents": np.asarray(latents, np.float32), "timesteps": ts}, ["noise_pred"])[0]
-        return check_output("unet", out, latents.shape)
-
-    def decode(self, latents):
-        r = self.config.resolution
-        out = self._call("vae_decoder", {"latents": np.asarray(latents, np.float32)}, ["images"])[0]
-        return check_output("vae_decoder", out, (len(latents), 3, r, r))
-
-    def features(self, images):
-        size = images.shape[-1]
-        graph = self.graphs.get(size)
-        if graph is None:
-            raise EngineError(f"features: no served graph for {size}px images ({sorted(self.graphs)})")
-        outs = self._call(graph, {"images": np.asarray(images, np.float32)}, self.tokens)
-        g = size // self.config.patch_size
-        return [check_output(graph, o, (len(images), g, g, o.shape[-1])) for o in outs]
-
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -94,7 +77,9 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         vdir = Path(args["model_repository"]) / args["model_version"]
         config = GladConfig.from_dict(json.loads((vdir / "config.json").read_text()))
-        self.engines = BlsEngines(params["model_prefix"], config, int(params["network_max_batch"]))
+        served = params.get("served_graphs")
+        self.engines = BlsEngines(params["model_prefix"], config, int(params["network_max_batch"]),
+                                  served.split(",") if served else None)
         self.pipeline = GladPipeline(self.engines, config)
         self.calibration = None
         if (vdir / "calibration.json").is_file():
