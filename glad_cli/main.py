@@ -165,13 +165,14 @@ def _bundle_calibration(bundle: Path):
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16"]),
               default=("fp32", "fp16"), show_default=True, help="Repeat for several.")
 @click.option("--graph", "graphs", multiple=True, help="Only these graphs (unet, vae_encoder, vae_decoder, dino, "
-              "dino_ads); default all the bundle needs.")
+              "dino_ads, ads_check); default all the bundle needs.")
 @click.option("--images", "image_dir", type=click.Path(exists=True, path_type=Path),
               help="Real images (a folder or file) for the parity and NaN checks; default scikit-image photos.")
 def export_cmd(bundle: Path, opset: int, exporter: str, precisions, graphs, image_dir) -> None:
     """Export a BUNDLE's networks to ONNX (BUNDLE/onnx/) and check each graph against torch on real images.
 
-    Writes unet, vae_encoder, vae_decoder and dino graphs (dynamic batch, fixed image size) in fp32 and fp16, runs
+    Writes unet, vae_encoder, vae_decoder, dino (dino_ads when ADS runs at another size) and ads_check (the whole
+    ADS check in one graph) graphs (dynamic batch, fixed image size) in fp32 and fp16, runs
     each in ONNX Runtime on real inputs, refuses any graph with NaN/Inf outputs, and records per-graph errors,
     sizes and times in BUNDLE/onnx/export.json. Then `glad detect --engine ort` runs without torch.
     """
@@ -328,7 +329,9 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
     \b
     Per bundle, under a prefix P:
       P_unet, P_vae_encoder, P_vae_decoder, P_dino[, P_dino_ads]   one model per network
+      P_ads_check        the fused ADS check (ADS on, when exported): one distance map per check
       P_recon_features   ensemble: latents -> decoder -> resize -> dino (reconstruction + its tokens)
+      P_resize           the ensemble's resize step (only when resolution != dino_resolution)
       P_glad             BLS model: the whole ADS/SAFF loop, one request per batch (glad_runtime.client)
     Clients: `glad detect BUNDLE --server HOST:GRPC_PORT` (loop here, networks there) or
     glad_runtime.client.GladClient(URL, P) (loop on the server).
