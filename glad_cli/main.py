@@ -127,7 +127,10 @@ def _open_pipeline(bundle: Path, engine: dict, max_batch: int = 16, **config_cha
     from glad_runtime.pipeline import GladPipeline
 
     b = Bundle(bundle)
-    cfg = b.config.replace(**config_changes) if config_changes else b.config
+    try:
+        cfg = b.config.replace(**config_changes) if config_changes else b.config
+    except (TypeError, ValueError) as e:
+        raise click.BadParameter(f"{e}", param_hint="--set") from e
     backend = "triton" if engine.get("server") else engine.get("backend", "torch")
     try:
         engines = load_engines(b, backend, device=engine.get("device", "cpu"),
@@ -403,10 +406,13 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--threshold", type=float, default=None,
               help="Raw image threshold for this run, overriding the bundle's calibration (labels: score > X).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field for this run, e.g. --set ads_enabled=true (repeatable). A calibrated "
+                   "bundle's thresholds were set with its own config: the summary then says so.")
 def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size: int, seed: int | None,
                backend: str, device: str, precision: str, provider: str, threads: int, server, model_prefix,
                map_format: str,
-               quiet: bool, threshold: float | None) -> None:
+               quiet: bool, threshold: float | None, overrides) -> None:
     """Score images (files or folders) with a model BUNDLE; maps come back at each image's original size.
 
     Any image Pillow reads is accepted: 8/16-bit grayscale, RGB, RGBA, palette, EXIF-rotated, any size. A file that
@@ -431,14 +437,22 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
     start = time.perf_counter()
     engine = dict(backend=backend, device=device, precision=precision, provider=provider, threads=threads,
                   server=server, model_prefix=model_prefix)
-    _, _, pipeline = _open_pipeline(bundle, engine, batch_size, **({} if seed is None else {"seed": seed}))
+    changes = _parse_overrides(overrides)
+    _, _, pipeline = _open_pipeline(bundle, engine, batch_size, **changes, **({} if seed is None else {"seed": seed}))
     records = detect_files(pipeline, paths, out_dir, batch_size=batch_size, map_format=map_format,
                            progress=not quiet, calibration=calibration, threshold=threshold)
     summary = summarize(records) | {"wall_s": round(time.perf_counter() - start, 2), "out": str(out_dir)}
+    notes = []
     if calibration is not None and pipeline.config.seed != calibration.params.get("pipeline_seed",
                                                                                    pipeline.config.seed):
-        summary["note"] = (f"calibrated with seed {calibration.params['pipeline_seed']}, run with seed "
-                           f"{pipeline.config.seed}: scores shift with the noise seed")
+        notes.append(f"calibrated with seed {calibration.params['pipeline_seed']}, run with seed "
+                     f"{pipeline.config.seed}: scores shift with the noise seed")
+    changed = sorted(k for k in changes if k != "seed")
+    if calibration is not None and threshold is None and changed:
+        notes.append(f"calibrated with the bundle's config, run with --set {', '.join(changed)}: the thresholds "
+                     "may not apply (recalibrate, or pass --threshold)")
+    if notes:
+        summary["note"] = "; ".join(notes)
     for r in records:
         if r.error is None and r.label is not None:
             norm = "" if r.normalized_score is None else f"{r.normalized_score:.3f} "
@@ -677,11 +691,26 @@ def train_cmd(data: Path, bundle: Path, preset: str, init_bundle, features: str,
 
 
 def _parse_overrides(items) -> dict:
+    """``--set KEY=VALUE`` items -> config changes (values read as JSON where they parse, else strings).
+
+    Raises:
+        click.BadParameter: no ``=``, or a key that is not a GladConfig field (the close names are suggested).
+    """
+    import dataclasses
+    import difflib
+
+    from glad_runtime.config import GladConfig
+
+    fields = [f.name for f in dataclasses.fields(GladConfig)]
     out = {}
     for item in items:
         if "=" not in item:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
         k, v = item.split("=", 1)
+        if k not in fields:
+            close = difflib.get_close_matches(k, fields, n=3)
+            raise click.BadParameter(f"{k!r} is not a config field" + (f"; did you mean {close}?" if close else ""),
+                                     param_hint="--set")
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:

@@ -391,6 +391,18 @@ def test_cli_calibrate_labelled_on_stub_pipeline(tmp_path, monkeypatch):
         assert all(r["label"] == cal.label(r["score"], r["threshold"]) for r in recs)
         assert res.output.count("anomalous ") == sum(r["label"] == "anomalous" for r in recs)
     assert {r["label"] for r in recs} == {"anomalous"} and recs[0]["threshold"] == -1.0
+    # `glad detect --set`: a config field for this run; the score is then the map's maximum (top-1 >= top-K mean),
+    # and the summary says the calibration was made with another config
+    res = CliRunner().invoke(main.cli, ["detect", str(b.path), str(lab / "dent"), "--out", str(tmp_path / "top1"),
+                                        "--quiet", "--set", "top_k=1", "--map-format", "npy"])
+    assert res.exit_code == 0, res.output
+    top1 = {r["source"]: r for r in map(json.loads, open(tmp_path / "top1" / "results.jsonl"))}
+    for r in recs:
+        assert top1[r["source"]]["score"] >= r["score"] - 1e-6
+    assert "run with --set top_k" in json.loads(res.output.strip().splitlines()[-1])["note"]
+    res = CliRunner().invoke(main.cli, ["detect", str(b.path), str(lab / "dent"), "--out", str(out), "--quiet",
+                                        "--set", "no_such_field=1"])
+    assert res.exit_code == 2 and "--set" in res.output and "no_such_field" in res.output
     # an uncalibrated bundle: no labels, and a note
     plain = _stub_bundle(tmp_path / "plain")
     res = CliRunner().invoke(main.cli, ["detect", str(plain.path), str(lab / "dent"), "--out", str(out), "--quiet"])
