@@ -11,7 +11,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Engines", "EngineError", "GraphEngines", "check_output", "load_engines", "BACKENDS"]
+__all__ = ["Engines", "EngineError", "GraphEngines", "check_output", "load_engines", "BACKENDS", "network_graphs",
+           "ads_check_signature"]
 
 
 class EngineError(RuntimeError):
@@ -46,6 +47,25 @@ class Engines(Protocol):
     def decode(self, latents: np.ndarray) -> np.ndarray: ...
 
     def features(self, images: np.ndarray) -> list[np.ndarray]: ...
+
+
+def network_graphs(config, dino_ads_present: bool = False) -> list[str]:
+    """The network graphs a backend needs for ``config`` (one place for every backend and the model repository):
+    ``unet``, ``vae_encoder``, ``vae_decoder``, ``dino``, and ``dino_ads`` when the ADS check runs at another size
+    than scoring and either ADS is on or the backend has that graph (so ADS can be switched on later). The fused
+    ``ads_check`` graph is optional and each backend decides whether it loads it."""
+    names = ["unet", "vae_encoder", "vae_decoder", "dino"]
+    if config.ads_size != config.dino_resolution and (config.ads_enabled or dino_ads_present):
+        names.append("dino_ads")
+    return names
+
+
+def ads_check_signature(config) -> tuple:
+    """The config fields a fused ADS check (``ads_check`` graph, ``export.models.AdsCheck``) is built from: image
+    resolution, ADS size, patch size, the ADS layer and its input normalisation. A check made for one signature
+    serves only configs with the same one."""
+    return (config.resolution, config.ads_size, config.patch_size, config.feature_layers[config.ads_layer],
+            config.ads_imagenet_norm)
 
 
 def check_output(name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -130,12 +150,10 @@ class GraphEngines:
         ``[U,C,h,w]`` twice -> distance map ``[U,g,g]`` in [0, 2].
 
         Returns None (the pipeline then checks on the host) when the graph is not loaded or ``config`` asks for
-        other ADS settings than the graph was exported with (size, layer, normalisation).
+        other ADS settings than the graph was exported with (:func:`ads_check_signature`).
         """
         c = self.config
-        same = (config.ads_size, config.feature_layers[config.ads_layer], config.ads_imagenet_norm,
-                config.resolution) == (c.ads_size, c.feature_layers[c.ads_layer], c.ads_imagenet_norm, c.resolution)
-        if not (getattr(self, "_ads_check_loaded", False) and same):
+        if not (getattr(self, "_ads_check_loaded", False) and ads_check_signature(config) == ads_check_signature(c)):
             return None
         feeds = {"pred_original_sample": np.asarray(pred_original_sample, np.float32),
                  "input_anchored": np.asarray(input_anchored, np.float32)}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .engines import EngineError, GraphEngines
+from .engines import EngineError, GraphEngines, network_graphs
 
 __all__ = ["OrtEngines", "PROVIDERS", "session_options"]
 
@@ -92,11 +92,9 @@ class OrtEngines(GraphEngines):
         self.precision, self.provider, self.max_batch = precision, provider, max(1, int(max_batch))
         self.opts = session_options(intra_op_threads, inter_op_threads)
         self.sessions: dict[str, object] = {}
-        needed = ["unet", "vae_encoder", "vae_decoder", "dino"]
-        cfg = self.config
-        if cfg.ads_size != cfg.dino_resolution and (cfg.ads_enabled or any(
-                self.bundle.file(f"onnx/dino_ads{sfx}.onnx").is_file() for sfx in _SUFFIX.values())):
-            needed.append("dino_ads")  # required with ADS on; loaded when present so ADS can be switched on later
+        # dino_ads: required with ADS on; loaded when present so ADS can be switched on later
+        needed = network_graphs(self.config, dino_ads_present=any(
+            self.bundle.file(f"onnx/dino_ads{sfx}.onnx").is_file() for sfx in _SUFFIX.values()))
         if fused_check is None:
             fused_check = provider != "cpu"
         if fused_check and any(self.bundle.file(f"onnx/ads_check{sfx}.onnx").is_file() for sfx in _SUFFIX.values()):

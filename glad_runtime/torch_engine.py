@@ -104,7 +104,9 @@ class TorchEngines:
         """
         from export.models import AdsCheck
 
-        key = (config.ads_size, config.ads_layer, config.ads_imagenet_norm, config.feature_layers, config.patch_size)
+        from .engines import ads_check_signature
+
+        key = ads_check_signature(config)
         if getattr(self, "_ads_key", None) != key:
             self._ads_check = AdsCheck(self.modules.decoder, self.modules.features, config).to(self.device).eval()
             self._ads_key = key

@@ -25,7 +25,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .config import GladConfig
-from .engines import EngineError, GraphEngines
+from .engines import EngineError, GraphEngines, network_graphs
 
 __all__ = ["TritonEngines", "default_model_prefix", "NETWORKS"]
 
@@ -85,9 +85,7 @@ class TritonEngines(GraphEngines):
         self.client = grpcclient.InferenceServerClient(url, channel_args=GRPC_CHANNEL_ARGS)
         self._lock = threading.Lock()
         self.models: dict[str, _Model] = {}
-        wanted = ["unet", "vae_encoder", "vae_decoder", "dino"]
-        if config.ads_enabled and config.ads_size != config.dino_resolution:
-            wanted.append("dino_ads")
+        wanted = network_graphs(config)
         optional = ["ads_check"] if config.ads_enabled else []  # served when the bundle has it (fused ADS check)
         for graph in wanted + optional:
             name = f"{model_prefix}_{graph}"

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .engines import EngineError, GraphEngines
+from .engines import EngineError, GraphEngines, network_graphs
 
 __all__ = ["EngineKey", "GpuInfo", "TensorRTUnavailable", "EngineMismatchError", "current_gpu", "parse_nvidia_smi",
            "optimization_profile", "find_engine", "TensorRTEngines", "PRECISIONS", "onnx_source"]
@@ -235,7 +235,8 @@ def find_engine(bundle: Bundle, graph: str, precision: str, gpu: GpuInfo, trt_ve
         f". Run `glad build {bundle.path} --precision {precision}` on this machine")
 
 
-def engines_to_load(bundle: Bundle, precision: str, gpu: GpuInfo, trt_version: str) -> list[tuple[str, Path, EngineKey]]:
+def engines_to_load(bundle: Bundle, precision: str, gpu: GpuInfo,
+                    trt_version: str) -> list[tuple[str, Path, EngineKey]]:
     """The engines :class:`TensorRTEngines` opens: ``(graph, plan path, key)`` per graph.
 
     Required: ``unet``, ``vae_encoder``, ``vae_decoder``, ``dino``, and ``dino_ads`` when the ADS size differs from
@@ -245,11 +246,7 @@ def engines_to_load(bundle: Bundle, precision: str, gpu: GpuInfo, trt_version: s
     Raises:
         EngineMismatchError: a required engine is missing or does not fit (:func:`find_engine`).
     """
-    cfg = bundle.config
-    stored = stored_keys(bundle)
-    graphs = ["unet", "vae_encoder", "vae_decoder", "dino"]
-    if cfg.ads_size != cfg.dino_resolution and (cfg.ads_enabled or any(k.graph == "dino_ads" for _, k in stored)):
-        graphs.append("dino_ads")
+    graphs = network_graphs(bundle.config, dino_ads_present=any(k.graph == "dino_ads" for _, k in stored_keys(bundle)))
     out = [(g, *find_engine(bundle, g, precision, gpu, trt_version)) for g in graphs]
     try:
         out.append(("ads_check", *find_engine(bundle, "ads_check", precision, gpu, trt_version)))

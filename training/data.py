@@ -312,7 +312,8 @@ def prepare_elpv(
     k-th next block of held-out cells instead (normals ``n_train + k * n_test_good ...``, defects
     ``k * n_test_defect ...``): a second, disjoint test set for the same trained detector. With the defaults mono
     has folds 0-1 (588 normals), poly 0-5. On ELPV mono the split matters: the kNN baseline scores 0.953 on fold 0
-    and 0.972 on fold 1 (see the README), so compare methods on the same fold. There is no ``ground_truth`` folder (no pixel masks exist).
+    and 0.972 on fold 1 (see the README), so compare methods on the same fold. There is no ``ground_truth`` folder
+    (no pixel masks exist).
     If fewer images exist than requested, the split takes what there is (train first), warns, and records it.
     Files are 8-bit grayscale PNGs named ``<dataset index:04d>.png``; ``dataset.json`` records the seed, the
     requested and actual counts, the source, the label rule and the dataset index / original file of every image.

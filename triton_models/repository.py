@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glad_runtime.bundle import Bundle, BundleError, sha256_file
+from glad_runtime.engines import network_graphs
 from glad_runtime.triton_engine import default_model_prefix
 
 __all__ = ["TensorSpec", "onnx_io", "generate_repository", "model_names", "TARGETS", "PYTHON_MODELS"]
@@ -100,9 +101,7 @@ def _graphs(bundle: Bundle) -> list[str]:
     receives one distance map per check instead of two decodes and their tokens). Kept torch-free here:
     ``export.onnx_export.graph_names`` imports torch."""
     config = bundle.config
-    names = ["unet", "vae_encoder", "vae_decoder", "dino"]
-    if config.ads_enabled and config.ads_size != config.dino_resolution:
-        names.append("dino_ads")
+    names = network_graphs(config)
     if config.ads_enabled and bundle.file("onnx/ads_check.onnx").is_file():
         names.append("ads_check")
     return names

@@ -22,7 +22,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from glad_runtime.config import GladConfig
-from glad_runtime.engines import EngineError, GraphEngines
+from glad_runtime.engines import EngineError, GraphEngines, network_graphs
 from glad_runtime.pipeline import GladPipeline, InvalidInputError
 
 
@@ -47,10 +47,7 @@ class BlsEngines(GraphEngines):
 
     def __init__(self, prefix, config, max_batch, served=None):
         self.prefix, self.config, self.max_batch = prefix, config, max(1, int(max_batch))
-        if served is None:
-            served = ["dino"] + (["dino_ads"] if config.ads_enabled and config.ads_size != config.dino_resolution
-                                 else [])
-        self._init_feature_graphs(served)
+        self._init_feature_graphs(network_graphs(config) if served is None else served)
 
     def _run_graph(self, graph, feeds, outputs):
         n = len(next(iter(feeds.values())))
