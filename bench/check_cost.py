@@ -41,7 +41,7 @@ SETTINGS: dict[str, dict] = {
 def auto_tau(engines, config, data: Path, count: int = 16, quantile: float = 0.95) -> float:
     """ADS ``tau`` from normal images only: the ``quantile`` of the first check's score over ``count`` images of
     ``DATA/train/good`` (probed with ``min_step`` above ``t_max``, which decides every image at its first check)."""
-    from glad_runtime.pipeline import GladPipeline
+    from glad_runtime.pipeline.batch import GladPipeline
     from training.data import MVTecCategory
     from training.evaluate import load_batches
 
@@ -57,7 +57,7 @@ def variant_bundle(src, dst: Path, **overrides):
     graphs differ (``ads_resolution``). Reused when it exists with the same config."""
     from export.models import load_bundle_modules, save_bundle_modules
     from export.onnx_export import export_bundle
-    from glad_runtime.bundle import Bundle
+    from glad_runtime.core.bundle import Bundle
 
     cfg = src.config.replace(**overrides)
     if (dst / "onnx" / "export.json").exists() and Bundle(dst).config == cfg:
@@ -83,9 +83,9 @@ def _stream_images(data: Path, resolution: int, n: int) -> np.ndarray:
 def run_case(bundle_dir: Path, data: Path, out: Path, *, stream_images: int, pool: int, max_test: int = 0,
              settings: list[str] | None = None, say=print) -> dict:
     from bench.run import run_stream_bench
-    from glad_runtime.bundle import Bundle
+    from glad_runtime.core.bundle import Bundle
     from glad_runtime.engines import load_engines
-    from glad_runtime.pipeline import GladPipeline
+    from glad_runtime.pipeline.batch import GladPipeline
     from training.evaluate import evaluate
 
     src = Bundle(bundle_dir)

@@ -31,9 +31,9 @@ def run_one(workdir: Path, graph: str, precisions: list[str], opset: int) -> dic
 
     from export.models import build_sd14_modules
     from export.onnx_export import example_inputs, export_bundle
-    from glad_runtime.bundle import Bundle
-    from glad_runtime.config import get_preset
-    from glad_runtime.ort_engine import session_options
+    from glad_runtime.core.bundle import Bundle
+    from glad_runtime.core.config import get_preset
+    from glad_runtime.engines.ort import session_options
 
     cfg = get_preset("sd14-dino-vitb8")
     t0 = time.perf_counter()

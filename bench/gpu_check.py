@@ -3,7 +3,7 @@
     python -m bench.gpu_check --out DIR [--arch sd14-dino-vitb8] [--images DIR] [--device cuda] [--dtype fp16]
 
 The ``sd14-dino-vitb8`` architecture (random weights: the costs, not the decisions, are what is measured) on the
-:class:`~glad_runtime.torch_engine.TorchEngines` (numpy in and out, so host transfers are included, as the pipeline
+:class:`~glad_runtime.engines.pytorch.TorchEngines` (numpy in and out, so host transfers are included, as the pipeline
 pays them). Sections, each written to ``DIR/gpu_check.json`` as soon as it is done (a run stopped at its time
 limit keeps what it measured):
 
@@ -12,7 +12,7 @@ limit keeps what it measured):
 2. ``graphs``: median seconds per call of each network at batch 1, 4 and 8 (UNet with classifier-free guidance
    inside, VAE encoder and decoder, DINO ViT-B/8 at 512 px with the 4 scoring layers), and the ADS check (two
    decodes + the features of both at the ADS size) in UNet-step equivalents.
-3. ``pipeline``: :class:`~glad_runtime.pipeline.GladPipeline` seconds per image at batch 1 and 8, ADS off and on,
+3. ``pipeline``: :class:`~glad_runtime.pipeline.batch.GladPipeline` seconds per image at batch 1 and 8, ADS off and on,
    with the stage split and the adaptive steps taken.
 4. ``stream``: ``bench.run.run_stream_bench`` (one at a time, per batch, step scheduler) on the same images.
 
@@ -74,7 +74,7 @@ def _time(fn, *args, repeats: int = 5, warmup: int = 2) -> float:
 
 
 def _graphs(engines, config, batches=(1, 4, 8)) -> dict:
-    from glad_runtime.anomaly import resize_bilinear
+    from glad_runtime.core.scoring import resize_bilinear
 
     c = config
     rng = np.random.default_rng(0)
@@ -108,7 +108,7 @@ def _graphs(engines, config, batches=(1, 4, 8)) -> dict:
 def _pipeline(engines, config, images: np.ndarray) -> dict:
     from collections import Counter
 
-    from glad_runtime.pipeline import GladPipeline
+    from glad_runtime.pipeline.batch import GladPipeline
 
     out: dict = {}
     for ads in (False, True):
@@ -156,8 +156,8 @@ def main(argv=None) -> int:
 
     from bench.run import STREAM_MODES, load_bench_images, run_stream_bench
     from export.models import build_sd14_modules, build_tiny_modules
-    from glad_runtime.config import get_preset
-    from glad_runtime.torch_engine import TorchEngines
+    from glad_runtime.core.config import get_preset
+    from glad_runtime.engines.pytorch import TorchEngines
 
     cfg = get_preset(args.arch) if args.arch != "tiny" else get_preset("tiny", ads_enabled=True)
     t = time.perf_counter()

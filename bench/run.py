@@ -61,7 +61,7 @@ def load_bench_images(config, image_paths: Sequence[Path] | None = None, count: 
     Raises:
         ValueError: no images could be loaded.
     """
-    from glad_runtime.images import load_image, preprocess
+    from glad_runtime.core.images import load_image, preprocess
 
     if image_paths:
         paths = list(image_paths)[:count]
@@ -106,7 +106,7 @@ def _engine_factory(bundle, name: str, threads: int, server: str | None = None,
 
 def _run_engine(make, config, images: np.ndarray, batch_sizes: Sequence[int], repeats: int,
                 say: Callable[[str], None]) -> dict:
-    from glad_runtime.pipeline import GladPipeline
+    from glad_runtime.pipeline.batch import GladPipeline
 
     _reset_peak_rss()
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def run_bench(bundle, *, engines: Sequence[str] = DEFAULT_ENGINES, images: np.nd
     """Benchmark the engines on the same images; returns the JSON-able result (see module docstring).
 
     Args:
-        bundle: a :class:`~glad_runtime.bundle.Bundle` (exported for ``ort-*``, built for ``tensorrt-*``).
+        bundle: a :class:`~glad_runtime.core.bundle.Bundle` (exported for ``ort-*``, built for ``tensorrt-*``).
         engines: engine names ``backend[-precision]``.
         images: ``[N,3,R,R]`` float32 in [-1,1] (default :func:`load_bench_images`).
         batch_sizes: requests of this many images.
@@ -203,7 +203,7 @@ def _add_ads_cost(results: dict, bundle, config, images, threads, say, server=No
         return
     bs = str(max(results["batch_sizes"]))
     name = max(measured, key=lambda k: measured[k]["batch"][bs]["images_per_s"])
-    from glad_runtime.pipeline import GladPipeline
+    from glad_runtime.pipeline.batch import GladPipeline
 
     engines = _engine_factory(bundle, name, threads, server, model_prefix)()
     cost = {"engine": name, "batch_size": int(bs)}
@@ -231,7 +231,7 @@ def _add_flops(results: dict, bundle, config) -> None:
         return
     steps = [int(s) for s, c in next(iter(results["engines"].values()), {}).get("adaptive_steps", {}).items()
              for _ in range(c)] if results["engines"] else []
-    from glad_runtime.schedule import ddim_timesteps
+    from glad_runtime.core.schedule import ddim_timesteps
 
     ts = ddim_timesteps(config.t_max, config.num_inference_steps).tolist()
     checks = float(np.mean([sum(1 for t in ts if t >= s) for s in steps])) if steps and config.ads_enabled else 0.0
@@ -239,7 +239,7 @@ def _add_flops(results: dict, bundle, config) -> None:
     results["flops_per_image"] = fl
     gpu = None
     try:
-        from glad_runtime.trt_engine import current_gpu
+        from glad_runtime.engines.trt import current_gpu
 
         gpu = current_gpu().name
     except Exception:
@@ -337,7 +337,7 @@ def run_stream_bench(bundle, engine: str = "ort-fp32", images: np.ndarray | None
     * ``per_batch_official``: :class:`GladPipeline` on consecutive batches of ``pool`` images with the official
       code's check cost (``check_decided=True``: while any image of the batch is undecided, every image is checked);
     * ``per_batch``: the same batches with this project's pipeline (only undecided images are checked);
-    * ``scheduler``: :class:`~glad_runtime.scheduler.StepScheduler` with ``pool`` images in flight.
+    * ``scheduler``: :class:`~glad_runtime.pipeline.stream.StepScheduler` with ``pool`` images in flight.
 
     All images are available at the start (a saturated line). Latency of an image: from when its work starts (its
     batch starts, or it is admitted) to its result. Returns images/s, p50/p95/p99 latency and the largest score
@@ -345,8 +345,8 @@ def run_stream_bench(bundle, engine: str = "ort-fp32", images: np.ndarray | None
     already-built :class:`~glad_runtime.engines.Engines` and its config) replace ``bundle`` and ``engine``, e.g. the
     PyTorch engine on a GPU in ``bench.gpu_check``.
     """
-    from glad_runtime.pipeline import GladPipeline
-    from glad_runtime.scheduler import StepScheduler
+    from glad_runtime.pipeline.batch import GladPipeline
+    from glad_runtime.pipeline.stream import StepScheduler
 
     unknown = set(modes) - set(STREAM_MODES)
     if unknown:

@@ -23,15 +23,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glad_runtime.bundle import Bundle  # noqa: E402
-from glad_runtime.images import preprocess  # noqa: E402
-from glad_runtime.pipeline import GladPipeline  # noqa: E402
+from glad_runtime.core.bundle import Bundle  # noqa: E402
+from glad_runtime.core.images import preprocess  # noqa: E402
+from glad_runtime.pipeline.batch import GladPipeline  # noqa: E402
 
 
 def _tiny_bundle(folder: Path) -> Bundle:
     from export.models import build_tiny_modules, save_bundle_modules
     from export.onnx_export import export_bundle
-    from glad_runtime.config import get_preset
+    from glad_runtime.core.config import get_preset
 
     modules = build_tiny_modules(get_preset("tiny"), seed=0, features="random")
     b = Bundle.create(folder / "tiny", get_preset("tiny", ads_enabled=True, tau=0.02, min_step=150))
@@ -66,9 +66,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
 
-    from glad_runtime.client import GladClient
-    from glad_runtime.ort_engine import OrtEngines
-    from glad_runtime.triton_engine import TritonEngines, default_model_prefix
+    from glad_runtime.serving.client import GladClient
+    from glad_runtime.engines.ort import OrtEngines
+    from glad_runtime.engines.triton import TritonEngines, default_model_prefix
     from triton_models.repository import generate_repository
     from triton_models.server import launch_server
 

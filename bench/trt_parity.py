@@ -24,8 +24,8 @@ import numpy as np
 def _bundle(path: Path, seed: int):
     from export.models import build_tiny_modules, save_bundle_modules
     from export.onnx_export import export_bundle
-    from glad_runtime.bundle import Bundle
-    from glad_runtime.config import get_preset
+    from glad_runtime.core.bundle import Bundle
+    from glad_runtime.core.config import get_preset
 
     cfg = get_preset("tiny", ads_enabled=True, tau=0.02, min_step=150)
     modules = build_tiny_modules(cfg, seed=seed, features="random")
@@ -41,9 +41,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from export.onnx_export import example_inputs
     from export.tensorrt_build import build_bundle
-    from glad_runtime.ort_engine import OrtEngines
-    from glad_runtime.pipeline import GladPipeline
-    from glad_runtime.trt_engine import TensorRTEngines, current_gpu, tensorrt_version
+    from glad_runtime.engines.ort import OrtEngines
+    from glad_runtime.pipeline.batch import GladPipeline
+    from glad_runtime.engines.trt import TensorRTEngines, current_gpu, tensorrt_version
 
     out: dict = {"gpu": current_gpu().__dict__, "tensorrt": tensorrt_version()}
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
-"""Run a GLAD pipeline over calibration images and keep what a :class:`~calib.thresholds.Calibration` needs.
+"""Run a GLAD pipeline over calibration images and keep what a :class:`~glad_runtime.core.calibration.Calibration` needs.
 
 Image scores are kept whole; anomaly maps are reduced to a seeded pixel subsample per image as they are produced
-(:func:`calib.thresholds.sample_pixels`), so memory stays ``N * pixels_per_image`` floats whatever the resolution.
+(:func:`glad_runtime.core.calibration.sample_pixels`), so memory stays ``N * pixels_per_image`` floats whatever the resolution.
 Images are loaded and preprocessed exactly as ``glad eval`` does (``training.evaluate.load_batches``, the runtime's
 loader). Torch-free: the pipeline may run on any :class:`~glad_runtime.engines.Engines` backend.
 """
@@ -14,10 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from glad_runtime.images import ImageLoadError
-from glad_runtime.pipeline import GladPipeline
+from glad_runtime.core.images import ImageLoadError
+from glad_runtime.pipeline.batch import GladPipeline
 
-from .thresholds import PIXELS_PER_IMAGE, CalibrationError, sample_pixels
+from glad_runtime.core.calibration import PIXELS_PER_IMAGE, CalibrationError, sample_pixels
 
 __all__ = ["ScoredImages", "score_images"]
 

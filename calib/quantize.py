@@ -2,7 +2,7 @@
 
 Steps (``glad calibrate BUNDLE NORMAL_DIR --quantize int8``, :func:`quantize_bundle`):
 
-1. **Record** (:func:`record_calibration`): normal images run through the :class:`~glad_runtime.pipeline.GladPipeline`
+1. **Record** (:func:`record_calibration`): normal images run through the :class:`~glad_runtime.pipeline.batch.GladPipeline`
    on the fp32 ONNX Runtime graphs behind a :class:`RecordingEngines` wrapper, which keeps the inputs of every
    network call: encoder images, the latents and int64 timesteps at every DDIM step the loop visits, the decoder
    inputs (VAE round trip, ADS decodes of ``x0`` and the input-anchored sample, final reconstruction) and the
@@ -22,7 +22,7 @@ Steps (``glad calibrate BUNDLE NORMAL_DIR --quantize int8``, :func:`quantize_bun
    pipeline with the quantised graphs may drop at most ``max_delta`` below fp32. A rejected set of graphs is
    deleted; ``onnx/quantize.json`` records settings, per-graph errors, sizes, latency and the gate either way.
 
-:class:`glad_runtime.ort_engine.OrtEngines` runs ``precision="int8"`` on the graphs that have an accepted
+:class:`glad_runtime.engines.ort.OrtEngines` runs ``precision="int8"`` on the graphs that have an accepted
 ``.int8.onnx`` and fp32 on the others (listed in ``OrtEngines.graph_precisions`` and logged), and
 ``glad build --precision int8`` builds TensorRT engines from the same Q/DQ files (``trt_engine.onnx_source``).
 :func:`write_trt_calibration_table` also writes the per-tensor ranges as ONNX Runtime's TensorRT-EP calibration
@@ -45,8 +45,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from glad_runtime.bundle import Bundle
-from glad_runtime.config import GladConfig
+from glad_runtime.core.bundle import Bundle
+from glad_runtime.core.config import GladConfig
+from glad_runtime.errors import QuantizationError  # noqa: F401 (re-exported)
 
 __all__ = ["QuantizationError", "RecordingEngines", "CalibrationSet", "record_calibration", "GraphDataReader",
            "QuantSettings", "OP_TYPES_TO_QUANTIZE", "nodes_to_exclude", "quantized_path", "quantize_graph",
@@ -64,10 +65,6 @@ OP_TYPES_TO_QUANTIZE = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 #: ``onnx/quantize.json``: settings, per-graph errors and sizes, the gate.
 QUANT_REPORT = "onnx/quantize.json"
-
-
-class QuantizationError(RuntimeError):
-    """Quantisation failed: no calibration data, a quantiser error, a missing tool (ModelOpt), or a bad setting."""
 
 
 # ---------------------------------------------------------------------------------------------- recording
@@ -209,7 +206,7 @@ def record_calibration(engines, config: GladConfig, images: np.ndarray | Iterabl
     Raises:
         QuantizationError: no images. Pipeline errors propagate.
     """
-    from glad_runtime.pipeline import GladPipeline
+    from glad_runtime.pipeline.batch import GladPipeline
 
     rec = RecordingEngines(engines, config)
     pipe = GladPipeline(rec, config)
@@ -554,7 +551,7 @@ def evaluate_engines(engines, config: GladConfig, data_root: str | os.PathLike, 
     Returns:
         metrics dict plus ``seconds_per_image``, ``test_images`` and ``scores`` (list, for score-shift checks).
     """
-    from glad_runtime.pipeline import GladPipeline
+    from glad_runtime.pipeline.batch import GladPipeline
     from training.data import MVTecCategory, load_mask
     from training.evaluate import load_batches
     from training.metrics import image_metrics, pixel_metrics
@@ -648,7 +645,7 @@ def quantize_bundle(bundle: Bundle, images: Iterable[np.ndarray], *, names: Sequ
         QuantizationError: bad mode/tool/graph names, no images, a quantiser failure (nothing is kept then).
     """
     from export.onnx_export import graph_names
-    from glad_runtime.ort_engine import OrtEngines
+    from glad_runtime.engines.ort import OrtEngines
 
     say = progress or (lambda m: None)
     s = settings or QuantSettings()

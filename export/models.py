@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from glad_runtime.bundle import Bundle
-from glad_runtime.config import GladConfig
+from glad_runtime.core.bundle import Bundle
+from glad_runtime.core.config import GladConfig
 
 __all__ = ["GuidedUNet", "VaeEncoder", "VaeDecoder", "FeatureExtractor", "GladModules", "build_tiny_modules",
            "build_sd14_modules", "load_bundle_modules", "save_bundle_modules", "dino_interpolate_pos_embed"]
@@ -137,10 +137,10 @@ class AdsCheck(nn.Module):
     ``TorchEngines.ads_distance``.
 
     ``forward(pred_original_sample [B,C,h,w], input_anchored [B,C,h,w]) -> distance [B,g,g]``: decode both latents,
-    resize to the ADS size (bilinear, align_corners, as ``glad_runtime.anomaly.resize_bilinear``), the official raw
-    [-1, 1] input to DINO (``glad_runtime.ads.raw_feature_input``) unless ``ads_imagenet_norm``, the tokens of the
+    resize to the ADS size (bilinear, align_corners, as ``glad_runtime.core.scoring.resize_bilinear``), the official raw
+    [-1, 1] input to DINO (``glad_runtime.core.ads.raw_feature_input``) unless ``ads_imagenet_norm``, the tokens of the
     ADS layer only (the ViT stops there), and for each patch of the anchored decode the cosine distance to its
-    nearest patch of the model decode (``glad_runtime.anomaly.nn_cosine_distance``, float32), in [0, 2].
+    nearest patch of the model decode (``glad_runtime.core.scoring.nn_cosine_distance``, float32), in [0, 2].
     ``g = ads_size / patch_size``. Only this map leaves the device.
     """
 

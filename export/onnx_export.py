@@ -18,7 +18,7 @@ graph              inputs                                                outputs
 
 ImageNet normalisation is inside the feature graphs; position embeddings are resampled once at trace time for the
 graph's size and constant-folded, so a feature graph accepts exactly one spatial size (ONNX Runtime refuses other
-sizes with an invalid-argument error; :class:`glad_runtime.ort_engine.OrtEngines` refuses them first, by name).
+sizes with an invalid-argument error; :class:`glad_runtime.engines.ort.OrtEngines` refuses them first, by name).
 
 Conventions follow TensorRT's demoDiffusion and optimum (deployment-anchors.md sections 1, 3): the dynamo exporter
 (``torch.onnx.export(dynamo=True)``) at opset 21 by default, so LayerNorm and GroupNorm stay single
@@ -46,11 +46,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from glad_runtime.bundle import Bundle
-from glad_runtime.config import GladConfig
-from glad_runtime.schedule import NoiseSchedule
+from glad_runtime.core.bundle import Bundle
+from glad_runtime.core.config import GladConfig
+from glad_runtime.core.schedule import NoiseSchedule
 
 from .onnx_tools import TWO_GB, convert_fp16, io_shapes, op_counts, optimize_graph, ort_run, save_model
+from glad_runtime.errors import ExportError  # noqa: F401 (re-exported)
 
 __all__ = ["ExportError", "GraphReport", "export_bundle", "graph_names", "DEFAULT_OPSET", "export_graph",
            "example_inputs", "MAX_REL_ERR"]
@@ -59,10 +60,6 @@ DEFAULT_OPSET = 21
 #: Ops kept in fp32 by the fp16 conversion (numerically fragile: reductions over many values, exponentials).
 #: Real images shipped with scikit-image, used when the caller gives none (natural statistics, no download).
 DEFAULT_IMAGES = ("astronaut", "coffee", "chelsea", "rocket")
-
-
-class ExportError(RuntimeError):
-    """An export step failed: the exporter, a non-finite output on real inputs, or an unsupported setting."""
 
 
 @dataclass
@@ -120,7 +117,7 @@ def _load_images(images: Sequence[str | Path | np.ndarray] | None, size: int, co
     """``[N,3,size,size]`` float32 in [-1, 1] from paths, uint8 arrays, or scikit-image's bundled photos."""
     from PIL import Image
 
-    from glad_runtime.images import load_image, preprocess
+    from glad_runtime.core.images import load_image, preprocess
 
     out = []
     if images is None:

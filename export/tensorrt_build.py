@@ -7,7 +7,7 @@ is given), a timing cache file reused across builds on the same GPU model, and r
 category's weights (same architecture, new ``glad export``) refit an existing engine instead of rebuilding it.
 
 Engines go to ``BUNDLE/engines/<slug>.plan`` with a JSON sidecar holding the
-:class:`~glad_runtime.trt_engine.EngineKey`; ``glad_runtime.trt_engine.find_engine`` refuses an engine built for
+:class:`~glad_runtime.engines.trt.EngineKey`; ``glad_runtime.engines.trt.find_engine`` refuses an engine built for
 another GPU model, TensorRT version, precision or graph structure.
 
 The pure logic (profiles, keys, graph signatures, refit plans) runs anywhere and is tested on CPU; building and
@@ -23,16 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from glad_runtime.bundle import Bundle
-from glad_runtime.trt_engine import (EngineKey, GpuInfo, PRECISIONS, TensorRTUnavailable, current_gpu, onnx_source,
+from glad_runtime.core.bundle import Bundle
+from glad_runtime.engines.trt import (EngineKey, GpuInfo, PRECISIONS, TensorRTUnavailable, current_gpu, onnx_source,
                                      optimization_profile, tensorrt_version)
+from glad_runtime.errors import RefitError  # noqa: F401 (re-exported)
 
 __all__ = ["graph_signature", "refit_plan", "RefitError", "BuildResult", "build_engine", "build_bundle",
            "refit_engine", "parse_batch"]
-
-
-class RefitError(RuntimeError):
-    """The new graph differs in structure from the engine's source graph: rebuild instead of refitting."""
 
 
 def parse_batch(text: str | int) -> tuple[int, int, int]:
@@ -244,7 +241,7 @@ def build_bundle(bundle: Bundle, precision: str = "fp16", *, batch: tuple[int, i
 
 def _refit_donor(other: Bundle, key: EngineKey) -> Path | None:
     """A refittable engine of ``other`` with exactly this key, if any."""
-    from glad_runtime.trt_engine import stored_keys
+    from glad_runtime.engines.trt import stored_keys
 
     for path, k in stored_keys(other):
         meta = json.loads(path.with_suffix(".json").read_text())

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from glad_runtime.config import preset_names
+from glad_runtime.core.config import preset_names
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -38,7 +38,7 @@ def cli() -> None:
 @click.option("--show", metavar="NAME", help="Print one preset's full config as JSON.")
 def presets_cmd(show: str | None) -> None:
     """List the named presets (tiny, sd14-dino-vitb8 and the official per-category settings)."""
-    from glad_runtime.config import get_preset
+    from glad_runtime.core.config import get_preset
 
     if show:
         click.echo(get_preset(show).to_json())
@@ -72,8 +72,8 @@ def init_cmd(bundle: Path, preset: str, features: str, sd_folder, unet_checkpoin
     loads Stable Diffusion v1-4, the GLAD UNet and DINO ViT-B/8 from the given local paths.
     """
     from export.models import build_sd14_modules, build_tiny_modules, save_bundle_modules
-    from glad_runtime.bundle import Bundle
-    from glad_runtime.config import get_preset
+    from glad_runtime.core.bundle import Bundle
+    from glad_runtime.core.config import get_preset
 
     cfg = get_preset(preset)
     if cfg.architecture == "tiny":
@@ -122,9 +122,9 @@ def _open_pipeline(bundle: Path, engine: dict, max_batch: int = 16, **config_cha
     The files the backend loads are checked against the manifest first; a missing or modified file, or an option
     the backend cannot honour, becomes a click usage error.
     """
-    from glad_runtime.bundle import Bundle, BundleError
+    from glad_runtime.core.bundle import Bundle, BundleError
     from glad_runtime.engines import EngineError, load_engines
-    from glad_runtime.pipeline import GladPipeline
+    from glad_runtime.pipeline.batch import GladPipeline
 
     b = Bundle(bundle)
     try:
@@ -152,7 +152,7 @@ def _open_pipeline(bundle: Path, engine: dict, max_batch: int = 16, **config_cha
 
 def _bundle_calibration(bundle: Path):
     """The bundle's calibration or None; BundleError becomes a click error."""
-    from glad_runtime.bundle import Bundle, BundleError
+    from glad_runtime.core.bundle import Bundle, BundleError
 
     try:
         return Bundle(bundle).calibration()
@@ -180,8 +180,8 @@ def export_cmd(bundle: Path, opset: int, exporter: str, precisions, graphs, imag
     sizes and times in BUNDLE/onnx/export.json. Then `glad detect --engine ort` runs without torch.
     """
     from export.onnx_export import ExportError, export_bundle
-    from glad_runtime.bundle import Bundle
-    from glad_runtime.images import list_images
+    from glad_runtime.core.bundle import Bundle
+    from glad_runtime.core.images import list_images
 
     b = Bundle(bundle)
     images = list_images([image_dir])[:4] if image_dir else None
@@ -223,8 +223,8 @@ def build_cmd(bundle: Path, precision: str, batch: str, graphs, refittable: bool
     it stops with a message (use `--engine ort` on CPU).
     """
     from export.tensorrt_build import build_bundle, parse_batch
-    from glad_runtime.bundle import Bundle, BundleError
-    from glad_runtime.trt_engine import TensorRTUnavailable
+    from glad_runtime.core.bundle import Bundle, BundleError
+    from glad_runtime.engines.trt import TensorRTUnavailable
 
     try:
         batch_range = parse_batch(batch)
@@ -273,8 +273,8 @@ def bench_cmd(bundle: Path, engine_names, image_dir, num_images: int, batch_size
     loop and FLOPs per stage. Writes bench.json, bench.md and bench.png.
     """
     from bench.run import DEFAULT_ENGINES, load_bench_images, run_bench, write_outputs
-    from glad_runtime.bundle import Bundle
-    from glad_runtime.images import list_images
+    from glad_runtime.core.bundle import Bundle
+    from glad_runtime.core.images import list_images
 
     b = Bundle(bundle)
     cfg = b.config.replace(ads_enabled=ads)
@@ -335,14 +335,14 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
       P_ads_check        the fused ADS check (ADS on, when exported): one distance map per check
       P_recon_features   ensemble: latents -> decoder -> resize -> dino (reconstruction + its tokens)
       P_resize           the ensemble's resize step (only when resolution != dino_resolution)
-      P_glad             BLS model: the whole ADS/SAFF loop, one request per batch (glad_runtime.client)
+      P_glad             BLS model: the whole ADS/SAFF loop, one request per batch (glad_runtime.serving.client)
     Clients: `glad detect BUNDLE --server HOST:GRPC_PORT` (loop here, networks there) or
-    glad_runtime.client.GladClient(URL, P) (loop on the server).
+    glad_runtime.serving.client.GladClient(URL, P) (loop on the server).
     """
     import signal
 
-    from glad_runtime.bundle import Bundle, BundleError
-    from glad_runtime.triton_engine import default_model_prefix
+    from glad_runtime.core.bundle import Bundle, BundleError
+    from glad_runtime.engines.triton import default_model_prefix
     from triton_models.repository import generate_repository
 
     if prefixes and len(prefixes) != len(bundles):
@@ -422,8 +422,8 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
     ("normal" / "anomalous") and the threshold used; --threshold overrides the raw image threshold. One line per
     image (label, normalised and raw score, file) is printed, then the JSON summary.
     """
-    from glad_runtime.detect import detect_files, summarize
-    from glad_runtime.images import list_images
+    from glad_runtime.detector import detect_files, summarize
+    from glad_runtime.core.images import list_images
 
     if threshold is not None and not math.isfinite(threshold):
         raise click.BadParameter("must be a finite number", param_hint="--threshold")
@@ -530,9 +530,9 @@ def calibrate_cmd(bundle: Path, normal_dir: Path, labelled: Path | None, target_
         return
 
     from calib.collect import score_images
-    from calib.thresholds import Calibration, CalibrationError
-    from glad_runtime.bundle import BundleError
-    from glad_runtime.images import list_images
+    from glad_runtime.core.calibration import Calibration, CalibrationError
+    from glad_runtime.core.bundle import BundleError
+    from glad_runtime.core.images import list_images
 
     normal_paths = list_images([normal_dir])
     if not normal_paths:
@@ -585,8 +585,8 @@ def _quantize(bundle: Path, normal_dir: Path, mode: str, graphs, n_images: int, 
               batch_size: int, threads: int, quiet: bool) -> None:
     """`glad calibrate --quantize`: record, quantise, gate; prints the table, writes onnx/quantize.json."""
     from calib.quantize import QuantizationError, QuantSettings, format_gate_table, quantize_bundle
-    from glad_runtime.bundle import Bundle, BundleError
-    from glad_runtime.images import list_images
+    from glad_runtime.core.bundle import Bundle, BundleError
+    from glad_runtime.core.images import list_images
     from training.evaluate import load_batches
 
     paths = list_images([normal_dir])[:n_images]
@@ -677,7 +677,7 @@ def train_cmd(data: Path, bundle: Path, preset: str, init_bundle, features: str,
     The UNet is trained, the VAE frozen; for the tiny preset the VAE is first trained on the normal images.
     Several GPUs: `accelerate launch -m glad_cli.main train ...`.
     """
-    from glad_runtime.config import get_preset
+    from glad_runtime.core.config import get_preset
     from training.atp import TrainConfig, train_bundle
 
     cfg = get_preset(preset, **_parse_overrides(overrides))
@@ -699,7 +699,7 @@ def _parse_overrides(items) -> dict:
     import dataclasses
     import difflib
 
-    from glad_runtime.config import GladConfig
+    from glad_runtime.core.config import GladConfig
 
     fields = [f.name for f in dataclasses.fields(GladConfig)]
     out = {}

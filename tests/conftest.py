@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from glad_runtime.anomaly import IMAGENET_MEAN, IMAGENET_STD
-from glad_runtime.config import GladConfig
+from glad_runtime.core.scoring import IMAGENET_MEAN, IMAGENET_STD
+from glad_runtime.core.config import GladConfig
 
 
 class StubEngines:
@@ -69,7 +69,7 @@ def stub_engines():
 def tiny_modules():
     """Random-init tiny modules with a small random ViT (no external weights)."""
     from export.models import build_tiny_modules
-    from glad_runtime.config import get_preset
+    from glad_runtime.core.config import get_preset
 
     return build_tiny_modules(get_preset("tiny"), seed=0, features="random")
 
@@ -77,11 +77,11 @@ def tiny_modules():
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_modules):
     from export.models import save_bundle_modules
-    from glad_runtime.bundle import Bundle
-    from glad_runtime.config import get_preset
+    from glad_runtime.core.bundle import Bundle
+    from glad_runtime.core.config import get_preset
 
     path = tmp_path_factory.mktemp("bundle") / "tiny"
-    # ADS on (the tiny preset ships it off, see glad_runtime.config), so the full loop is exercised
+    # ADS on (the tiny preset ships it off, see glad_runtime.core.config), so the full loop is exercised
     b = Bundle.create(path, get_preset("tiny", ads_enabled=True, tau=0.02, min_step=150))
     save_bundle_modules(tiny_modules, b)
     return b
@@ -96,7 +96,7 @@ def exported_bundle(tmp_path_factory, tiny_bundle, tiny_modules):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from export.onnx_export import export_bundle
-    from glad_runtime.bundle import Bundle
+    from glad_runtime.core.bundle import Bundle
 
     path = tmp_path_factory.mktemp("export") / "tiny"
     shutil.copytree(tiny_bundle.path, path)

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from glad_runtime.ads import ads_decision, raw_feature_input, saff_fuse, saff_mask
-from glad_runtime.pipeline import GladPipeline
-from glad_runtime.schedule import scaled_linear_alphas_cumprod
+from glad_runtime.core.ads import ads_decision, raw_feature_input, saff_fuse, saff_mask
+from glad_runtime.pipeline.batch import GladPipeline
+from glad_runtime.core.schedule import scaled_linear_alphas_cumprod
 
 from conftest import StubEngines, stub_config
 

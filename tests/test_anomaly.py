@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from glad_runtime.anomaly import (anomaly_map, gaussian_blur, imagenet_normalize, nn_cosine_distance,
+from glad_runtime.core.scoring import (anomaly_map, gaussian_blur, imagenet_normalize, nn_cosine_distance,
                                   resize_bilinear, topk_mean)
 
 

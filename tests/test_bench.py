@@ -47,7 +47,7 @@ def test_percentiles_match_numpy():
 
 def test_bench_runs_on_ort_and_writes_outputs(exported_bundle, elpv_images, tmp_path):
     from bench.run import run_bench, write_outputs
-    from glad_runtime.images import preprocess
+    from glad_runtime.core.images import preprocess
 
     b = exported_bundle[0]
     good, bad = elpv_images

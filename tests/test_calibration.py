@@ -14,12 +14,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from calib.thresholds import (SCHEMA_VERSION, Calibration, CalibrationError, CalibrationWarning,
+from glad_runtime.core.calibration import (SCHEMA_VERSION, Calibration, CalibrationError, CalibrationWarning,
                               f1_optimal_threshold, quantile_threshold)
 from conftest import StubEngines, stub_config
-from glad_runtime.bundle import Bundle, BundleError
-from glad_runtime.images import load_image, preprocess
-from glad_runtime.pipeline import GladPipeline
+from glad_runtime.core.bundle import Bundle, BundleError
+from glad_runtime.core.images import load_image, preprocess
+from glad_runtime.pipeline.batch import GladPipeline
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -48,7 +48,7 @@ def quiet_from_normals(*args, **kw) -> Calibration:
 
 # ---------------------------------------------------------------------------------------------- normal rule
 def test_module_imports_neither_torch_nor_sklearn():
-    code = "import sys, calib.thresholds, glad_runtime.bundle; print('torch' in sys.modules, 'sklearn' in sys.modules)"
+    code = "import sys, glad_runtime.core.calibration, glad_runtime.core.bundle; print('torch' in sys.modules, 'sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -107,7 +107,7 @@ def test_too_few_images_refused_and_small_n_warned():
         Calibration.from_normals(np.linspace(0, 1, 100), target_fpr=0.01)  # n = 1/fpr: no warning
 
 
-@pytest.mark.filterwarnings("ignore::calib.thresholds.CalibrationWarning")
+@pytest.mark.filterwarnings("ignore::glad_runtime.core.calibration.CalibrationWarning")
 def test_nan_inf_constant_and_bad_fpr_refused():
     s = np.linspace(0, 1, 50)
     s[[3, 7]] = np.nan
@@ -295,7 +295,7 @@ def _images(folder, values, size=(10, 12)):
 
 def test_detect_files_labels_override_and_uncalibrated(tmp_path):
     from calib.collect import score_images
-    from glad_runtime.detect import UNCALIBRATED_NOTE, detect_files, summarize
+    from glad_runtime.detector import UNCALIBRATED_NOTE, detect_files, summarize
 
     pipe = GladPipeline(StubEngines(), stub_config())
     normals = _images(tmp_path / "normal", [90, 95, 100, 105, 110, 100])

@@ -15,10 +15,10 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from glad_runtime.bundle import BundleError  # noqa: E402
+from glad_runtime.core.bundle import BundleError  # noqa: E402
 from glad_runtime.engines import EngineError  # noqa: E402
-from glad_runtime.images import preprocess  # noqa: E402
-from glad_runtime.pipeline import GladPipeline  # noqa: E402
+from glad_runtime.core.images import preprocess  # noqa: E402
+from glad_runtime.pipeline.batch import GladPipeline  # noqa: E402
 
 # Documented tolerances (README "Export"): fp32 graphs match torch to float rounding; fp16 graphs (fp32 I/O,
 # normalisations and softmax in fp32) to about 1e-3 of the output range.
@@ -82,8 +82,8 @@ def test_per_graph_parity_recorded(exported):
 
 def test_ort_engine_matches_torch_per_call(exported, tiny_modules, real_batch):
     """Independent of the export-time check: another batch size (dynamic batch), the engine's own I/O."""
-    from glad_runtime.ort_engine import OrtEngines
-    from glad_runtime.torch_engine import TorchEngines
+    from glad_runtime.engines.ort import OrtEngines
+    from glad_runtime.engines.pytorch import TorchEngines
 
     b = exported[0]
     ort_e, ref = OrtEngines(b, max_batch=4), TorchEngines(tiny_modules)
@@ -111,8 +111,8 @@ def test_pipeline_ort_vs_torch_on_real_images(exported, tiny_modules, real_batch
 
     tau is set to the median first-check ADS score of the torch run, so decisions differ across images (some
     trigger at the first step, the rest later) and a step mismatch would show."""
-    from glad_runtime.ort_engine import OrtEngines
-    from glad_runtime.torch_engine import TorchEngines
+    from glad_runtime.engines.ort import OrtEngines
+    from glad_runtime.engines.pytorch import TorchEngines
 
     b = exported[0]
     ref_engines = TorchEngines(tiny_modules)
@@ -142,7 +142,7 @@ def test_ort_fused_check_equals_host_path(exported, real_batch, precision):
     the host path over the same engine's decoder and dino_ads graphs, tau splitting the decisions."""
     from conftest import HostComposite
 
-    from glad_runtime.ort_engine import OrtEngines
+    from glad_runtime.engines.ort import OrtEngines
 
     b = exported[0]
     assert "ads_check" not in OrtEngines(b, precision=precision).graphs  # cpu provider: host path by default
@@ -188,7 +188,7 @@ def test_ort_detect_runs_without_torch(exported, tmp_path, elpv_images):
 
 
 def test_missing_and_tampered_graphs(exported, tmp_path, tiny_bundle):
-    from glad_runtime.ort_engine import OrtEngines
+    from glad_runtime.engines.ort import OrtEngines
 
     with pytest.raises(BundleError, match="glad export"):
         OrtEngines(tiny_bundle)  # never exported

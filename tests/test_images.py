@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glad_runtime.images import ImageLoadError, UnsupportedImageError, load_image, preprocess, resize_map
+from glad_runtime.core.images import ImageLoadError, UnsupportedImageError, load_image, preprocess, resize_map
 
 
 def _gradient(h=30, w=50):

@@ -9,14 +9,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from glad_runtime.bundle import Bundle, BundleError
-from glad_runtime.config import GladConfig, get_preset, preset_names
-from glad_runtime.images import preprocess
-from glad_runtime.pipeline import GladPipeline, InvalidInputError
+from glad_runtime.core.bundle import Bundle, BundleError
+from glad_runtime.core.config import GladConfig, get_preset, preset_names
+from glad_runtime.core.images import preprocess
+from glad_runtime.pipeline.batch import GladPipeline, InvalidInputError
 
 
 def test_import_runtime_without_torch():
-    code = ("import sys, glad_runtime, glad_runtime.pipeline, glad_runtime.detect, glad_runtime.images; "
+    code = ("import sys, glad_runtime, glad_runtime.pipeline.batch, glad_runtime.detector, glad_runtime.core.images; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -44,7 +44,7 @@ def _real_batch(elpv_images, res):
 
 
 def test_same_image_alone_and_in_batch(tiny_modules, elpv_images):
-    from glad_runtime.torch_engine import TorchEngines
+    from glad_runtime.engines.pytorch import TorchEngines
 
     cfg = get_preset("tiny", ads_enabled=True, tau=0.02, min_step=150)
     pipe = GladPipeline(TorchEngines(tiny_modules), cfg)
@@ -65,7 +65,7 @@ def test_fused_ads_check_equals_host_composite(tiny_modules, elpv_images, ads_re
     pipeline's host path on real cells, with tau splitting the decisions: same steps, same scores."""
     from conftest import HostComposite
 
-    from glad_runtime.torch_engine import TorchEngines
+    from glad_runtime.engines.pytorch import TorchEngines
 
     eng = TorchEngines(tiny_modules)
     cfg = get_preset("tiny", ads_enabled=True, min_step=0, ads_resolution=ads_resolution)
@@ -82,7 +82,7 @@ def test_fused_ads_check_equals_host_composite(tiny_modules, elpv_images, ads_re
 
 
 def test_pipeline_rejects_bad_batches(tiny_modules):
-    from glad_runtime.torch_engine import TorchEngines
+    from glad_runtime.engines.pytorch import TorchEngines
 
     pipe = GladPipeline(TorchEngines(tiny_modules), get_preset("tiny"))
     with pytest.raises(InvalidInputError):
@@ -97,7 +97,7 @@ def test_bundle_roundtrip_and_tamper(tiny_bundle, tiny_modules, tmp_path):
     import shutil
 
     from export.models import load_bundle_modules
-    from glad_runtime.torch_engine import TorchEngines
+    from glad_runtime.engines.pytorch import TorchEngines
 
     m = load_bundle_modules(tiny_bundle)
     x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 128, 128)).astype(np.float32)
@@ -146,7 +146,7 @@ def test_cli_detect_real_images(tiny_bundle, elpv_images, tmp_path):
 def test_detect_isolates_an_image_that_breaks_the_engine(tmp_path):
     """An engine failure on one image (non-finite output) costs only that image; the rest of the batch completes."""
     from conftest import StubEngines, stub_config
-    from glad_runtime.detect import detect_files
+    from glad_runtime.detector import detect_files
 
     class Flaky(StubEngines):
         def unet(self, latents, timesteps):

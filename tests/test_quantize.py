@@ -18,9 +18,9 @@ from calib.quantize import (CalibrationSet, GraphDataReader, QuantizationError, 
                             RecordingEngines, accuracy_gate, format_gate_table, graph_errors, is_qdq,
                             nodes_to_exclude, quantize_bundle, quantize_graph, quantize_graph_modelopt,
                             quantized_path, record_calibration)
-from glad_runtime.bundle import Bundle, BundleError  # noqa: E402
-from glad_runtime.images import preprocess  # noqa: E402
-from glad_runtime.pipeline import GladPipeline  # noqa: E402
+from glad_runtime.core.bundle import Bundle, BundleError  # noqa: E402
+from glad_runtime.core.images import preprocess  # noqa: E402
+from glad_runtime.pipeline.batch import GladPipeline  # noqa: E402
 from tests.conftest import StubEngines, stub_config  # noqa: E402
 
 # Documented tolerances (README "Quantisation"): on the RANDOM-INIT tiny networks of the fixtures (the worst case:
@@ -167,7 +167,7 @@ def elpv_batch(elpv_images, exported32):
 
 @pytest.fixture(scope="module")
 def recorded(exported32, elpv_batch):
-    from glad_runtime.ort_engine import OrtEngines
+    from glad_runtime.engines.ort import OrtEngines
 
     good, _ = elpv_batch
     return record_calibration(OrtEngines(exported32, "fp32"), exported32.config, [good[:2], good[2:]])
@@ -205,8 +205,8 @@ def test_quantize_static_qdq_close_to_fp32(exported32, recorded, tmp_path):
 
 
 def test_int8_engines_run_loop_with_fallback(exported32, recorded, elpv_batch):
-    from glad_runtime.ort_engine import OrtEngines
-    from glad_runtime.trt_engine import onnx_source
+    from glad_runtime.engines.ort import OrtEngines
+    from glad_runtime.engines.trt import onnx_source
 
     b = exported32
     with pytest.raises(BundleError, match="--quantize int8"):

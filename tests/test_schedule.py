@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from glad_runtime.schedule import NoiseSchedule, ddim_timesteps, noising_timestep, scaled_linear_alphas_cumprod
+from glad_runtime.core.schedule import NoiseSchedule, ddim_timesteps, noising_timestep, scaled_linear_alphas_cumprod
 
 
 def test_alphas_cumprod_closed_form_and_appendix_b():

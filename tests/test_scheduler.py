@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import StubEngines, stub_config
 
-from glad_runtime.pipeline import GladPipeline
-from glad_runtime.scheduler import QueueFullError, StepScheduler
+from glad_runtime.pipeline.batch import GladPipeline
+from glad_runtime.pipeline.stream import QueueFullError, StepScheduler
 
 
 def _stub_images(n: int, seed: int = 0) -> np.ndarray:
@@ -65,7 +65,7 @@ def test_bounded_queue_and_bad_input():
     cfg = stub_config()
     sched = StepScheduler(StubEngines(), cfg, max_active=1, max_queue=2)
     imgs = _stub_images(3)
-    from glad_runtime.pipeline import InvalidInputError
+    from glad_runtime.pipeline.batch import InvalidInputError
 
     with pytest.raises(InvalidInputError):
         sched.submit(np.full((3, 8, 8), np.nan, np.float32))
@@ -81,8 +81,8 @@ def test_bounded_queue_and_bad_input():
 
 def test_scheduler_equals_pipeline_on_ort_real_images(exported_bundle, elpv_images):
     """Real graphs (ONNX Runtime) on real cells, ADS on with tau splitting the decisions."""
-    from glad_runtime.images import preprocess
-    from glad_runtime.ort_engine import OrtEngines
+    from glad_runtime.core.images import preprocess
+    from glad_runtime.engines.ort import OrtEngines
 
     b = exported_bundle[0]
     good, bad = elpv_images

@@ -22,9 +22,9 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient.grpc")
 
-from glad_runtime.bundle import Bundle  # noqa: E402
-from glad_runtime.images import preprocess  # noqa: E402
-from glad_runtime.pipeline import GladPipeline  # noqa: E402
+from glad_runtime.core.bundle import Bundle  # noqa: E402
+from glad_runtime.core.images import preprocess  # noqa: E402
+from glad_runtime.pipeline.batch import GladPipeline  # noqa: E402
 from triton_models.server import free_port, launch_server, server_available  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not server_available(), reason="nvidia-pytriton (the tritonserver binary) not "
@@ -47,7 +47,7 @@ def images(elpv_images):
 def reference(exported_bundle, images):
     """``(batch, PipelineOutput)``: in-process ONNX Runtime results for ``images`` (the ground truth of every
     served test)."""
-    from glad_runtime.ort_engine import OrtEngines
+    from glad_runtime.engines.ort import OrtEngines
 
     b = exported_bundle[0]
     batch = np.stack([preprocess(np.repeat(i[..., None] / 255.0, 3, -1).astype(np.float32), b.config.resolution)
@@ -59,7 +59,7 @@ def reference(exported_bundle, images):
 def served_bundle(exported_bundle, reference, tmp_path_factory):
     """A calibrated copy of the exported tiny bundle (prefix ``tiny_line``); the threshold is the median of the
     reference scores' span, so both labels occur."""
-    from calib.thresholds import Calibration
+    from glad_runtime.core.calibration import Calibration
 
     path = tmp_path_factory.mktemp("serve") / "tiny_line"
     shutil.copytree(exported_bundle[0].path, path)
@@ -139,7 +139,7 @@ def test_repository_layout_and_configs(served_bundle, repo, tmp_path):
 
 
 def test_repository_refuses_unexported(tiny_bundle, tmp_path):
-    from glad_runtime.bundle import BundleError
+    from glad_runtime.core.bundle import BundleError
     from triton_models.repository import generate_repository
 
     with pytest.raises(BundleError, match="glad export"):
@@ -167,7 +167,7 @@ def test_triton_engine_matches_in_process(server, served_bundle, reference):
 
 def test_bls_matches_in_process_with_labels(server, served_bundle, images, reference):
     """Server-side loop (BLS): one request per batch; calibrated labels and normalised scores."""
-    from glad_runtime.client import GladClient
+    from glad_runtime.serving.client import GladClient
 
     import tritonclient.grpc as grpcclient
 
@@ -195,8 +195,8 @@ def test_bls_matches_in_process_with_labels(server, served_bundle, images, refer
 def test_ensemble_decode_then_features(server, served_bundle, reference):
     import tritonclient.grpc as grpcclient
 
-    from glad_runtime.anomaly import resize_bilinear
-    from glad_runtime.ort_engine import OrtEngines
+    from glad_runtime.core.scoring import resize_bilinear
+    from glad_runtime.engines.ort import OrtEngines
 
     cfg = served_bundle.config
     eng = OrtEngines(served_bundle)
@@ -217,7 +217,7 @@ def test_corrupt_image_in_batch(server, images, reference, tmp_path):
     """One unreadable file, one NaN array: typed BadInputError for them, the others complete."""
     import tritonclient.grpc as grpcclient
 
-    from glad_runtime.client import BadInputError, GladClient, classify_error
+    from glad_runtime.serving.client import BadInputError, GladClient, classify_error
     from PIL import Image
 
     good = tmp_path / "good.png"
@@ -243,7 +243,7 @@ def test_corrupt_image_in_batch(server, images, reference, tmp_path):
 
 
 def test_typed_errors(server, images):
-    from glad_runtime.client import (DeadlineExceededError, GladClient, ModelNotFoundError,
+    from glad_runtime.serving.client import (DeadlineExceededError, GladClient, ModelNotFoundError,
                                      ServerUnavailableError)
 
     with GladClient(server.grpc_url, "no_such_bundle") as client:
@@ -264,9 +264,9 @@ def test_typed_errors(server, images):
 def test_server_killed_mid_run_fails_over(repo, server, served_bundle, images, reference):
     """Server B is killed (SIGKILL, process group) while requests run: the client fails over to A, nothing lost;
     the Triton engine on the dead server raises a typed error."""
-    from glad_runtime.client import GladClient, ServerUnavailableError
+    from glad_runtime.serving.client import GladClient, ServerUnavailableError
     from glad_runtime.engines import EngineError
-    from glad_runtime.triton_engine import TritonEngines
+    from glad_runtime.engines.triton import TritonEngines
 
     second = launch_server(repo, ready_timeout=240)
     results, errors = [], []
@@ -300,7 +300,7 @@ def test_server_killed_mid_run_fails_over(repo, server, served_bundle, images, r
 
 
 def test_eight_concurrent_async_clients(server, images, reference):
-    from glad_runtime.client import AsyncGladClient
+    from glad_runtime.serving.client import AsyncGladClient
 
     async def one(k):
         async with AsyncGladClient(server.grpc_url, "tiny_line", timeout=120) as client:
@@ -381,7 +381,7 @@ def test_cli_serve_start_and_sigterm(served_bundle, tmp_path):
 
 def test_client_side_imports_without_torch():
     """The client SDK, the Triton engine and the repository/launcher modules never import torch or onnxruntime."""
-    code = ("import sys, glad_runtime.client, glad_runtime.triton_engine, triton_models.repository, "
+    code = ("import sys, glad_runtime.serving.client, glad_runtime.engines.triton, triton_models.repository, "
             "triton_models.server; print('torch' in sys.modules, 'onnxruntime' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from glad_runtime.bundle import Bundle, BundleError
-from glad_runtime.trt_engine import (EngineKey, EngineMismatchError, GpuInfo, TensorRTUnavailable, engines_to_load,
+from glad_runtime.core.bundle import Bundle, BundleError
+from glad_runtime.engines.trt import (EngineKey, EngineMismatchError, GpuInfo, TensorRTUnavailable, engines_to_load,
                                      find_engine,
                                      onnx_source, optimization_profile, parse_nvidia_smi)
 
@@ -159,7 +159,7 @@ def test_graph_signature_and_refit_plan(tmp_path):
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU is present")
 def test_build_and_engine_refuse_without_gpu(tiny_bundle):
     from glad_cli.main import cli
-    from glad_runtime.trt_engine import TensorRTEngines
+    from glad_runtime.engines.trt import TensorRTEngines
 
     res = CliRunner().invoke(cli, ["build", str(tiny_bundle.path)])
     assert res.exit_code == 1 and "need a CUDA GPU" in res.output and "--engine ort" in res.output

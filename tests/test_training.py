@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from glad_runtime.schedule import scaled_linear_alphas_cumprod
+from glad_runtime.core.schedule import scaled_linear_alphas_cumprod
 from training.atp import TrainConfig, atp_target
 
 
@@ -43,9 +43,9 @@ def small_category(tmp_path_factory, elpv_images):
 
 def test_train_smoke_and_checkpoint_reload(small_category, tmp_path):
     from export.models import load_bundle_modules
-    from glad_runtime.bundle import Bundle
-    from glad_runtime.config import get_preset
-    from glad_runtime.torch_engine import TorchEngines
+    from glad_runtime.core.bundle import Bundle
+    from glad_runtime.core.config import get_preset
+    from glad_runtime.engines.pytorch import TorchEngines
     from training.atp import train_bundle
 
     cfg = TrainConfig(vae_steps=3, vae_batch=2, unet_steps=4, unet_batch=4, variants=2, checkpoint_every=2)
@@ -69,7 +69,7 @@ def test_train_smoke_and_checkpoint_reload(small_category, tmp_path):
 
 
 def test_knn_baseline_separates_planted_outlier(tiny_modules):
-    from glad_runtime.torch_engine import TorchEngines
+    from glad_runtime.engines.pytorch import TorchEngines
     from training.knn import KnnBaseline
 
     eng = TorchEngines(tiny_modules)
@@ -87,8 +87,8 @@ def test_knn_baseline_separates_planted_outlier(tiny_modules):
 
 def test_eval_report(small_category, tiny_bundle, tmp_path):
     from export.models import load_bundle_modules
-    from glad_runtime.pipeline import GladPipeline
-    from glad_runtime.torch_engine import TorchEngines
+    from glad_runtime.pipeline.batch import GladPipeline
+    from glad_runtime.engines.pytorch import TorchEngines
     from training.evaluate import evaluate
 
     eng = TorchEngines(load_bundle_modules(tiny_bundle))

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from glad_runtime.bundle import Bundle
-from glad_runtime.config import GladConfig
-from glad_runtime.images import load_image, preprocess
-from glad_runtime.schedule import scaled_linear_alphas_cumprod
+from glad_runtime.core.bundle import Bundle
+from glad_runtime.core.config import GladConfig
+from glad_runtime.core.images import load_image, preprocess
+from glad_runtime.core.schedule import scaled_linear_alphas_cumprod
 
 __all__ = ["TrainConfig", "atp_target", "atp_loss", "train_bundle", "load_train_images", "train_vae", "train_unet"]
 
@@ -138,7 +138,7 @@ def atp_loss(unet: nn.Module, cond: torch.Tensor, z_normal: torch.Tensor, z_anom
 def load_train_images(paths: list[Path], resolution: int) -> np.ndarray:
     """Read training images with the runtime's loader and resize: uint8 ``[N, R, R, 3]``.
 
-    The same conversion as detection (``glad_runtime.images``), so training sees what serving sees.
+    The same conversion as detection (``glad_runtime.core.images``), so training sees what serving sees.
     """
     out = []
     for p in paths:

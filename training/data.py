@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from glad_runtime.images import IMAGE_EXTENSIONS
+from glad_runtime.core.images import IMAGE_EXTENSIONS
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from glad_runtime.engines import Engines
-from glad_runtime.images import load_image, preprocess
-from glad_runtime.pipeline import GladPipeline
+from glad_runtime.core.images import load_image, preprocess
+from glad_runtime.pipeline.batch import GladPipeline
 
 from .data import MVTecCategory
 from .knn import KnnBaseline

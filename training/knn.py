@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from glad_runtime.anomaly import gaussian_blur, resize_bilinear
+from glad_runtime.core.scoring import gaussian_blur, resize_bilinear
 from glad_runtime.engines import Engines
 
 __all__ = ["KnnBaseline"]

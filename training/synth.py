@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from glad_runtime.anomaly import otsu_foreground as foreground_mask  # spec 4.2 step 5 (one Otsu rule)
-from glad_runtime.images import IMAGE_EXTENSIONS
+from glad_runtime.core.scoring import otsu_foreground as foreground_mask  # spec 4.2 step 5 (one Otsu rule)
+from glad_runtime.core.images import IMAGE_EXTENSIONS
 
 # albumentations 2 checks PyPI for a newer version at import time; this project runs offline.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

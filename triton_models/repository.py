@@ -1,6 +1,6 @@
 """Generate a Triton model repository from a GLAD bundle (``glad serve BUNDLE --repo DIR``).
 
-Per bundle, under a model-name prefix (default :func:`glad_runtime.triton_engine.default_model_prefix`, so several
+Per bundle, under a model-name prefix (default :func:`glad_runtime.engines.triton.default_model_prefix`, so several
 categories share one server), the repository gets:
 
 ======================================  ==========================================================================
@@ -40,9 +40,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from glad_runtime.bundle import Bundle, BundleError, sha256_file
+from glad_runtime.core.bundle import Bundle, BundleError, sha256_file
 from glad_runtime.engines import network_graphs
-from glad_runtime.triton_engine import default_model_prefix
+from glad_runtime.engines.triton import default_model_prefix
 
 __all__ = ["TensorSpec", "onnx_io", "generate_repository", "model_names", "TARGETS", "PYTHON_MODELS"]
 
@@ -146,7 +146,7 @@ def _instances(count: int, kind: str) -> str:
 
 def _plan_for(bundle: Bundle, graph: str, precision: str, max_batch: int) -> Path | None:
     """A stored TensorRT engine of this graph / precision admitting ``max_batch`` (largest batch wins)."""
-    from glad_runtime.trt_engine import stored_keys
+    from glad_runtime.engines.trt import stored_keys
 
     fits = [(p, k) for p, k in stored_keys(bundle) if k.graph == graph and k.precision == precision
             and k.max_batch >= max_batch]

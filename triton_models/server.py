@@ -29,14 +29,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from glad_runtime.errors import ServerStartError  # noqa: F401 (re-exported)
 
 __all__ = ["TritonServer", "ServerStartError", "launch_server", "free_port", "pytriton_root", "server_available"]
 
 _LIVE: "set[TritonServer]" = set()  # strong references: the atexit hook must see servers whose handle was dropped
-
-
-class ServerStartError(RuntimeError):
-    """The server binary is missing, exited during start-up, or was not ready in time (log tail included)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:

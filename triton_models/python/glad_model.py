@@ -1,14 +1,14 @@
 """Triton python-backend BLS model ``<prefix>_glad``: the whole GLAD loop server-side, one request per batch.
 
-:class:`glad_runtime.pipeline.GladPipeline` runs here with :class:`BlsEngines`, whose network calls are BLS requests
+:class:`glad_runtime.pipeline.batch.GladPipeline` runs here with :class:`BlsEngines`, whose network calls are BLS requests
 to ``<prefix>_unet``, ``<prefix>_vae_encoder``, ``<prefix>_vae_decoder``, ``<prefix>_dino`` (and ``_dino_ads``; with
 ADS on, ``_ads_check`` when served: one request per check returning the distance map), so
 those models keep their own instances and dynamic batching (several ``_glad`` instances, or several bundles, share
 them). The version directory holds the bundle's ``config.json`` and, when calibrated, ``calibration.json``.
 
-Input ``images`` float32 ``[B,3,R,R]`` in [-1, 1] (``glad_runtime.images.preprocess``: decoding stays on the client,
+Input ``images`` float32 ``[B,3,R,R]`` in [-1, 1] (``glad_runtime.core.images.preprocess``: decoding stays on the client,
 so 16-bit and EXIF handling are the same as ``glad detect``). Outputs per image (see
-``glad_runtime.client.BLS_OUTPUTS``): ``scores``, ``normalized_scores`` (NaN uncalibrated), ``labels`` int8 (1
+``glad_runtime.serving.client.BLS_OUTPUTS``): ``scores``, ``normalized_scores`` (NaN uncalibrated), ``labels`` int8 (1
 anomalous, 0 normal, -1 uncalibrated), ``anomaly_maps [B,D,D]``, ``adaptive_steps`` int64, ``ads_scores``,
 ``triggered`` bool. The requests of a dynamic batch run as one pipeline call (results do not depend on batch mates,
 project decision 2); a request with a bad shape or NaN/Inf values gets INVALID_ARG alone, and if the joint call
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from glad_runtime.config import GladConfig
+from glad_runtime.core.config import GladConfig
 from glad_runtime.engines import EngineError, GraphEngines, network_graphs
-from glad_runtime.pipeline import GladPipeline, InvalidInputError
+from glad_runtime.pipeline.batch import GladPipeline, InvalidInputError
 
 
 def _error(message, code="INTERNAL"):
@@ -80,7 +80,7 @@ class TritonPythonModel:
         self.pipeline = GladPipeline(self.engines, config)
         self.calibration = None
         if (vdir / "calibration.json").is_file():
-            from calib.thresholds import Calibration
+            from glad_runtime.core.calibration import Calibration
 
             self.calibration = Calibration.from_json((vdir / "calibration.json").read_text())
 

@@ -1,7 +1,7 @@
 """Triton python-backend model: bilinear resize of images ``[B,3,H,W]`` to ``size x size`` (parameter ``size``).
 
 The step between the decoder and the feature extractor in the ``<prefix>_recon_features`` ensemble; it uses the
-pipeline's own :func:`glad_runtime.anomaly.resize_bilinear`, so the served result equals the in-process one.
+pipeline's own :func:`glad_runtime.core.scoring.resize_bilinear`, so the served result equals the in-process one.
 """
 
 import json
@@ -9,7 +9,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from glad_runtime.anomaly import resize_bilinear
+from glad_runtime.core.scoring import resize_bilinear
 
 
 class TritonPythonModel:

@@ -1,6 +1,6 @@
 """The ``Engines`` interface: the four networks behind one small, numpy-in / numpy-out protocol.
 
-The same pipeline runs on PyTorch (reference, ``glad_runtime.torch_engine``), ONNX Runtime (in process) or
+The same pipeline runs on PyTorch (reference, ``glad_runtime.engines.pytorch``), ONNX Runtime (in process) or
 Triton (served engines): each backend implements these four calls. All arrays are C-contiguous float32 unless
 stated; the batch dimension ``B`` is always first and may be any size >= 1.
 """
@@ -10,13 +10,10 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from glad_runtime.errors import EngineError  # noqa: F401 (re-exported)
 
-__all__ = ["Engines", "EngineError", "GraphEngines", "check_output", "load_engines", "BACKENDS", "network_graphs",
+__all__ = ["Engines", "EngineError", "GraphEngines", "check_output", "network_graphs",
            "ads_check_signature"]
-
-
-class EngineError(RuntimeError):
-    """A network call failed (backend error, wrong output shape, non-finite output)."""
 
 
 @runtime_checkable
@@ -160,55 +157,3 @@ class GraphEngines:
         out = self._run_graph("ads_check", feeds, ["distance"])[0]
         g = c.ads_size // c.patch_size
         return check_output("ads_check", out, (len(pred_original_sample), g, g))
-
-
-#: Backends :func:`load_engines` knows; ``torch`` needs the ``torch`` extra, ``ort`` the ``onnx`` extra (and
-#: ``glad export``), ``tensorrt`` a GPU, TensorRT and ``glad build``, ``triton`` a server started with
-#: ``glad serve`` and the ``serve`` extra (tritonclient).
-BACKENDS = ("torch", "ort", "tensorrt", "triton")
-
-
-def load_engines(bundle, backend: str = "torch", *, device: str = "cpu", precision: str = "fp32",
-                 provider: str = "cpu", threads: int = 0, max_batch: int = 16, url: str | None = None,
-                 model_prefix: str | None = None, shared_memory: bool = False) -> Engines:
-    """Open a bundle's networks on one backend; the single place the CLI and SDK build engines.
-
-    Args:
-        bundle: a :class:`~glad_runtime.bundle.Bundle`.
-        backend: ``"torch"`` (reference, imports torch), ``"ort"`` (ONNX Runtime, no torch) or ``"tensorrt"``.
-        device: torch device for ``torch`` (``cpu``, ``cuda``, ``auto``).
-        precision: ``fp32`` / ``fp16`` (``ort``, ``tensorrt``; ``torch`` runs fp16 on CUDA only), ``int8`` (``ort``:
-            the quantised graphs where they exist, fp32 elsewhere; ``tensorrt``), ``fp8`` (``tensorrt``).
-        provider: ONNX Runtime provider for ``ort``: ``cpu``, ``cuda``, ``tensorrt``.
-        threads: ONNX Runtime intra-op threads (0 = its default).
-        max_batch: images per network call (``triton``: the served models' ``max_batch_size`` applies).
-        url: ``triton``: the server's gRPC ``host:port``.
-        model_prefix: ``triton``: the bundle's model prefix (default: from the bundle folder name, as
-            ``glad serve`` names it).
-        shared_memory: ``triton``: pass tensors through system shared memory (server on the same host).
-    Raises:
-        ValueError: unknown backend or an option the backend cannot honour.
-        BundleError: the files the backend needs are missing or modified.
-    """
-    if backend == "torch":
-        from .torch_engine import TorchEngines, load_modules
-
-        dtype = None if precision == "fp32" else precision
-        return TorchEngines(load_modules(bundle), device=device, dtype=dtype, max_batch=max_batch)
-    if backend == "ort":
-        from .ort_engine import OrtEngines
-
-        return OrtEngines(bundle, precision=precision, provider=provider, intra_op_threads=threads,
-                          max_batch=max_batch)
-    if backend == "tensorrt":
-        from .trt_engine import TensorRTEngines
-
-        return TensorRTEngines(bundle, precision=precision)
-    if backend == "triton":
-        from .triton_engine import TritonEngines, default_model_prefix
-
-        if not url:
-            raise ValueError("backend 'triton' needs the server URL (glad detect --server HOST:PORT)")
-        return TritonEngines(url, model_prefix or default_model_prefix(bundle), bundle.config,
-                             checksum=bundle.checksum(), shared_memory=shared_memory)
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

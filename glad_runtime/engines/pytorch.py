@@ -98,13 +98,13 @@ class TorchEngines:
 
         Args:
             pred_original_sample, input_anchored: float32 ``[U, C, h, w]`` latents (x0_hat and x~0).
-            config: the pipeline's :class:`~glad_runtime.config.GladConfig` (ADS size, layer, normalisation).
+            config: the pipeline's :class:`~glad_runtime.core.config.GladConfig` (ADS size, layer, normalisation).
         Returns:
             float32 ``[U, g, g]`` in [0, 2], ``g = ads_size / patch_size``.
         """
         from export.models import AdsCheck
 
-        from .engines import ads_check_signature
+        from glad_runtime.engines import ads_check_signature
 
         key = ads_check_signature(config)
         if getattr(self, "_ads_key", None) != key:

@@ -2,7 +2,7 @@
 
 Needs numpy, Pillow and ``tritonclient[grpc]`` only (no torch, no onnxruntime). The whole ADS/SAFF loop runs
 server-side in the ``<prefix>_glad`` BLS model (``triton_models``); the client decodes and preprocesses the images
-exactly as ``glad detect`` does (:mod:`glad_runtime.images`: EXIF, 16-bit, resize to the bundle resolution, [-1, 1])
+exactly as ``glad detect`` does (:mod:`glad_runtime.core.images`: EXIF, 16-bit, resize to the bundle resolution, [-1, 1])
 and sends one request per batch of float32 ``[B, 3, R, R]``.
 
 Reliability (deployment-anchors.md section 7):
@@ -17,7 +17,7 @@ Reliability (deployment-anchors.md section 7):
 
 Example::
 
-    from glad_runtime.client import GladClient
+    from glad_runtime.serving.client import GladClient
     with GladClient(["localhost:8001", "backup:8001"], "elpv_mono") as client:
         for d in client.detect(["cell1.png", "cell2.png"]):
             print(d.source, d.error or (d.score, d.label, d.adaptive_step))
@@ -33,7 +33,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .images import ImageLoadError, load_image, preprocess, resize_map, to_unit_rgb
+from glad_runtime.core.images import ImageLoadError, load_image, preprocess, resize_map, to_unit_rgb
+from glad_runtime.errors import ServingError, BadInputError, ServerUnavailableError, DeadlineExceededError, ModelNotFoundError  # noqa: F401 (re-exported)
 
 __all__ = ["GladClient", "AsyncGladClient", "Detection", "ServingError", "BadInputError",
            "ServerUnavailableError", "DeadlineExceededError", "ModelNotFoundError", "classify_error",
@@ -52,28 +53,6 @@ BLS_OUTPUTS = ("scores", "normalized_scores", "labels", "anomaly_maps", "adaptiv
 
 
 # ---------------------------------------------------------------------------------------------- errors
-class ServingError(RuntimeError):
-    """A served call failed; ``status`` is the gRPC status name (``"INTERNAL"``, ...) when known."""
-
-    def __init__(self, message: str, status: str | None = None, url: str | None = None):
-        super().__init__(message)
-        self.status, self.url = status, url
-
-
-class BadInputError(ServingError, ValueError):
-    """The image cannot be read, has the wrong shape / values, or the server refused it (``INVALID_ARGUMENT``)."""
-
-
-class ServerUnavailableError(ServingError):
-    """No server answered (``UNAVAILABLE``, connection refused or lost) within the retries and failovers."""
-
-
-class DeadlineExceededError(ServingError):
-    """The per-request deadline (``timeout``) passed before the answer came (``DEADLINE_EXCEEDED``)."""
-
-
-class ModelNotFoundError(ServingError):
-    """The server does not serve (or has not loaded) the requested model (wrong prefix, model not ready)."""
 
 
 def classify_error(exc: Exception, url: str | None = None) -> ServingError:

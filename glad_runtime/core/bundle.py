@@ -8,7 +8,7 @@ Layout::
       weights/             safetensors weights + a JSON architecture description per network
       onnx/                exported graphs (export issue)
       engines/             TensorRT engines keyed by GPU / TensorRT version / precision / shapes
-      calibration.json     thresholds and score normalisation (``calib.thresholds.Calibration``), optional
+      calibration.json     thresholds and score normalisation (``glad_runtime.core.calibration.Calibration``), optional
 
 Nothing depends on the working directory: every path is relative to the bundle folder.
 
@@ -29,20 +29,17 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import GladConfig
+from glad_runtime.core.config import GladConfig
+from glad_runtime.errors import BundleError  # noqa: F401 (re-exported)
 
-if TYPE_CHECKING:  # calib.thresholds is numpy-only; imported lazily to keep this module's imports minimal
-    from calib.thresholds import Calibration
+if TYPE_CHECKING:  # glad_runtime.core.calibration is numpy-only; imported lazily to keep this module's imports minimal
+    from glad_runtime.core.calibration import Calibration
 
 __all__ = ["Bundle", "BundleError", "FORMAT_VERSION", "CALIBRATION_FILE"]
 
 FORMAT_VERSION = 1
 CALIBRATION_FILE = "calibration.json"
 _SKIP = {"manifest.json"}
-
-
-class BundleError(RuntimeError):
-    """A bundle folder is missing, incomplete or fails its checksums."""
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
@@ -177,10 +174,10 @@ class Bundle:
         Raises:
             BundleError: ``calibration.json`` is not in the manifest, fails its checksum or does not parse.
         Warns:
-            UserWarning (``calib.thresholds.CalibrationWarning``): the calibration records a ``model_checksum``
+            UserWarning (``glad_runtime.core.calibration.CalibrationWarning``): the calibration records a ``model_checksum``
             that differs from this bundle's (weights or config changed after calibrating).
         """
-        from calib.thresholds import Calibration, CalibrationError, CalibrationWarning
+        from glad_runtime.core.calibration import Calibration, CalibrationError, CalibrationWarning
 
         p = self.file(CALIBRATION_FILE)
         if not p.is_file():

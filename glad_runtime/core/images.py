@@ -22,19 +22,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from glad_runtime.errors import ImageLoadError, UnsupportedImageError  # noqa: F401 (re-exported)
 
 __all__ = ["ImageLoadError", "UnsupportedImageError", "LoadedImage", "load_image", "to_unit_rgb",
            "preprocess", "resize_map", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-class ImageLoadError(ValueError):
-    """A file could not be read or decoded as an image (missing, truncated, corrupt, not an image)."""
-
-
-class UnsupportedImageError(ImageLoadError):
-    """The image decoded but its pixel format is not supported (e.g. 32-bit float)."""
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Engine-agnostic (any :class:`~glad_runtime.engines.Engines`); used by ``glad detect``. A file that cannot be read
 gets an error record and the rest of its batch completes.
 
-Labels: with a calibration (``calibration.json`` of the bundle, ``calib.thresholds.Calibration``) every record gets
+Labels: with a calibration (``calibration.json`` of the bundle, ``glad_runtime.core.calibration.Calibration``) every record gets
 ``normalized_score`` (threshold at 0.5), ``label`` (``"normal"`` / ``"anomalous"``: anomalous when the raw score is
 strictly above the threshold), ``threshold`` (the raw image threshold used) and ``threshold_source``
 (``"calibration"`` or ``"override"``). A per-run / per-request ``threshold=`` overrides the raw image threshold;
@@ -23,11 +23,11 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from calib.thresholds import Calibration, label_for
+from glad_runtime.core.calibration import Calibration, label_for
 
-from .images import ImageLoadError, LoadedImage, load_image, preprocess, resize_map
-from .engines import EngineError
-from .pipeline import GladPipeline, InvalidInputError
+from glad_runtime.core.images import ImageLoadError, LoadedImage, load_image, preprocess, resize_map
+from glad_runtime.engines import EngineError
+from glad_runtime.pipeline.batch import GladPipeline, InvalidInputError
 
 __all__ = ["DetectionRecord", "apply_threshold", "detect_files", "heatmap_overlay", "summarize", "write_outputs"]
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from glad_runtime.errors import CalibrationError, CalibrationWarning  # noqa: F401 (re-exported)
 
 __all__ = [
     "Calibration", "CalibrationError", "CalibrationWarning", "SCHEMA_VERSION", "MIN_IMAGES", "QUANTILE_STATS",
@@ -50,16 +51,6 @@ PIXELS_PER_IMAGE = 16384
 
 RULE_NORMAL_QUANTILE = "normal_quantile"
 RULE_F1_OPTIMAL = "f1_optimal"
-
-
-class CalibrationError(ValueError):
-    """Calibration data cannot give a threshold: too few images, NaN/inf scores, constant scores, a labelled set
-    with a single class, mismatched lengths, or an invalid ``calibration.json``."""
-
-
-class CalibrationWarning(UserWarning):
-    """The calibration is computed but is weak: too few images for the requested false-positive rate, tiny
-    classes in a labelled set, or a threshold that flags every calibration image."""
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -14,17 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .ads import ads_decision, raw_feature_input, saff_fuse, saff_mask
-from .anomaly import anomaly_map, foreground_mask, nn_cosine_distance, resize_bilinear, topk_mean
-from .config import GladConfig
-from .engines import EngineError, Engines, check_output
-from .schedule import NoiseSchedule
+from glad_runtime.core.ads import ads_decision, raw_feature_input, saff_fuse, saff_mask
+from glad_runtime.core.scoring import anomaly_map, foreground_mask, nn_cosine_distance, resize_bilinear, topk_mean
+from glad_runtime.core.config import GladConfig
+from glad_runtime.engines import EngineError, Engines, check_output
+from glad_runtime.core.schedule import NoiseSchedule
+from glad_runtime.errors import InvalidInputError  # noqa: F401 (re-exported)
 
 __all__ = ["GladPipeline", "PipelineOutput", "InvalidInputError"]
-
-
-class InvalidInputError(ValueError):
-    """The input batch has the wrong shape, dtype or non-finite values."""
 
 
 @dataclass
@@ -256,7 +253,7 @@ class GladPipeline:
         """Run GLAD on a batch of preprocessed images.
 
         Args:
-            images: float32 ``[B, 3, R, R]`` in [-1, 1] (``glad_runtime.images.preprocess``).
+            images: float32 ``[B, 3, R, R]`` in [-1, 1] (``glad_runtime.core.images.preprocess``).
         Returns:
             :class:`PipelineOutput`.
         Raises:

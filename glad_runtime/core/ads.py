@@ -1,6 +1,6 @@
 """Adaptive Denoising Steps (ADS) and Spatial-Adaptive Feature Fusion (SAFF): the pure parts (numpy only).
 
-Spec sections 2.1-2.2 and 3. The pipeline (``glad_runtime.pipeline``) calls the networks; these functions take
+Spec sections 2.1-2.2 and 3. The pipeline (``glad_runtime.pipeline.batch``) calls the networks; these functions take
 their outputs and decide.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .anomaly import IMAGENET_MEAN, IMAGENET_STD, resize_bilinear
-from .engines import EngineError
+from glad_runtime.core.scoring import IMAGENET_MEAN, IMAGENET_STD, resize_bilinear
+from glad_runtime.errors import EngineError
 
 __all__ = ["ads_decision", "saff_mask", "saff_fuse", "raw_feature_input"]
 

@@ -25,16 +25,13 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .anomaly import anomaly_map, foreground_mask, resize_bilinear, topk_mean
-from .config import GladConfig
-from .engines import EngineError, Engines, check_output
-from .pipeline import GladPipeline
+from glad_runtime.core.scoring import anomaly_map, foreground_mask, resize_bilinear, topk_mean
+from glad_runtime.core.config import GladConfig
+from glad_runtime.engines import EngineError, Engines, check_output
+from glad_runtime.pipeline.batch import GladPipeline
+from glad_runtime.errors import QueueFullError  # noqa: F401 (re-exported)
 
 __all__ = ["StepScheduler", "ScheduledResult", "QueueFullError"]
-
-
-class QueueFullError(RuntimeError):
-    """The scheduler's queue is at ``max_queue``: retry later (back-pressure), do not buffer without bound."""
 
 
 @dataclass

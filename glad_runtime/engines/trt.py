@@ -22,21 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, BundleError
-from .engines import EngineError, GraphEngines, network_graphs
+from glad_runtime.core.bundle import Bundle, BundleError
+from glad_runtime.engines import EngineError, GraphEngines, network_graphs
+from glad_runtime.errors import TensorRTUnavailable, EngineMismatchError  # noqa: F401 (re-exported)
 
 __all__ = ["EngineKey", "GpuInfo", "TensorRTUnavailable", "EngineMismatchError", "current_gpu", "parse_nvidia_smi",
            "optimization_profile", "find_engine", "TensorRTEngines", "PRECISIONS", "onnx_source"]
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
-
-
-class TensorRTUnavailable(RuntimeError):
-    """No CUDA GPU, or the ``tensorrt`` package is not installed."""
-
-
-class EngineMismatchError(BundleError):
-    """No stored engine fits this GPU / TensorRT version / precision / shape (the differences are listed)."""
 
 
 @dataclass(frozen=True)

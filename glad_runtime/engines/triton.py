@@ -3,11 +3,11 @@
 Each network call (``encode``, ``unet``, ``decode``, ``features``) becomes one or more gRPC requests to the models
 ``<prefix>_vae_encoder``, ``<prefix>_unet``, ``<prefix>_vae_decoder``, ``<prefix>_dino`` / ``<prefix>_dino_ads``
 that ``glad serve`` generates (``triton_models.repository``); the ADS/SAFF loop stays in the calling process
-(:class:`~glad_runtime.pipeline.GladPipeline`), so the results equal the in-process ONNX Runtime engine's.
+(:class:`~glad_runtime.pipeline.batch.GladPipeline`), so the results equal the in-process ONNX Runtime engine's.
 ``glad detect --server URL`` uses it. For the loop on the server (one request per batch) use
-:mod:`glad_runtime.client` and the ``<prefix>_glad`` model instead.
+:mod:`glad_runtime.serving.client` and the ``<prefix>_glad`` model instead.
 
-Transport: gRPC with binary tensors and message limits raised to 2 GiB (:data:`glad_runtime.client.GRPC_CHANNEL_ARGS`);
+Transport: gRPC with binary tensors and message limits raised to 2 GiB (:data:`glad_runtime.serving.client.GRPC_CHANNEL_ARGS`);
 optionally system shared memory (``shared_memory=True``, client and server on the same host): one input and one
 output region per network, sized for the model's ``max_batch_size`` and registered once.
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, BundleError
-from .config import GladConfig
-from .engines import EngineError, GraphEngines, network_graphs
+from glad_runtime.core.bundle import Bundle, BundleError
+from glad_runtime.core.config import GladConfig
+from glad_runtime.engines import EngineError, GraphEngines, network_graphs
 
 __all__ = ["TritonEngines", "default_model_prefix", "NETWORKS"]
 
@@ -71,14 +71,14 @@ class TritonEngines(GraphEngines):
     Raises:
         BundleError: the server serves another bundle under this prefix (checksum differs).
         EngineError: the server or a network model is unreachable / not loaded (the typed
-            :mod:`glad_runtime.client` error is the ``__cause__``).
+            :mod:`glad_runtime.serving.client` error is the ``__cause__``).
     """
 
     def __init__(self, url: str, model_prefix: str, config: GladConfig, *, checksum: str | None = None,
                  timeout: float | None = 60.0, shared_memory: bool = False):
         import tritonclient.grpc as grpcclient
 
-        from .client import GRPC_CHANNEL_ARGS, classify_error
+        from glad_runtime.serving.client import GRPC_CHANNEL_ARGS, classify_error
 
         self._grpc, self._classify = grpcclient, classify_error
         self.url, self.prefix, self.config, self.timeout = url, model_prefix, config, timeout

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, BundleError
-from .engines import EngineError, GraphEngines, network_graphs
+from glad_runtime.core.bundle import Bundle, BundleError
+from glad_runtime.engines import EngineError, GraphEngines, network_graphs
 
 __all__ = ["OrtEngines", "PROVIDERS", "session_options"]
 
@@ -49,7 +49,7 @@ class OrtEngines(GraphEngines):
     """GLAD's four networks in ONNX Runtime.
 
     Args:
-        bundle: a :class:`~glad_runtime.bundle.Bundle` or its folder, exported with ``glad export``.
+        bundle: a :class:`~glad_runtime.core.bundle.Bundle` or its folder, exported with ``glad export``.
         precision: ``"fp32"`` (``onnx/<graph>.onnx``), ``"fp16"`` (``onnx/<graph>.fp16.onnx``; fp32 I/O),
             ``"int8"`` (the Q/DQ ``onnx/<graph>.int8.onnx`` of ``glad calibrate --quantize int8`` where one exists,
             fp32 for the other graphs: quantisation is per graph), or a mapping ``{graph: precision}`` (graphs not

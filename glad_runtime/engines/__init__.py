@@ -1,0 +1,70 @@
+"""Engines: one interface (:mod:`.base`), a registry (:func:`load_engines`), one module per backend.
+
+* :mod:`.base`: the :class:`Engines` protocol, :class:`GraphEngines` (the calls over named graphs shared by the
+  graph backends), :func:`check_output`, :func:`network_graphs`.
+* :mod:`.pytorch`: PyTorch reference (imports torch and ``export.models`` when a bundle is loaded).
+* :mod:`.ort`: ONNX Runtime in process. :mod:`.trt`: TensorRT 10 (GPU). :mod:`.triton`: a Triton server's network
+  models.
+
+Importing this package imports numpy only; each backend's heavy library is imported when it is chosen.
+"""
+
+from __future__ import annotations
+
+from glad_runtime.engines.base import (Engines, EngineError, GraphEngines, ads_check_signature, check_output,
+                                       network_graphs)
+
+__all__ = ["Engines", "EngineError", "GraphEngines", "check_output", "load_engines", "BACKENDS", "network_graphs",
+           "ads_check_signature"]
+
+
+#: Backends :func:`load_engines` knows; ``torch`` needs the ``torch`` extra, ``ort`` the ``onnx`` extra (and
+#: ``glad export``), ``tensorrt`` a GPU, TensorRT and ``glad build``, ``triton`` a server started with
+#: ``glad serve`` and the ``serve`` extra (tritonclient).
+BACKENDS = ("torch", "ort", "tensorrt", "triton")
+
+
+def load_engines(bundle, backend: str = "torch", *, device: str = "cpu", precision: str = "fp32",
+                 provider: str = "cpu", threads: int = 0, max_batch: int = 16, url: str | None = None,
+                 model_prefix: str | None = None, shared_memory: bool = False) -> Engines:
+    """Open a bundle's networks on one backend; the single place the CLI and SDK build engines.
+
+    Args:
+        bundle: a :class:`~glad_runtime.core.bundle.Bundle`.
+        backend: ``"torch"`` (reference, imports torch), ``"ort"`` (ONNX Runtime, no torch) or ``"tensorrt"``.
+        device: torch device for ``torch`` (``cpu``, ``cuda``, ``auto``).
+        precision: ``fp32`` / ``fp16`` (``ort``, ``tensorrt``; ``torch`` runs fp16 on CUDA only), ``int8`` (``ort``:
+            the quantised graphs where they exist, fp32 elsewhere; ``tensorrt``), ``fp8`` (``tensorrt``).
+        provider: ONNX Runtime provider for ``ort``: ``cpu``, ``cuda``, ``tensorrt``.
+        threads: ONNX Runtime intra-op threads (0 = its default).
+        max_batch: images per network call (``triton``: the served models' ``max_batch_size`` applies).
+        url: ``triton``: the server's gRPC ``host:port``.
+        model_prefix: ``triton``: the bundle's model prefix (default: from the bundle folder name, as
+            ``glad serve`` names it).
+        shared_memory: ``triton``: pass tensors through system shared memory (server on the same host).
+    Raises:
+        ValueError: unknown backend or an option the backend cannot honour.
+        BundleError: the files the backend needs are missing or modified.
+    """
+    if backend == "torch":
+        from glad_runtime.engines.pytorch import TorchEngines, load_modules
+
+        dtype = None if precision == "fp32" else precision
+        return TorchEngines(load_modules(bundle), device=device, dtype=dtype, max_batch=max_batch)
+    if backend == "ort":
+        from glad_runtime.engines.ort import OrtEngines
+
+        return OrtEngines(bundle, precision=precision, provider=provider, intra_op_threads=threads,
+                          max_batch=max_batch)
+    if backend == "tensorrt":
+        from glad_runtime.engines.trt import TensorRTEngines
+
+        return TensorRTEngines(bundle, precision=precision)
+    if backend == "triton":
+        from glad_runtime.engines.triton import TritonEngines, default_model_prefix
+
+        if not url:
+            raise ValueError("backend 'triton' needs the server URL (glad detect --server HOST:PORT)")
+        return TritonEngines(url, model_prefix or default_model_prefix(bundle), bundle.config,
+                             checksum=bundle.checksum(), shared_memory=shared_memory)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

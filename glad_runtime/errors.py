@@ -1,0 +1,123 @@
+"""Every error the toolkit raises on purpose: one base, :class:`GladError`, and a typed subclass per cause.
+
+The CLI turns any :class:`GladError` into a one-line message (exit code 2 for :class:`UsageError` and its
+subclasses, 1 for the rest), never a traceback. Each class also derives from the builtin that describes it
+(``ValueError`` for bad values, ``RuntimeError`` for failures while running), so ``except ValueError`` keeps
+working for callers that predate this module.
+
+Per-image errors (:class:`ImageLoadError`, :class:`InvalidInputError`, :class:`EngineError`, the serving errors)
+are recorded on that image's :class:`~glad_runtime.core.detection.Detection`; the other images of the batch
+complete.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GladError", "UsageError", "ConfigError", "InvalidInputError", "ImageLoadError", "UnsupportedImageError",
+    "BundleError", "EngineError", "EngineMismatchError", "TensorRTUnavailable", "CalibrationError",
+    "CalibrationWarning", "QueueFullError", "ServingError", "BadInputError", "ServerUnavailableError",
+    "DeadlineExceededError", "ModelNotFoundError", "ExportError", "RefitError", "QuantizationError",
+    "ServerStartError",
+]
+
+
+class GladError(Exception):
+    """Base of every error the toolkit raises on purpose (catch this one to catch them all)."""
+
+
+# ---------------------------------------------------------------------------------------------- usage (exit 2)
+class UsageError(GladError, ValueError):
+    """A setting or argument the caller chose is invalid (CLI exit code 2)."""
+
+
+class ConfigError(UsageError):
+    """A config field, preset name or ``--set KEY=VALUE`` is unknown or its value does not parse to the field's
+    type; the message names the field and the expected type (and close names for a typo)."""
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+class InvalidInputError(GladError, ValueError):
+    """The input batch has the wrong shape, dtype or non-finite values."""
+
+
+class ImageLoadError(GladError, ValueError):
+    """A file could not be read or decoded as an image (missing, truncated, corrupt, not an image)."""
+
+
+class UnsupportedImageError(ImageLoadError):
+    """The image decoded but its pixel format is not supported (e.g. 32-bit float)."""
+
+
+# ---------------------------------------------------------------------------------------------- bundle and engines
+class BundleError(GladError, RuntimeError):
+    """A bundle folder is missing, incomplete or fails its checksums."""
+
+
+class EngineError(GladError, RuntimeError):
+    """A network call failed (backend error, wrong output shape, non-finite output)."""
+
+
+class EngineMismatchError(BundleError):
+    """No stored engine fits this GPU / TensorRT version / precision / shape (the differences are listed)."""
+
+
+class TensorRTUnavailable(GladError, RuntimeError):
+    """No CUDA GPU, or the ``tensorrt`` package is not installed."""
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+class CalibrationError(GladError, ValueError):
+    """Calibration data cannot give a threshold: too few images, NaN/inf scores, constant scores, a labelled set
+    with a single class, mismatched lengths, or an invalid ``calibration.json``."""
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration is computed but is weak: too few images for the requested false-positive rate, tiny
+    classes in a labelled set, or a threshold that flags every calibration image."""
+
+
+# ---------------------------------------------------------------------------------------------- step-level stream
+class QueueFullError(GladError, RuntimeError):
+    """The scheduler's queue is at ``max_queue``: retry later (back-pressure), do not buffer without bound."""
+
+
+# ---------------------------------------------------------------------------------------------- serving
+class ServingError(GladError, RuntimeError):
+    """A served call failed; ``status`` is the gRPC status name (``"INTERNAL"``, ...) when known."""
+
+    def __init__(self, message: str, status: str | None = None, url: str | None = None):
+        super().__init__(message)
+        self.status, self.url = status, url
+
+
+class BadInputError(ServingError, ValueError):
+    """The image cannot be read, has the wrong shape / values, or the server refused it (``INVALID_ARGUMENT``)."""
+
+
+class ServerUnavailableError(ServingError):
+    """No server answered (``UNAVAILABLE``, connection refused or lost) within the retries and failovers."""
+
+
+class DeadlineExceededError(ServingError):
+    """The per-request deadline (``timeout``) passed before the answer came (``DEADLINE_EXCEEDED``)."""
+
+
+class ModelNotFoundError(ServingError):
+    """The server does not serve (or has not loaded) the requested model (wrong prefix, model not ready)."""
+
+
+class ServerStartError(GladError, RuntimeError):
+    """The server binary is missing, exited during start-up, or was not ready in time (log tail included)."""
+
+
+# ---------------------------------------------------------------------------------------------- build side
+class ExportError(GladError, RuntimeError):
+    """An export step failed: the exporter, a non-finite output on real inputs, or an unsupported setting."""
+
+
+class RefitError(GladError, RuntimeError):
+    """The new graph differs in structure from the engine's source graph: rebuild instead of refitting."""
+
+
+class QuantizationError(GladError, RuntimeError):
+    """Quantisation failed: no calibration data, a quantiser error, a missing tool (ModelOpt), or a bad setting."""
