@@ -41,14 +41,14 @@ SETTINGS: dict[str, dict] = {
 def auto_tau(engines, config, data: Path, count: int = 16, quantile: float = 0.95) -> float:
     """ADS ``tau`` from normal images only: the ``quantile`` of the first check's score over ``count`` images of
     ``DATA/train/good`` (probed with ``min_step`` above ``t_max``, which decides every image at its first check)."""
-    from glad_runtime.pipeline.batch import GladPipeline
+    from glad_runtime.core.images import even_subset
+    from glad_runtime.detector import Detector
     from training.data import MVTecCategory
-    from training.evaluate import load_batches
 
     paths = MVTecCategory(data).train_images()
-    paths = [paths[i] for i in np.linspace(0, len(paths) - 1, min(count, len(paths))).round().astype(int)]
-    probe = GladPipeline(engines, config.replace(ads_enabled=True, min_step=1000, tau=1e9))
-    scores = np.concatenate([probe(b).ads_scores for b in load_batches(paths, config.resolution, 8)])
+    paths = [paths[i] for i in even_subset(paths, count)]
+    probe = Detector(engines, config.replace(ads_enabled=True, min_step=1000, tau=1e9))
+    scores = np.array([d.ads_score for d in probe.score_files(paths, batch_size=8)], np.float64)
     return float(np.quantile(scores, quantile))
 
 
@@ -70,8 +70,8 @@ def variant_bundle(src, dst: Path, **overrides):
 
 
 def _stream_images(data: Path, resolution: int, n: int) -> np.ndarray:
+    from glad_runtime.core.images import load_batches
     from training.data import MVTecCategory
-    from training.evaluate import load_batches
 
     paths, labels, _ = MVTecCategory(data).test_images()
     good = [p for p, y in zip(paths, labels) if y == 0]
@@ -85,6 +85,7 @@ def run_case(bundle_dir: Path, data: Path, out: Path, *, stream_images: int, poo
     from bench.run import run_stream_bench
     from glad_runtime.core.bundle import Bundle
     from glad_runtime.engines import load_engines
+    from glad_runtime.detector import Detector
     from glad_runtime.pipeline.batch import GladPipeline
     from training.evaluate import evaluate
 
@@ -112,7 +113,7 @@ def run_case(bundle_dir: Path, data: Path, out: Path, *, stream_images: int, poo
         cfg = base.replace(**over)
         say(f"  {name}: {over}")
         t0 = time.perf_counter()
-        q = evaluate(eng, GladPipeline(eng, cfg), data, out / f"{bundle_dir.name}-{len(rows)}", baseline=None,
+        q = evaluate(Detector(eng, cfg), data, out / f"{bundle_dir.name}-{len(rows)}", baseline=None,
                      max_test=max_test, progress=False, log=lambda m: None)["glad"]
         eval_s = time.perf_counter() - t0
         s = run_stream_bench(None, "ort-fp32", images, pool=pool, engines=eng, config=cfg,

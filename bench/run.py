@@ -377,8 +377,8 @@ def run_stream_bench(bundle, engine: str = "ort-fp32", images: np.ndarray | None
                     yield i, images[i]
 
             for r in sched.stream(feed()):
-                lat.append(time.perf_counter() - started[r.key])
-                sc[r.key] = r.score
+                lat.append(time.perf_counter() - started[r.source])
+                sc[r.source] = r.score
             extra = {k: sched.stats[k] for k in ("unet_calls", "unet_images", "check_calls", "check_images")}
         else:
             size = 1 if mode == "one_at_a_time" else pool

@@ -2,8 +2,7 @@
 
 Image scores are kept whole; anomaly maps are reduced to a seeded pixel subsample per image as they are produced
 (:func:`glad_runtime.core.calibration.sample_pixels`), so memory stays ``N * pixels_per_image`` floats whatever the resolution.
-Images are loaded and preprocessed exactly as ``glad eval`` does (``training.evaluate.load_batches``, the runtime's
-loader). Torch-free: the pipeline may run on any :class:`~glad_runtime.engines.Engines` backend.
+Images are scored by :meth:`glad_runtime.detector.Detector.score_files`, the loop ``glad detect`` and ``glad eval`` use. Torch-free: the pipeline may run on any :class:`~glad_runtime.engines.Engines` backend.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from glad_runtime.core.images import ImageLoadError
-from glad_runtime.pipeline.batch import GladPipeline
-
+from glad_runtime.detector import Detector
+from glad_runtime.errors import ImageLoadError
 from glad_runtime.core.calibration import PIXELS_PER_IMAGE, CalibrationError, sample_pixels
 
 __all__ = ["ScoredImages", "score_images"]
@@ -39,14 +37,14 @@ class ScoredImages:
     mask_pixels: list[np.ndarray] | None = None
 
 
-def score_images(pipeline: GladPipeline, paths: Sequence[str | Path], *,
+def score_images(detector: Detector, paths: Sequence[str | Path], *,
                  mask_paths: Sequence[str | Path | None] | None = None, batch_size: int = 4,
                  pixels_per_image: int = PIXELS_PER_IMAGE, seed: int = 0, progress: bool = True,
                  desc: str = "calibrate") -> ScoredImages:
     """Score calibration images with ``pipeline``.
 
     Args:
-        pipeline: the configured pipeline (built from the bundle as ``glad detect`` builds it).
+        detector: the bundle's :class:`Detector` (built as ``glad detect`` builds it; its labels are unused).
         paths: N image files.
         mask_paths: optional N ground-truth mask files (None entries: all-normal mask); read with
             ``training.data.load_mask`` at ``dino_resolution``.
@@ -59,42 +57,25 @@ def score_images(pipeline: GladPipeline, paths: Sequence[str | Path], *,
         CalibrationError: no paths, mask count mismatch, or an image that cannot be read (named); pipeline errors
             (``EngineError``, ``InvalidInputError``) propagate.
     """
-    from tqdm import tqdm
 
     from training.data import load_mask
-    from training.evaluate import load_batches
 
     paths = [Path(p) for p in paths]
     if not paths:
         raise CalibrationError("no calibration images")
     if mask_paths is not None and len(mask_paths) != len(paths):
         raise CalibrationError(f"{len(mask_paths)} mask paths for {len(paths)} images")
-    cfg = pipeline.config
-    d = cfg.dino_resolution
+    d = detector.config.dino_resolution
     rng = np.random.default_rng(seed)
-    scores, pixels, masks = [], [], []
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
-        start = 0
-        for batch in _checked(load_batches(paths, cfg.resolution, batch_size)):
-            out = pipeline(batch)
-            for j in range(len(batch)):
-                i = start + j
-                mask = None
-                if mask_paths is not None:
-                    mask = load_mask(mask_paths[i], d)
-                v, m = sample_pixels(out.anomaly_maps[j], pixels_per_image, rng, mask)
-                pixels.append(v)
-                masks.append(m)
-            scores.append(np.asarray(out.scores, dtype=np.float64))
-            start += len(batch)
-            bar.update(len(batch))
-    return ScoredImages(paths=paths, scores=np.concatenate(scores), pixels=pixels,
-                        mask_pixels=None if mask_paths is None else masks)
-
-
-def _checked(batches):
-    """Re-raise image load errors of a batch generator as CalibrationError (calibration data must be clean)."""
     try:
-        yield from batches
+        dets = detector.score_files(paths, batch_size=batch_size, progress=progress, desc=desc)
     except ImageLoadError as e:
         raise CalibrationError(f"cannot read a calibration image: {e}") from e
+    pixels, masks = [], []
+    for i, det in enumerate(dets):
+        mask = None if mask_paths is None else load_mask(mask_paths[i], d)
+        v, m = sample_pixels(det.anomaly_map, pixels_per_image, rng, mask)
+        pixels.append(v)
+        masks.append(m)
+    return ScoredImages(paths=paths, scores=np.array([det.score for det in dets], dtype=np.float64), pixels=pixels,
+                        mask_pixels=None if mask_paths is None else masks)

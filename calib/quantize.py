@@ -551,34 +551,18 @@ def evaluate_engines(engines, config: GladConfig, data_root: str | os.PathLike, 
     Returns:
         metrics dict plus ``seconds_per_image``, ``test_images`` and ``scores`` (list, for score-shift checks).
     """
-    from glad_runtime.pipeline.batch import GladPipeline
-    from training.data import MVTecCategory, load_mask
-    from training.evaluate import load_batches
+    from glad_runtime.detector import Detector
+    from training.evaluate import score_category
     from training.metrics import image_metrics, pixel_metrics
 
-    cat = MVTecCategory(data_root)
-    paths, labels, _ = cat.test_images()
-    samples = cat.test_samples()
-    if max_test and max_test < len(paths):
-        keep = np.linspace(0, len(paths) - 1, max_test).round().astype(int)
-        paths, labels, samples = [paths[i] for i in keep], labels[keep], [samples[i] for i in keep]
-    pipe = GladPipeline(engines, config)
-    scores, maps = [], []
     start = time.perf_counter()
-    for batch in load_batches(paths, config.resolution, batch_size):
-        o = pipe(batch)
-        scores.append(o.scores)
-        maps.append(o.anomaly_maps)
-        if progress:
-            progress(f"evaluated {sum(len(s) for s in scores)}/{len(paths)}")
+    _, paths, labels, dets, masks = score_category(Detector(engines, config), data_root, max_test=max_test,
+                                                   batch_size=batch_size, progress=bool(progress))
     seconds = (time.perf_counter() - start) / len(paths)
-    scores = np.concatenate(scores)
+    scores = np.array([d.score for d in dets], np.float64)
     out = image_metrics(labels, scores)
-    if cat.has_pixel_masks:
-        d = config.dino_resolution
-        masks = np.stack([load_mask(s.mask_path, d) if s.mask_path is not None else np.zeros((d, d), bool)
-                          for s in samples])
-        out |= pixel_metrics(masks, np.concatenate(maps))
+    if masks is not None:
+        out |= pixel_metrics(masks, np.stack([d.anomaly_map for d in dets]))
     return out | {"seconds_per_image": seconds, "test_images": len(paths), "scores": scores.tolist()}
 
 
@@ -644,7 +628,7 @@ def quantize_bundle(bundle: Bundle, images: Iterable[np.ndarray], *, names: Sequ
         BundleError: the bundle fails its checksums or lacks fp32 graphs.
         QuantizationError: bad mode/tool/graph names, no images, a quantiser failure (nothing is kept then).
     """
-    from export.onnx_export import graph_names
+    from glad_runtime.engines import exported_graphs as graph_names
     from glad_runtime.engines.ort import OrtEngines
 
     say = progress or (lambda m: None)

@@ -49,6 +49,7 @@ import torch
 from glad_runtime.core.bundle import Bundle
 from glad_runtime.core.config import GladConfig
 from glad_runtime.core.schedule import NoiseSchedule
+from glad_runtime.engines import exported_graphs as graph_names
 
 from .onnx_tools import TWO_GB, convert_fp16, io_shapes, op_counts, optimize_graph, ort_run, save_model
 from glad_runtime.errors import ExportError  # noqa: F401 (re-exported)
@@ -76,19 +77,6 @@ class GraphReport:
     max_abs_err: float
     max_rel_err: float  # max |ort - torch| / max |torch|
     ops: dict[str, int] = field(default_factory=dict)
-
-
-def graph_names(config: GladConfig) -> list[str]:
-    """The graphs exported for a config: ``dino_ads`` whenever the ADS check runs at another size than scoring
-    (also with ADS off, so ADS can be switched on at run time without re-exporting), and ``ads_check``, the whole
-    network part of an ADS check in one graph (``export.models.AdsCheck``: two decodes, the ADS layer's tokens and
-    the nearest-neighbour distance map; it repeats the decoder and ViT weights so that only the map leaves the
-    device)."""
-    names = ["unet", "vae_encoder", "vae_decoder", "dino"]
-    if config.ads_size != config.dino_resolution:
-        names.append("dino_ads")
-    names.append("ads_check")
-    return names
 
 
 def _io_spec(name: str, config: GladConfig) -> tuple[list[str], list[str]]:

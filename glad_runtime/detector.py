@@ -1,182 +1,217 @@
-"""Batch detection over image files: load, preprocess, run the pipeline, write per-image results.
+"""The facade: ``Detector(bundle, engines, calibration).detect(images) -> [Detection]``, and what ``glad detect``
+writes per image.
 
-Engine-agnostic (any :class:`~glad_runtime.engines.Engines`); used by ``glad detect``. A file that cannot be read
-gets an error record and the rest of its batch completes.
-
-Labels: with a calibration (``calibration.json`` of the bundle, ``glad_runtime.core.calibration.Calibration``) every record gets
-``normalized_score`` (threshold at 0.5), ``label`` (``"normal"`` / ``"anomalous"``: anomalous when the raw score is
-strictly above the threshold), ``threshold`` (the raw image threshold used) and ``threshold_source``
-(``"calibration"`` or ``"override"``). A per-run / per-request ``threshold=`` overrides the raw image threshold;
-without a calibration it still gives labels (but no ``normalized_score``, which needs the calibration's score span).
-Without either, records carry the raw score only and :func:`summarize` adds a note that the bundle is uncalibrated.
+Every caller that scores images goes through :class:`Detector`: ``glad detect``, evaluation (``training.evaluate``),
+calibration (``calib.collect``), the quantisation gate (``calib.quantize``) and the benchmarks. One batch of images
+runs as one :class:`~glad_runtime.pipeline.batch.GladPipeline` call; a file that cannot be read, or an image whose
+pipeline call fails (``EngineError``, ``InvalidInputError``, any :class:`~glad_runtime.errors.GladError`), gets a
+:class:`Detection` with ``error`` set and the rest of its batch completes. Labels come from the one labelling rule
+(:func:`glad_runtime.core.calibration.label`): anomalous when ``score > threshold``, the threshold being the
+per-run override when given, else the calibration's; ``normalized_score`` centres on the threshold in force.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from glad_runtime.core.calibration import Calibration, label_for
+from glad_runtime.core.bundle import Bundle
+from glad_runtime.core.calibration import Calibration, label
+from glad_runtime.core.config import GladConfig
+from glad_runtime.core.detection import Detection
+from glad_runtime.core.images import LoadedImage, load_image, preprocess, resize_map
+from glad_runtime.errors import CalibrationError, GladError
+from glad_runtime.pipeline.batch import GladPipeline
 
-from glad_runtime.core.images import ImageLoadError, LoadedImage, load_image, preprocess, resize_map
-from glad_runtime.engines import EngineError
-from glad_runtime.pipeline.batch import GladPipeline, InvalidInputError
-
-__all__ = ["DetectionRecord", "apply_threshold", "detect_files", "heatmap_overlay", "summarize", "write_outputs"]
-
-
-@dataclass
-class DetectionRecord:
-    """The JSON record written per image.
-
-    ``score`` is the raw (uncalibrated) top-K mean anomaly score; ``normalized_score`` the calibrated score in
-    [0, 1] with the threshold at 0.5; ``label`` ``"anomalous"`` when ``score > threshold`` else ``"normal"``;
-    ``threshold`` the raw image threshold used and ``threshold_source`` ``"calibration"`` or ``"override"`` (all
-    four None when the bundle is uncalibrated and no threshold was given; ``normalized_score`` None without a
-    calibration). ``adaptive_step`` is the DDIM timestep where ADS decided (-1: ADS off); ``timings_s`` the batch's
-    stage times divided by the batch size (seconds per image). On failure only ``source`` and ``error`` are set.
-    """
-
-    source: str
-    score: float | None = None
-    normalized_score: float | None = None
-    label: str | None = None
-    threshold: float | None = None
-    threshold_source: str | None = None
-    adaptive_step: int | None = None
-    ads_score: float | None = None
-    saff_triggered: bool | None = None
-    original_size: tuple[int, int] | None = None
-    image_mode: str | None = None
-    map_file: str | None = None
-    overlay_file: str | None = None
-    map_png_scale: float | None = None
-    timings_s: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-    error_type: str | None = None
+__all__ = ["Detector", "detect_files", "heatmap_overlay", "summarize", "write_outputs", "UNCALIBRATED_NOTE"]
 
 
-def _batches(paths: list[Path], size: int) -> Iterator[list[Path]]:
-    for start in range(0, len(paths), size):
-        yield paths[start:start + size]
-
-
-def detect_files(pipeline: GladPipeline, paths: Iterable[str | Path], out_dir: str | Path, *, batch_size: int = 4,
-                 map_format: str = "png16", progress: bool = True, calibration: Calibration | None = None,
-                 threshold: float | None = None) -> list[DetectionRecord]:
-    """Run GLAD on image files and write, per image, ``<name>.json``, the map and ``<name>_overlay.png``.
+class Detector:
+    """A bundle's detector: engines + pipeline + calibration -> one :class:`Detection` per image.
 
     Args:
-        pipeline: a configured :class:`GladPipeline`.
-        paths: image files.
-        out_dir: output folder (created).
-        batch_size: images per pipeline call.
-        map_format: ``"png16"`` (16-bit PNG, value = png / ``map_png_scale``) or ``"npy"`` (float32).
-        progress: show a tqdm progress bar on stderr.
-        calibration: the bundle's calibration (``Bundle.calibration()``), or None (uncalibrated: raw scores only).
-        threshold: raw image threshold for this call, overriding the calibration's (finite float), or None.
-    Returns:
-        One :class:`DetectionRecord` per input path, in order; also written to ``out_dir/results.jsonl``.
+        engines: the four networks on any backend (:func:`glad_runtime.engines.load_engines`).
+        config: the :class:`GladConfig` to run (the bundle's, possibly with ``--set`` changes).
+        calibration: thresholds and normalisation, or None (uncalibrated: raw scores, no labels).
+        threshold: optional finite raw image threshold overriding the calibration's for every image.
+        bundle: the :class:`Bundle` the engines came from (kept for callers; optional).
     Raises:
-        ValueError: unknown ``map_format`` or a non-finite ``threshold``.
+        CalibrationError: a non-finite ``threshold``.
     """
-    from tqdm import tqdm
 
+    def __init__(self, engines, config: GladConfig, calibration: Calibration | None = None,
+                 threshold: float | None = None, bundle: Bundle | None = None, **pipeline_options: Any):
+        if threshold is not None and not np.isfinite(float(threshold)):
+            raise CalibrationError(f"threshold must be a finite number, got {threshold}")
+        self.engines, self.config, self.calibration, self.threshold = engines, config, calibration, threshold
+        self.bundle = bundle
+        self.pipeline = GladPipeline(engines, config, **pipeline_options)
+
+    @classmethod
+    def open(cls, bundle: Bundle | str | Path, backend: str = "torch", *, config_changes: dict | None = None,
+             threshold: float | None = None, calibrated: bool = True, **engine_options: Any) -> "Detector":
+        """Open a bundle folder on one backend (``load_engines(bundle, backend, **engine_options)``) with its
+        calibration (``calibrated=False``: none) and ``config_changes`` applied to its config.
+
+        Raises:
+            BundleError: missing or modified files. ConfigError / ValueError: a bad config change or option.
+        """
+        from glad_runtime.engines import load_engines
+
+        b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        cfg = b.config.replace(**config_changes) if config_changes else b.config
+        engines = load_engines(b, backend, **engine_options)
+        return cls(engines, cfg, b.calibration() if calibrated else None, threshold, bundle=b)
+
+    # ------------------------------------------------------------------ scoring
+    def _detection(self, out, j: int, source: str, n: int, keep_map: bool) -> Detection:
+        score = float(out.scores[j])
+        v = label(score, self.calibration, self.threshold)
+        ads = float(out.ads_scores[j])
+        return Detection(source=source, score=score, normalized_score=v.normalized_score, label=v.label,
+                         threshold=v.threshold, threshold_source=v.threshold_source,
+                         adaptive_step=int(out.adaptive_steps[j]), ads_score=ads if np.isfinite(ads) else None,
+                         saff_triggered=bool(out.saff_triggered[j]),
+                         anomaly_map=out.anomaly_maps[j] if keep_map else None,
+                         timings_s={k: round(t / n, 5) for k, t in out.timings.items()})
+
+    def detect_arrays(self, images: np.ndarray, sources: Sequence[str] | None = None, *,
+                      keep_maps: bool = True, keep_reconstructions: bool = False) -> list[Detection]:
+        """Score a preprocessed batch, isolating failures per image.
+
+        Args:
+            images: float32 ``[B, 3, R, R]`` in [-1, 1] (:func:`glad_runtime.core.images.preprocess`).
+            sources: B names (default ``"#<index>"``).
+            keep_maps: keep each ``anomaly_map [D, D]`` (``dino_resolution``) on its Detection.
+            keep_reconstructions: also keep ``reconstruction`` (float32 ``[3, R, R]``).
+        Returns:
+            B Detections in order. If the joint call fails, every image is rerun alone, so only the failing ones
+            carry ``error`` (the ``GladError`` raised for them).
+        """
+        sources = [f"#{i}" for i in range(len(images))] if sources is None else list(sources)
+        try:
+            outs = [(self.pipeline(images), k) for k in range(len(images))]
+        except GladError as e:
+            if len(images) == 1:
+                return [Detection(source=sources[0], error=e)]
+            outs = []
+            for k in range(len(images)):
+                try:
+                    outs.append((self.pipeline(images[k:k + 1]), 0))
+                except GladError as e1:
+                    outs.append(e1)
+        dets = []
+        for src, r in zip(sources, outs):
+            if isinstance(r, Exception):
+                dets.append(Detection(source=src, error=r))
+                continue
+            out, j = r
+            d = self._detection(out, j, src, len(out.scores), keep_maps)
+            if keep_reconstructions:
+                d.reconstruction = out.reconstructions[j]
+            dets.append(d)
+        return dets
+
+    def detect(self, images: Iterable[Any], *, batch_size: int = 4, progress: bool = False,
+               desc: str = "detect", keep_maps: bool = True, keep_reconstructions: bool = False,
+               ) -> Iterator[tuple[Detection, LoadedImage | None]]:
+        """Score image files (or encoded bytes), ``batch_size`` per pipeline call, in order.
+
+        Yields:
+            ``(Detection, LoadedImage or None)`` per input: the decoded image (``rgb``, ``original_size``,
+            ``mode``) for the caller's outputs; None when the file could not be read (``error`` is then an
+            :class:`~glad_runtime.errors.ImageLoadError`).
+        """
+        from tqdm import tqdm
+
+        items = list(images)
+        res = self.config.resolution
+        with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                slots: list = [None] * len(chunk)
+                loaded: list[tuple[int, LoadedImage]] = []
+                for k, item in enumerate(chunk):
+                    src = str(item) if not isinstance(item, (bytes, bytearray)) else f"#{start + k}"
+                    try:
+                        loaded.append((k, load_image(item)))
+                    except GladError as e:
+                        slots[k] = (Detection(source=src, error=e), None)
+                if loaded:
+                    batch = np.stack([preprocess(img.rgb, res) for _, img in loaded])
+                    dets = self.detect_arrays(batch, [str(chunk[k]) if not isinstance(chunk[k], (bytes, bytearray))
+                                                      else f"#{start + k}" for k, _ in loaded],
+                                              keep_maps=keep_maps, keep_reconstructions=keep_reconstructions)
+                    for (k, img), d in zip(loaded, dets):
+                        if d.ok:
+                            d.original_size, d.image_mode = img.original_size, img.mode
+                        slots[k] = (d, img)
+                yield from slots
+                bar.update(len(chunk))
+
+    def score_files(self, paths: Sequence[str | Path], *, batch_size: int = 4, progress: bool = False,
+                    desc: str = "score", strict: bool = True, keep_reconstructions: bool = False
+                    ) -> list[Detection]:
+        """"Score these files": the one loop behind evaluation, calibration, the quantisation gate and benchmarks.
+
+        Args:
+            paths: image files. strict: raise the first per-image error (evaluation and calibration data must be
+                clean) instead of returning it on the Detection.
+        Returns:
+            one Detection per path, in order, each with its ``anomaly_map [D, D]``.
+        Raises:
+            GladError: with ``strict``, the first image that failed (its message names the file).
+        """
+        out = []
+        for d, _ in self.detect(paths, batch_size=batch_size, progress=progress, desc=desc,
+                                keep_reconstructions=keep_reconstructions):
+            if strict and d.error is not None:
+                raise type(d.error)(f"{d.source}: {d.error}") from d.error
+            out.append(d)
+        return out
+
+
+def detect_files(detector: Detector, paths: Iterable[str | Path], out_dir: str | Path, *, batch_size: int = 4,
+                 map_format: str = "png16", progress: bool = True) -> list[Detection]:
+    """``glad detect``: score image files and write, per image, ``<name>.json``, the map and
+    ``<name>_overlay.png`` (at the image's original size), plus ``results.jsonl``.
+
+    Args:
+        detector: the :class:`Detector` (its calibration and threshold label the records).
+        paths: image files. out_dir: output folder (created). batch_size: images per pipeline call.
+        map_format: ``"png16"`` (16-bit PNG, value = png / ``map_png_scale``) or ``"npy"`` (float32).
+        progress: a tqdm progress bar on stderr.
+    Returns:
+        One :class:`Detection` per input path, in order (maps dropped after writing).
+    Raises:
+        ValueError: unknown ``map_format``.
+    """
     if map_format not in ("png16", "npy"):
         raise ValueError(f"map_format must be 'png16' or 'npy', got {map_format!r}")
-    if threshold is not None and not math.isfinite(float(threshold)):
-        raise ValueError(f"threshold must be a finite number, got {threshold}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in paths]
     names = _unique_names(paths)
-    records: list[DetectionRecord] = []
-    res = pipeline.config.resolution
-    with tqdm(total=len(paths), desc="detect", unit="img", disable=not progress) as bar:
-        for chunk in _batches(list(range(len(paths))), batch_size):
-            loaded: list[tuple[int, LoadedImage]] = []
-            by_index: dict[int, DetectionRecord] = {}
-            for i in chunk:
-                try:
-                    loaded.append((i, load_image(paths[i])))
-                except ImageLoadError as e:
-                    by_index[i] = DetectionRecord(source=str(paths[i]), error=str(e), error_type=type(e).__name__)
-            if loaded:
-                batch = np.stack([preprocess(img.rgb, res) for _, img in loaded])
-                results = _run_isolated(pipeline, batch)
-                for k, (i, img) in enumerate(loaded):
-                    result = results[k]
-                    if isinstance(result, Exception):
-                        by_index[i] = DetectionRecord(source=str(paths[i]), error=str(result),
-                                                      error_type=type(result).__name__)
-                        continue
-                    result, j = result
-                    per_image = {k2: v / len(result.scores) for k2, v in result.timings.items()}
-                    amap = resize_map(result.anomaly_maps[j], img.original_size)
-                    rec = DetectionRecord(
-                        source=str(paths[i]), score=float(result.scores[j]),
-                        adaptive_step=int(result.adaptive_steps[j]),
-                        ads_score=None if np.isnan(result.ads_scores[j]) else float(result.ads_scores[j]),
-                        saff_triggered=bool(result.triggered[j]), original_size=img.original_size,
-                        image_mode=img.mode, timings_s={k2: round(v, 5) for k2, v in per_image.items()})
-                    apply_threshold(rec, calibration, threshold)
-                    write_outputs(rec, amap, img.rgb, out, names[i], map_format)
-                    by_index[i] = rec
-            for i in chunk:
-                records.append(by_index[i])
-                (out / f"{names[i]}.json").write_text(json.dumps(asdict(by_index[i]), indent=2))
-            bar.update(len(chunk))
+    records: list[Detection] = []
+    for i, (rec, img) in enumerate(detector.detect(paths, batch_size=batch_size, progress=progress)):
+        if rec.ok:
+            write_outputs(rec, resize_map(rec.anomaly_map, img.original_size), img.rgb, out, names[i], map_format)
+            rec.anomaly_map = None
+        (out / f"{names[i]}.json").write_text(json.dumps(rec.to_dict(), indent=2))
+        records.append(rec)
     with open(out / "results.jsonl", "w") as f:
         for r in records:
-            f.write(json.dumps(asdict(r)) + "\n")
+            f.write(json.dumps(r.to_dict()) + "\n")
     return records
-
-
-def apply_threshold(rec: DetectionRecord, calibration: Calibration | None, threshold: float | None = None) -> None:
-    """Fill ``normalized_score`` / ``label`` / ``threshold`` / ``threshold_source`` of a scored record in place.
-
-    The raw image threshold is ``threshold`` when given (``"override"``), else the calibration's
-    (``"calibration"``); with neither the record stays unlabelled. ``normalized_score`` needs a calibration.
-    """
-    if rec.score is None or (calibration is None and threshold is None):
-        return
-    t = float(threshold) if threshold is not None else calibration.image_threshold
-    rec.threshold = t
-    rec.threshold_source = "override" if threshold is not None else "calibration"
-    rec.label = label_for(rec.score, t)
-    if calibration is not None:
-        rec.normalized_score = calibration.normalize(rec.score, threshold=t)
 
 
 UNCALIBRATED_NOTE = ("the bundle is uncalibrated: records carry raw scores only, no labels; run `glad calibrate` "
                      "or pass a threshold")
-
-
-def _run_isolated(pipeline: GladPipeline, batch: np.ndarray) -> list:
-    """Run a batch; if it fails, rerun its images one at a time so one bad image loses nothing else.
-
-    Returns, per image, ``(PipelineOutput, index into that output)`` or the exception raised for that image.
-    """
-    try:
-        out = pipeline(batch)
-        return [(out, k) for k in range(len(batch))]
-    except (EngineError, InvalidInputError) as e:
-        if len(batch) == 1:
-            return [e]
-    results: list = []
-    for k in range(len(batch)):
-        try:
-            results.append((pipeline(batch[k:k + 1]), 0))
-        except (EngineError, InvalidInputError) as e:
-            results.append(e)
-    return results
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
@@ -189,7 +224,7 @@ def _unique_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def write_outputs(rec: DetectionRecord, amap: np.ndarray, rgb: np.ndarray, out: Path, name: str,
+def write_outputs(rec: Detection, amap: np.ndarray, rgb: np.ndarray, out: Path, name: str,
                   map_format: str) -> None:
     """Write the map (original size) and the overlay, filling ``rec.map_file`` / ``overlay_file`` / scale."""
     if map_format == "npy":
@@ -230,7 +265,7 @@ def heatmap_overlay(rgb: np.ndarray, amap: np.ndarray, vmax: float | None = None
     return Image.fromarray(blend.clip(0, 255).astype(np.uint8))
 
 
-def summarize(records: list[DetectionRecord]) -> dict:
+def summarize(records: list[Detection]) -> dict:
     """Counts of processed and failed images, the mean per-image total time and the labels.
 
     Labelled records add ``anomalous`` / ``normal`` counts, ``threshold`` and ``threshold_source``; when scored

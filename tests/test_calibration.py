@@ -295,16 +295,16 @@ def _images(folder, values, size=(10, 12)):
 
 def test_detect_files_labels_override_and_uncalibrated(tmp_path):
     from calib.collect import score_images
-    from glad_runtime.detector import UNCALIBRATED_NOTE, detect_files, summarize
+    from glad_runtime.detector import UNCALIBRATED_NOTE, Detector, detect_files, summarize
 
     pipe = GladPipeline(StubEngines(), stub_config())
     normals = _images(tmp_path / "normal", [90, 95, 100, 105, 110, 100])
-    scored = score_images(pipe, normals, batch_size=4, progress=False)
+    scored = score_images(Detector(StubEngines(), stub_config()), normals, batch_size=4, progress=False)
     direct = pipe(np.stack([preprocess(load_image(p).rgb, 8) for p in normals]))
     np.testing.assert_allclose(scored.scores, direct.scores, rtol=1e-6)  # batching does not change scores
     cal = quiet_from_normals(scored.scores, scored.pixels, target_fpr=0.2)
     probe = normals + _images(tmp_path / "probe", [250, 5])
-    recs = detect_files(pipe, probe, tmp_path / "o1", calibration=cal, progress=False)
+    recs = detect_files(Detector(StubEngines(), stub_config(), cal), probe, tmp_path / "o1", progress=False)
     for r in recs:
         assert r.threshold == cal.image_threshold and r.threshold_source == "calibration"
         assert r.label == ("anomalous" if r.score > cal.image_threshold else "normal")
@@ -315,20 +315,20 @@ def test_detect_files_labels_override_and_uncalibrated(tmp_path):
     summary = summarize(recs)
     assert summary["anomalous"] + summary["normal"] == len(probe) and "note" not in summary
     # per-call override: above every score -> all normal; below every score -> all anomalous
-    hi = detect_files(pipe, probe, tmp_path / "o2", calibration=cal, threshold=1e9, progress=False)
+    hi = detect_files(Detector(StubEngines(), stub_config(), cal, threshold=1e9), probe, tmp_path / "o2", progress=False)
     assert {r.label for r in hi} == {"normal"} and hi[0].threshold_source == "override"
     assert all(r.normalized_score == 0.0 for r in hi)
-    lo = detect_files(pipe, probe, tmp_path / "o3", calibration=cal, threshold=-1.0, progress=False)
+    lo = detect_files(Detector(StubEngines(), stub_config(), cal, threshold=-1.0), probe, tmp_path / "o3", progress=False)
     assert {r.label for r in lo} == {"anomalous"}
     # uncalibrated: no labels and a note; a threshold alone labels without normalising
-    raw = detect_files(pipe, probe, tmp_path / "o4", progress=False)
+    raw = detect_files(Detector(StubEngines(), stub_config(), None), probe, tmp_path / "o4", progress=False)
     assert all(r.label is None and r.normalized_score is None for r in raw)
     assert summarize(raw)["note"] == UNCALIBRATED_NOTE
-    only = detect_files(pipe, probe, tmp_path / "o5", threshold=float(np.median([r.score for r in raw])),
+    only = detect_files(Detector(StubEngines(), stub_config(), None, threshold=float(np.median([r.score for r in raw]))), probe, tmp_path / "o5",
                         progress=False)
     assert {r.label for r in only} == {"normal", "anomalous"} and only[0].normalized_score is None
     with pytest.raises(ValueError, match="finite"):
-        detect_files(pipe, probe, tmp_path / "o6", threshold=float("inf"), progress=False)
+        detect_files(Detector(StubEngines(), stub_config(), None, threshold=float("inf")), probe, tmp_path / "o6", progress=False)
 
 
 def test_labelled_samples_layouts(tmp_path):

@@ -159,6 +159,8 @@ def test_detect_isolates_an_image_that_breaks_the_engine(tmp_path):
         p = tmp_path / f"{name}.png"
         Image.fromarray(np.full((10, 12), value, np.uint8)).save(p)
         paths.append(p)
-    recs = detect_files(GladPipeline(Flaky(), stub_config()), paths, tmp_path / "out", batch_size=3, progress=False)
+    from glad_runtime.detector import Detector
+
+    recs = detect_files(Detector(Flaky(), stub_config()), paths, tmp_path / "out", batch_size=3, progress=False)
     assert [r.error_type for r in recs] == [None, "EngineError", None]
     assert recs[0].score is not None and recs[2].score is not None and recs[1].score is None

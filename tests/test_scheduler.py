@@ -29,7 +29,7 @@ def _split_tau(engines, cfg, images) -> float:
 def _run(engines, cfg, images, max_active, order=None):
     sched = StepScheduler(engines, cfg, max_active=max_active, max_queue=len(images))
     order = range(len(images)) if order is None else order
-    results = {r.key: r for r in sched.stream((i, images[i]) for i in order)}
+    results = {r.source: r for r in sched.stream((i, images[i]) for i in order)}
     return results, sched
 
 
@@ -43,7 +43,7 @@ def test_scheduler_equals_pipeline_on_stub(num_seeds):
     res, sched = _run(StubEngines(), cfg, images, max_active=3)
     np.testing.assert_allclose([res[i].score for i in range(7)], ref.scores, rtol=1e-5, atol=1e-7)
     assert [res[i].adaptive_step for i in range(7)] == ref.adaptive_steps.tolist()
-    assert [res[i].triggered for i in range(7)] == ref.triggered.tolist()
+    assert [res[i].saff_triggered for i in range(7)] == ref.saff_triggered.tolist()
     np.testing.assert_allclose(np.stack([res[i].anomaly_map for i in range(7)]), ref.anomaly_maps, rtol=1e-5,
                                atol=1e-6)
     # images at different steps shared UNet calls: fewer calls than one image at a time

@@ -92,7 +92,9 @@ def test_eval_report(small_category, tiny_bundle, tmp_path):
     from training.evaluate import evaluate
 
     eng = TorchEngines(load_bundle_modules(tiny_bundle))
-    res = evaluate(eng, GladPipeline(eng, tiny_bundle.config), small_category, tmp_path, baseline="knn",
+    from glad_runtime.detector import Detector
+
+    res = evaluate(Detector(eng, tiny_bundle.config), small_category, tmp_path, baseline="knn",
                    batch_size=4, progress=False, log=lambda *_: None)
     assert set(res["glad"]) >= {"I-AUROC", "I-AP", "I-F1max"} and "P-AUROC" not in res["glad"]
     assert 0 <= res["knn"]["I-AUROC"] <= 1

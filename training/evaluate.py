@@ -14,30 +14,54 @@ from pathlib import Path
 
 import numpy as np
 
-from glad_runtime.engines import Engines
-from glad_runtime.core.images import load_image, preprocess
-from glad_runtime.pipeline.batch import GladPipeline
+from glad_runtime.core.images import even_subset, load_batches
+from glad_runtime.detector import Detector
 
 from .data import MVTecCategory
 from .knn import KnnBaseline
 from .metrics import image_metrics, pixel_metrics
 
-__all__ = ["evaluate", "load_batches"]
+__all__ = ["evaluate", "score_category"]
 
 
-def load_batches(paths: list[Path], resolution: int, batch_size: int):
-    """Yield preprocessed float32 ``[B,3,R,R]`` batches of image files (the runtime's loader)."""
-    for s in range(0, len(paths), batch_size):
-        yield np.stack([preprocess(load_image(p).rgb, resolution) for p in paths[s:s + batch_size]])
+def score_category(detector: Detector, data_root: str | Path, *, max_test: int = 0, batch_size: int = 8,
+                   progress: bool = True, keep_reconstructions: bool = False):
+    """Score an MVTec-format category's test split with ``detector`` (the one place evaluation and the
+    quantisation gate read a test set).
+
+    Args:
+        max_test: at most this many test images, taken evenly from the sorted list (0 = all; the same subset
+            for every call, :func:`glad_runtime.core.images.even_subset`).
+    Returns:
+        ``(category, paths, labels int [N], detections, masks bool [N, D, D] or None)``; masks at
+        ``dino_resolution`` when the category has pixel masks (all-normal masks for good images).
+    Raises:
+        ImageLoadError: a test image cannot be read (named).
+    """
+    from .data import load_mask
+
+    cat = MVTecCategory(data_root)
+    paths, labels, _ = cat.test_images()
+    keep = even_subset(paths, max_test)
+    samples = [cat.test_samples()[i] for i in keep]
+    paths, labels = [paths[i] for i in keep], labels[keep]
+    dets = detector.score_files(paths, batch_size=batch_size, progress=progress, desc="eval GLAD",
+                                keep_reconstructions=keep_reconstructions)
+    masks = None
+    if cat.has_pixel_masks:
+        d = detector.config.dino_resolution
+        masks = np.stack([load_mask(s.mask_path, d) if s.mask_path is not None else np.zeros((d, d), bool)
+                          for s in samples])
+    return cat, paths, labels, dets, masks
 
 
-def evaluate(engines: Engines, pipeline: GladPipeline, data_root: str | Path, out_dir: str | Path, *,
+def evaluate(detector: Detector, data_root: str | Path, out_dir: str | Path, *,
              baseline: str | None = "knn", batch_size: int = 8, max_test: int = 0, progress: bool = True,
              title: str = "GLAD evaluation", log=print) -> dict:
     """Evaluate GLAD (and optionally the kNN baseline) on ``DATA/test`` and write the report.
 
     Args:
-        engines: the bundle's networks (any backend). pipeline: the configured GLAD pipeline on them.
+        detector: the bundle's :class:`Detector` (any backend; its engines also run the kNN baseline).
         data_root: MVTec-format category (``train/good`` is used by the baseline only).
         baseline: ``"knn"`` or None.
         max_test: evaluate at most this many test images, taken evenly from the sorted list (0 = all).
@@ -46,43 +70,25 @@ def evaluate(engines: Engines, pipeline: GladPipeline, data_root: str | Path, ou
     """
     from tqdm import tqdm
 
-    cfg = pipeline.config
+    cfg, engines = detector.config, detector.engines
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cat = MVTecCategory(data_root)
-    paths, labels, _ = cat.test_images()
-    if max_test and max_test < len(paths):
-        keep = np.linspace(0, len(paths) - 1, max_test).round().astype(int)
-        paths, labels = [paths[i] for i in keep], labels[keep]
-        samples = [cat.test_samples()[i] for i in keep]
-    else:
-        samples = cat.test_samples()
+    start = time.perf_counter()
+    cat, paths, labels, dets, masks = score_category(detector, data_root, max_test=max_test, batch_size=batch_size,
+                                                     progress=progress, keep_reconstructions=True)
+    glad_s = time.perf_counter() - start
     result: dict = {"title": title, "data": str(Path(data_root).resolve()), "test_images": len(paths),
                     "anomalous": int(labels.sum()), "config": cfg.to_dict()}
     d = cfg.dino_resolution
 
-    start = time.perf_counter()
-    scores, maps, recon_thumbs, input_thumbs, steps = [], [], [], [], []
-    with tqdm(total=len(paths), desc="eval GLAD", unit="img", disable=not progress) as bar:
-        for batch in load_batches(paths, cfg.resolution, batch_size):
-            o = pipeline(batch)
-            scores.append(o.scores)
-            maps.append(o.anomaly_maps)
-            steps.append(o.adaptive_steps)
-            input_thumbs.append(batch)
-            recon_thumbs.append(o.reconstructions)
-            bar.update(len(batch))
-    glad_s = time.perf_counter() - start
-    scores, maps, steps = np.concatenate(scores), np.concatenate(maps), np.concatenate(steps)
-    inputs, recons = np.concatenate(input_thumbs), np.concatenate(recon_thumbs)
+    scores = np.array([x.score for x in dets], np.float32)
+    maps = np.stack([x.anomaly_map for x in dets])
+    steps = np.array([x.adaptive_step for x in dets], np.int64)
+    recons = np.stack([x.reconstruction for x in dets])
+    inputs = np.concatenate(list(load_batches(paths, cfg.resolution, batch_size)))
     result["glad"] = image_metrics(labels, scores) | {"seconds_per_image": glad_s / len(paths)}
     result["glad"]["adaptive_step_hist"] = {int(k): int(v) for k, v in zip(*np.unique(steps, return_counts=True))}
-    masks = None
-    if cat.has_pixel_masks:
-        from .data import load_mask
-
-        masks = np.stack([load_mask(s.mask_path, d) if s.mask_path is not None else np.zeros((d, d), bool)
-                          for s in samples])
+    if masks is not None:
         result["glad"] |= pixel_metrics(masks, maps)
     log(f"GLAD: {_fmt(result['glad'])}")
 

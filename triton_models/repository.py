@@ -37,11 +37,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from glad_runtime.core.bundle import Bundle, BundleError, sha256_file
 from glad_runtime.engines import network_graphs
+from glad_runtime.serving import protocol
+from glad_runtime.serving.protocol import TensorSpec
 from glad_runtime.engines.triton import default_model_prefix
 
 __all__ = ["TensorSpec", "onnx_io", "generate_repository", "model_names", "TARGETS", "PYTHON_MODELS"]
@@ -52,24 +53,6 @@ PYTHON_MODELS = Path(__file__).parent / "python"
 
 _ONNX_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL",
                10: "TYPE_FP16", 11: "TYPE_FP64"}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One model input or output as Triton declares it: ``dims`` without the batch dimension (-1 = dynamic);
-    ``reshape`` True for per-sample scalars (served as ``[B, 1]``, seen by the model as ``[B]``)."""
-
-    name: str
-    data_type: str
-    dims: tuple[int, ...]
-    reshape: bool = False
-
-    def pbtxt(self) -> str:
-        dims = list(self.dims) if self.dims else [1]
-        s = f'{{ name: "{self.name}" data_type: {self.data_type} dims: {dims}'
-        if self.reshape or not self.dims:
-            s += " reshape: { shape: [ ] }"
-        return s + " }"
 
 
 def onnx_io(path: str | os.PathLike) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -98,8 +81,7 @@ def onnx_io(path: str | os.PathLike) -> tuple[list[TensorSpec], list[TensorSpec]
 def _graphs(bundle: Bundle) -> list[str]:
     """The networks served for a bundle (the graphs ``glad export`` writes; ``dino_ads`` only when ADS runs at
     another size; ``ads_check``, the fused ADS check, with ADS on when the bundle has it: a client-side loop then
-    receives one distance map per check instead of two decodes and their tokens). Kept torch-free here:
-    ``export.onnx_export.graph_names`` imports torch."""
+    receives one distance map per check instead of two decodes and their tokens)."""
     config = bundle.config
     names = network_graphs(config)
     if config.ads_enabled and bundle.file("onnx/ads_check.onnx").is_file():
@@ -275,7 +257,7 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
     written.append(name)
 
     # the BLS model: the whole loop server-side
-    name = f"{p}_glad"
+    name = protocol.model_name(p)
     vdir = repo / name / str(version)
     vdir.mkdir(parents=True)
     shutil.copy(PYTHON_MODELS / "glad_model.py", vdir / "model.py")
@@ -284,16 +266,13 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
     if cal is not None:
         shutil.copy(b.file("calibration.json"), vdir / "calibration.json")
     d, r = cfg.dino_resolution, cfg.resolution
-    outputs = [TensorSpec("scores", "TYPE_FP32", (), True), TensorSpec("normalized_scores", "TYPE_FP32", (), True),
-               TensorSpec("labels", "TYPE_INT8", (), True), TensorSpec("anomaly_maps", "TYPE_FP32", (d, d)),
-               TensorSpec("adaptive_steps", "TYPE_INT64", (), True), TensorSpec("ads_scores", "TYPE_FP32", (), True),
-               TensorSpec("triggered", "TYPE_BOOL", (), True)]
     bls_params = dict(common, model_prefix=p, network_max_batch=net_batch, resolution=r, dino_resolution=d,
                       served_graphs=",".join(graphs),
                       calibrated="true" if cal is not None else "false",
-                      threshold="" if cal is None else cal.image_threshold)
+                      threshold="" if cal is None else cal.image_threshold,
+                      calibration=protocol.calibration_parameter(cal))
     text = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
-            + _io("input", [TensorSpec("images", "TYPE_FP32", (3, r, r))]) + _io("output", outputs)
+            + _io("input", protocol.glad_inputs(r)) + _io("output", protocol.glad_outputs(d))
             + _instances(glad_instances, "KIND_CPU") + _batching(max_batch, queue_delay_us) + _params(bls_params))
     (repo / name / "config.pbtxt").write_text(text)
     written.append(name)

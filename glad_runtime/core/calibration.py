@@ -37,7 +37,7 @@ from glad_runtime.errors import CalibrationError, CalibrationWarning  # noqa: F4
 
 __all__ = [
     "Calibration", "CalibrationError", "CalibrationWarning", "SCHEMA_VERSION", "MIN_IMAGES", "QUANTILE_STATS",
-    "f1_optimal_threshold", "label_for", "quantile_threshold", "sample_pixels", "score_summary",
+    "f1_optimal_threshold", "label", "label_for", "Verdict", "quantile_threshold", "sample_pixels", "score_summary",
 ]
 
 #: Version of the ``calibration.json`` layout; :meth:`Calibration.from_dict` refuses newer versions.
@@ -103,6 +103,43 @@ def label_for(score: float, threshold: float) -> str:
         score: one raw image score (float). threshold: the raw image threshold (float).
     """
     return "anomalous" if float(score) > float(threshold) else "normal"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What :func:`label` decides for one raw score (every field None when nothing labels the image)."""
+
+    label: str | None = None
+    normalized_score: float | None = None
+    threshold: float | None = None
+    threshold_source: str | None = None
+
+
+def label(score: float, calibration: "Calibration | None" = None, threshold: float | None = None) -> Verdict:
+    """THE labelling function: every place that turns a raw score into a label calls this one.
+
+    The raw image threshold is ``threshold`` when given (``threshold_source="override"``), else the calibration's
+    ``image_threshold`` (``"calibration"``). ``label`` is ``"anomalous"`` when ``score > threshold`` (strictly).
+    ``normalized_score`` is :meth:`Calibration.normalize` centred on the threshold in force (so an override
+    moves the 0.5 point with it, in process and on the client alike); it needs a calibration's score span.
+
+    Args:
+        score: one finite raw image score. calibration: the bundle's calibration or None. threshold: optional
+            finite raw-threshold override.
+    Returns:
+        :class:`Verdict`; all None with neither a calibration nor a threshold (an uncalibrated bundle).
+    Raises:
+        CalibrationError: a non-finite ``threshold`` or ``score``.
+    """
+    if threshold is not None and not math.isfinite(float(threshold)):
+        raise CalibrationError(f"threshold override must be finite, got {threshold}")
+    if calibration is None and threshold is None:
+        return Verdict()
+    if not math.isfinite(float(score)):
+        raise CalibrationError(f"cannot label a non-finite score ({score})")
+    t = float(threshold) if threshold is not None else calibration.image_threshold
+    norm = None if calibration is None else float(calibration.normalize(float(score), threshold=t))
+    return Verdict(label_for(score, t), norm, t, "override" if threshold is not None else "calibration")
 
 
 def score_summary(values: np.ndarray) -> dict[str, float]:

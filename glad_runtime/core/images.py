@@ -19,6 +19,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -147,3 +148,20 @@ def list_images(inputs: list[str | os.PathLike]) -> list[Path]:
         else:
             raise FileNotFoundError(f"no such file or folder: {p}")
     return out
+
+
+def even_subset(items: Sequence, count: int) -> list[int]:
+    """Indices of ``count`` items taken evenly from ``items`` (first and last included; all when ``count`` is 0
+    or not smaller than ``len(items)``): the one subset rule of ``--max-test`` / ``--eval-max`` / benchmarks."""
+    n = len(items)
+    if not count or count >= n:
+        return list(range(n))
+    return [int(i) for i in np.linspace(0, n - 1, count).round().astype(int)]
+
+
+def load_batches(paths: Sequence[str | os.PathLike], resolution: int, batch_size: int):
+    """Yield preprocessed float32 ``[B, 3, R, R]`` batches in [-1, 1] of image files (:func:`load_image` +
+    :func:`preprocess`). Raises ImageLoadError for a file that cannot be read."""
+    paths = list(paths)
+    for s in range(0, len(paths), batch_size):
+        yield np.stack([preprocess(load_image(p).rgb, resolution) for p in paths[s:s + batch_size]])

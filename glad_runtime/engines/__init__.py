@@ -12,10 +12,10 @@ Importing this package imports numpy only; each backend's heavy library is impor
 from __future__ import annotations
 
 from glad_runtime.engines.base import (Engines, EngineError, GraphEngines, ads_check_signature, check_output,
-                                       network_graphs)
+                                       exported_graphs, network_graphs)
 
 __all__ = ["Engines", "EngineError", "GraphEngines", "check_output", "load_engines", "BACKENDS", "network_graphs",
-           "ads_check_signature"]
+           "exported_graphs", "ads_check_signature"]
 
 
 #: Backends :func:`load_engines` knows; ``torch`` needs the ``torch`` extra, ``ort`` the ``onnx`` extra (and

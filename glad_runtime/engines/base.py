@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from glad_runtime.errors import EngineError  # noqa: F401 (re-exported)
 
-__all__ = ["Engines", "EngineError", "GraphEngines", "check_output", "network_graphs",
+__all__ = ["Engines", "EngineError", "GraphEngines", "check_output", "network_graphs", "exported_graphs",
            "ads_check_signature"]
 
 
@@ -54,6 +54,19 @@ def network_graphs(config, dino_ads_present: bool = False) -> list[str]:
     names = ["unet", "vae_encoder", "vae_decoder", "dino"]
     if config.ads_size != config.dino_resolution and (config.ads_enabled or dino_ads_present):
         names.append("dino_ads")
+    return names
+
+
+def exported_graphs(config) -> list[str]:
+    """The graphs exported for a config: ``dino_ads`` whenever the ADS check runs at another size than scoring
+    (also with ADS off, so ADS can be switched on at run time without re-exporting), and ``ads_check``, the whole
+    network part of an ADS check in one graph (``export.models.AdsCheck``: two decodes, the ADS layer's tokens and
+    the nearest-neighbour distance map; it repeats the decoder and ViT weights so that only the map leaves the
+    device)."""
+    names = ["unet", "vae_encoder", "vae_decoder", "dino"]
+    if config.ads_size != config.dino_resolution:
+        names.append("dino_ads")
+    names.append("ads_check")
     return names
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from glad_runtime.errors import EngineError
+
 __all__ = ["TorchEngines", "resolve_device", "load_modules"]
 
 
@@ -61,6 +63,16 @@ class TorchEngines:
             m.to(dtype=dtype)
 
     def _run(self, fn, *arrays: np.ndarray):
+        """Run ``fn`` in chunks of ``max_batch``; any torch failure becomes an :class:`EngineError` naming the
+        module, so a caller's per-image isolation (``Detector``) catches the reference engine's failures too."""
+        try:
+            return self._run_chunks(fn, *arrays)
+        except EngineError:
+            raise
+        except Exception as e:  # torch raises RuntimeError / ValueError / IndexError ... for bad calls
+            raise EngineError(f"torch {type(fn).__name__}: {type(e).__name__}: {e}") from e
+
+    def _run_chunks(self, fn, *arrays: np.ndarray):
         outs = []
         with torch.inference_mode():
             for start in range(0, len(arrays[0]), self.max_batch):

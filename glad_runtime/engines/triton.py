@@ -26,14 +26,14 @@ import numpy as np
 from glad_runtime.core.bundle import Bundle, BundleError
 from glad_runtime.core.config import GladConfig
 from glad_runtime.engines import EngineError, GraphEngines, network_graphs
+from glad_runtime.serving import protocol
 
 __all__ = ["TritonEngines", "default_model_prefix", "NETWORKS"]
 
 #: Network model suffixes served per bundle (``dino_ads`` only when the bundle exports it).
 NETWORKS = ("unet", "vae_encoder", "vae_decoder", "dino", "dino_ads", "ads_check")
 
-_NP = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32,
-       "TYPE_INT8": np.int8, "TYPE_BOOL": np.bool_, "TYPE_UINT8": np.uint8}
+_NP = protocol.NUMPY_DTYPES
 
 
 def default_model_prefix(bundle: Bundle | str | Path) -> str:
@@ -149,9 +149,7 @@ class TritonEngines(GraphEngines):
         with self._lock:
             for name, arr in feeds.items():
                 dtype, dims = m.inputs[name]
-                arr = np.ascontiguousarray(arr, dtype=_NP[dtype])
-                if arr.ndim == 1 and dims == [1]:  # [B] tensors are served as [B, 1] reshaped to [B]
-                    arr = arr[:, None]
+                arr = protocol.to_wire(np.ascontiguousarray(arr, dtype=_NP[dtype]), dims)
                 inp = g.InferInput(name, list(arr.shape), dtype.replace("TYPE_", ""))
                 if self.shared_memory:
                     region, handle, _ = m.shm[f"in:{name}"]

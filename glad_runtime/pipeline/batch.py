@@ -34,7 +34,7 @@ class PipelineOutput:
         adaptive_steps: int64 ``[B]``: DDIM timestep where ADS decided (first seed); -1 when ADS is disabled or
             the sample was never decided (only possible with ``min_step`` <= 1).
         ads_scores: float32 ``[B]``: the top-10 distance at the decision (NaN when never decided).
-        triggered: bool ``[B]``: True when the decision was a SAFF trigger (score > tau), False when forced.
+        saff_triggered: bool ``[B]``: True when the decision was a SAFF trigger (score > tau), False when forced.
         reconstructions: float32 ``[B, 3, R, R]`` in about [-1, 1] (first seed).
         timings: seconds per stage for the whole batch (``encode``, ``unet``, ``ads_decode``, ``ads_features``,
             ``decode``, ``features``, ``scoring``, ``total``).
@@ -44,7 +44,7 @@ class PipelineOutput:
     anomaly_maps: np.ndarray
     adaptive_steps: np.ndarray
     ads_scores: np.ndarray
-    triggered: np.ndarray
+    saff_triggered: np.ndarray
     reconstructions: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -293,7 +293,7 @@ class GladPipeline:
             anomaly_maps=amap,
             adaptive_steps=np.array([t.adaptive_step for t in tracks0], dtype=np.int64),
             ads_scores=np.array([t.ads_score for t in tracks0], dtype=np.float32),
-            triggered=np.array([t.triggered for t in tracks0], dtype=bool),
+            saff_triggered=np.array([t.triggered for t in tracks0], dtype=bool),
             reconstructions=recon0,
             timings=dict(self._timings),
         )

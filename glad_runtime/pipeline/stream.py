@@ -27,34 +27,13 @@ import numpy as np
 
 from glad_runtime.core.scoring import anomaly_map, foreground_mask, resize_bilinear, topk_mean
 from glad_runtime.core.config import GladConfig
+from glad_runtime.core.detection import Detection
 from glad_runtime.engines import EngineError, Engines, check_output
 from glad_runtime.pipeline.batch import GladPipeline
 from glad_runtime.errors import QueueFullError  # noqa: F401 (re-exported)
 
-__all__ = ["StepScheduler", "ScheduledResult", "QueueFullError"]
+__all__ = ["StepScheduler", "QueueFullError"]
 
-
-@dataclass
-class ScheduledResult:
-    """One finished image.
-
-    Attributes:
-        key: the caller's key (or the submission index).
-        score: float, the top-K mean of the anomaly map (as :class:`PipelineOutput.scores`).
-        anomaly_map: float32 ``[D, D]`` at ``dino_resolution``.
-        adaptive_step: DDIM timestep where ADS decided (first seed); -1 when ADS is off or never decided.
-        ads_score: top-10 distance at the decision (NaN when never decided).
-        triggered: SAFF trigger (score > tau) rather than a forced decision.
-        ticks: scheduler ticks the image spent in the pool (admission to result).
-    """
-
-    key: Any
-    score: float
-    anomaly_map: np.ndarray
-    adaptive_step: int
-    ads_score: float
-    triggered: bool
-    ticks: int
 
 
 @dataclass
@@ -124,7 +103,7 @@ class StepScheduler:
         return key
 
     # ------------------------------------------------------------------ the tick
-    def tick(self) -> list[ScheduledResult]:
+    def tick(self) -> list[Detection]:
         """One scheduling step (admit, one UNet call, one ADS check, finish); returns the images finished by it."""
         if not self._queue and not self._active:
             return []
@@ -136,12 +115,12 @@ class StepScheduler:
         self.stats["ticks"] += 1
         return done
 
-    def drain(self) -> Iterator[ScheduledResult]:
+    def drain(self) -> Iterator[Detection]:
         """Tick until every submitted image has finished, yielding results as they finish."""
         while self.pending:
             yield from self.tick()
 
-    def stream(self, items: Iterable[tuple[Any, np.ndarray]]) -> Iterator[ScheduledResult]:
+    def stream(self, items: Iterable[tuple[Any, np.ndarray]]) -> Iterator[Detection]:
         """Results for a stream of ``(key, image)``, yielded as each finishes (not in input order).
 
         The input is pulled only while there is room in the pool, so an endless stream runs in bounded memory.
@@ -226,7 +205,7 @@ class StepScheduler:
             s.x = x_next[i]
             s.step += 1
 
-    def _finish(self) -> list[ScheduledResult]:
+    def _finish(self) -> list[Detection]:
         c, p = self.config, self.pipeline
         fin = [s for s in self._active if s.step >= len(self.schedule.timesteps)]
         if not fin:
@@ -255,6 +234,7 @@ class StepScheduler:
                 raise EngineError(f"anomaly map of {s.key!r} contains non-finite values")
             self._active.remove(s)
             step, ads_score, trig = s.first
-            done.append(ScheduledResult(key=s.key, score=float(topk_mean(amap[None], c.top_k)[0]), anomaly_map=amap,
-                                        adaptive_step=step, ads_score=ads_score, triggered=trig, ticks=s.ticks + 1))
+            done.append(Detection(source=s.key, score=float(topk_mean(amap[None], c.top_k)[0]), anomaly_map=amap,
+                                  adaptive_step=step, ads_score=None if np.isnan(ads_score) else float(ads_score),
+                                  saff_triggered=bool(trig), ticks=s.ticks + 1))
         return done

@@ -28,28 +28,24 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from glad_runtime.core.images import ImageLoadError, load_image, preprocess, resize_map, to_unit_rgb
+from glad_runtime.core.detection import Detection
+from glad_runtime.core.images import ImageLoadError, load_image, preprocess, to_unit_rgb
+from glad_runtime.serving import protocol
 from glad_runtime.errors import ServingError, BadInputError, ServerUnavailableError, DeadlineExceededError, ModelNotFoundError  # noqa: F401 (re-exported)
 
 __all__ = ["GladClient", "AsyncGladClient", "Detection", "ServingError", "BadInputError",
            "ServerUnavailableError", "DeadlineExceededError", "ModelNotFoundError", "classify_error",
-           "GRPC_CHANNEL_ARGS", "BLS_OUTPUTS"]
+           "GRPC_CHANNEL_ARGS"]
 
 #: gRPC channel options: message limits raised to 2 GiB - 1 both ways (batches of 512 px images and maps exceed
 #: gRPC's 4 MiB default), keepalive so a dead server is noticed.
 GRPC_CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
                      ("grpc.keepalive_time_ms", 30000), ("grpc.keepalive_timeout_ms", 10000)]
 
-#: Outputs of the ``<prefix>_glad`` BLS model (per image ``i``): ``scores [B]`` f32 raw score; ``normalized_scores
-#: [B]`` f32 (NaN when the bundle is uncalibrated); ``labels [B]`` int8 (1 anomalous, 0 normal, -1 uncalibrated);
-#: ``anomaly_maps [B, D, D]`` f32 at the scoring size; ``adaptive_steps [B]`` int64 (-1: ADS off);
-#: ``ads_scores [B]`` f32; ``triggered [B]`` bool.
-BLS_OUTPUTS = ("scores", "normalized_scores", "labels", "anomaly_maps", "adaptive_steps", "ads_scores", "triggered")
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -86,43 +82,6 @@ def classify_error(exc: Exception, url: str | None = None) -> ServingError:
 
 
 # ---------------------------------------------------------------------------------------------- results
-@dataclass
-class Detection:
-    """The result for one image of :meth:`GladClient.detect`.
-
-    Attributes:
-        source: the input's label (file path, or ``"#<index>"`` for arrays / bytes).
-        score: raw image score (top-K mean of the map; comparable with ``glad detect``'s ``score``).
-        normalized_score: calibrated score in [0, 1], threshold at 0.5 (None when the bundle is uncalibrated).
-        label: ``"anomalous"`` / ``"normal"`` (None when uncalibrated).
-        anomaly_map: float32 ``[D, D]`` at the bundle's scoring size (``dino_resolution``); see
-            :meth:`map_at_original_size`.
-        adaptive_step: DDIM timestep where ADS decided (-1: ADS off).
-        ads_score, saff_triggered: the ADS decision's score and whether SAFF fused.
-        original_size: ``(H, W)`` of the decoded input (None for preprocessed arrays).
-        server: URL that answered.
-        error: None, or the typed error for this image (:class:`BadInputError`, ...); the other fields are then None.
-    """
-
-    source: str
-    score: float | None = None
-    normalized_score: float | None = None
-    label: str | None = None
-    anomaly_map: np.ndarray | None = field(default=None, repr=False)
-    adaptive_step: int | None = None
-    ads_score: float | None = None
-    saff_triggered: bool | None = None
-    original_size: tuple[int, int] | None = None
-    server: str | None = None
-    error: ServingError | None = None
-
-    def map_at_original_size(self) -> np.ndarray:
-        """The anomaly map resized (bilinear) to the input's original size (as ``glad detect`` writes it)."""
-        if self.anomaly_map is None:
-            raise ValueError(f"{self.source}: no anomaly map ({self.error})")
-        return self.anomaly_map if self.original_size is None else resize_map(self.anomaly_map, self.original_size)
-
-
 def _prepare(image: Any, index: int, resolution: int) -> tuple[str, np.ndarray, tuple[int, int] | None]:
     """One input -> ``(label, float32 [3,R,R] in [-1,1], original size)``; raises BadInputError."""
     from PIL import Image
@@ -164,7 +123,7 @@ class _Base:
         if not self.urls:
             raise ValueError("at least one server URL is needed")
         self.model_prefix = model_prefix
-        self.model_name = f"{model_prefix}_glad"
+        self.model_name = protocol.model_name(model_prefix)
         self.timeout, self.retries = float(timeout), max(0, int(retries))
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
         self.threshold = threshold
@@ -186,33 +145,20 @@ class _Base:
     def _parse_config(self, cfg: dict) -> dict:
         dims = [int(d) for d in cfg["input"][0]["dims"]]
         params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
-        return {"resolution": dims[-1], "max_batch": int(cfg.get("max_batch_size", 1)) or 1, "parameters": params}
+        maps = [o for o in cfg["output"] if o["name"] == "anomaly_maps"]
+        return {"resolution": dims[-1], "max_batch": int(cfg.get("max_batch_size", 1)) or 1, "parameters": params,
+                "dino_resolution": int(maps[0]["dims"][-1]) if maps else dims[-1],
+                "calibration": protocol.calibration_from_parameter(params.get("calibration"))}
 
     def _inputs(self, module, batch: np.ndarray):
-        inp = module.InferInput("images", list(batch.shape), "FP32")
+        inp = module.InferInput(protocol.GLAD_INPUT, list(batch.shape), "FP32")
         inp.set_data_from_numpy(batch)
-        return [inp], [module.InferRequestedOutput(n) for n in BLS_OUTPUTS]
+        return [inp], [module.InferRequestedOutput(n) for n in protocol.GLAD_OUTPUT_NAMES]
 
     def _results(self, result, labels: list[str], sizes: list, url: str) -> list[Detection]:
-        o = {n: result.as_numpy(n) for n in BLS_OUTPUTS}
-        for n in BLS_OUTPUTS:  # per-image scalars arrive as [B, 1] (config dims [1] reshaped to [] in the model)
-            if n != "anomaly_maps":
-                o[n] = o[n].reshape(len(labels))
-        calibrated = self._meta["parameters"].get("calibrated") == "true"
-        out = []
-        for k, label in enumerate(labels):
-            norm = float(o["normalized_scores"][k])
-            lab = int(o["labels"][k])
-            d = Detection(source=label, score=float(o["scores"][k]),
-                          normalized_score=norm if calibrated and np.isfinite(norm) else None,
-                          label=None if lab < 0 else ("anomalous" if lab == 1 else "normal"),
-                          anomaly_map=o["anomaly_maps"][k], adaptive_step=int(o["adaptive_steps"][k]),
-                          ads_score=float(o["ads_scores"][k]), saff_triggered=bool(o["triggered"][k]),
-                          original_size=sizes[k], server=url)
-            if self.threshold is not None:  # per-client override of the raw threshold (labels only)
-                d.label = "anomalous" if d.score > self.threshold else "normal"
-            out.append(d)
-        return out
+        arrays = {n: result.as_numpy(n) for n in protocol.GLAD_OUTPUT_NAMES}
+        return protocol.detections_from_arrays(arrays, labels, sizes, self._meta["dino_resolution"],
+                                               self._meta["calibration"], self.threshold, url)
 
     def _wait(self, attempt: int) -> float:
         return min(self.max_backoff, self.backoff * (2 ** attempt))
@@ -308,7 +254,7 @@ class GladClient(_Base):
 
     def model_ready(self, graph: str = "glad") -> bool:
         """True when some URL has ``<prefix>_<graph>`` ready (``glad``, ``unet``, ``vae_encoder``, ...)."""
-        name = f"{self.model_prefix}_{graph}"
+        name = protocol.model_name(self.model_prefix, graph)
         try:
             return bool(self._call(lambda c, u: c.is_model_ready(name, client_timeout=self.timeout)))
         except ServingError:

@@ -6,11 +6,8 @@ ADS on, ``_ads_check`` when served: one request per check returning the distance
 those models keep their own instances and dynamic batching (several ``_glad`` instances, or several bundles, share
 them). The version directory holds the bundle's ``config.json`` and, when calibrated, ``calibration.json``.
 
-Input ``images`` float32 ``[B,3,R,R]`` in [-1, 1] (``glad_runtime.core.images.preprocess``: decoding stays on the client,
-so 16-bit and EXIF handling are the same as ``glad detect``). Outputs per image (see
-``glad_runtime.serving.client.BLS_OUTPUTS``): ``scores``, ``normalized_scores`` (NaN uncalibrated), ``labels`` int8 (1
-anomalous, 0 normal, -1 uncalibrated), ``anomaly_maps [B,D,D]``, ``adaptive_steps`` int64, ``ads_scores``,
-``triggered`` bool. The requests of a dynamic batch run as one pipeline call (results do not depend on batch mates,
+Inputs and outputs are the served contract of :mod:`glad_runtime.serving.protocol` (``GLAD_INPUT``,
+``GLAD_OUTPUTS``; tensors built by ``protocol.glad_output_arrays``, ``[B]`` sent as ``[B,1]`` by ``protocol.to_wire``). The requests of a dynamic batch run as one pipeline call (results do not depend on batch mates,
 project decision 2); a request with a bad shape or NaN/Inf values gets INVALID_ARG alone, and if the joint call
 fails every request is rerun alone.
 """
@@ -24,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 from glad_runtime.core.config import GladConfig
 from glad_runtime.engines import EngineError, GraphEngines, network_graphs
 from glad_runtime.pipeline.batch import GladPipeline, InvalidInputError
+from glad_runtime.serving import protocol
 
 
 def _error(message, code="INTERNAL"):
@@ -55,11 +53,8 @@ class BlsEngines(GraphEngines):
         for s in range(0, n, self.max_batch):
             inputs = []
             for name, arr in feeds.items():
-                part = np.ascontiguousarray(arr[s:s + self.max_batch])
-                if part.ndim == 1:  # [B] tensors are served as [B,1] reshaped to [B]
-                    part = part[:, None]
-                inputs.append(pb_utils.Tensor(name, part))
-            request = pb_utils.InferenceRequest(model_name=f"{self.prefix}_{graph}", inputs=inputs,
+                inputs.append(pb_utils.Tensor(name, protocol.to_wire(arr[s:s + self.max_batch])))
+            request = pb_utils.InferenceRequest(model_name=protocol.model_name(self.prefix, graph), inputs=inputs,
                                                 requested_output_names=outputs)
             response = request.exec()
             if response.has_error():
@@ -85,19 +80,8 @@ class TritonPythonModel:
             self.calibration = Calibration.from_json((vdir / "calibration.json").read_text())
 
     def _outputs(self, out, start, stop):
-        scores = out.scores[start:stop].astype(np.float32)
-        if self.calibration is not None:
-            norm = np.asarray(self.calibration.normalize(scores), dtype=np.float32).reshape(-1)
-            labels = np.asarray(self.calibration.is_anomalous(scores)).reshape(-1).astype(np.int8)
-        else:
-            norm = np.full(len(scores), np.nan, np.float32)
-            labels = np.full(len(scores), -1, np.int8)
-        tensors = {"scores": scores, "normalized_scores": norm, "labels": labels,
-                   "anomaly_maps": out.anomaly_maps[start:stop].astype(np.float32),
-                   "adaptive_steps": out.adaptive_steps[start:stop].astype(np.int64),
-                   "ads_scores": out.ads_scores[start:stop].astype(np.float32),
-                   "triggered": out.triggered[start:stop].astype(bool)}
-        return pb_utils.InferenceResponse([pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in tensors.items()])
+        tensors = protocol.glad_output_arrays(out, start, stop, self.calibration)
+        return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()])
 
     def _run_one(self, images):
         try:
@@ -112,7 +96,7 @@ class TritonPythonModel:
         valid = []
         for i, r in enumerate(requests):
             try:
-                valid.append((i, self.pipeline.validate_batch(pb_utils.get_input_tensor_by_name(r, "images")
+                valid.append((i, self.pipeline.validate_batch(pb_utils.get_input_tensor_by_name(r, protocol.GLAD_INPUT)
                                                               .as_numpy())))
             except InvalidInputError as e:
                 responses[i] = pb_utils.InferenceResponse(error=_error(str(e), "INVALID_ARG"))
