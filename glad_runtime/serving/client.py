@@ -160,6 +160,30 @@ class _Base:
         return protocol.detections_from_arrays(arrays, labels, sizes, self._meta["dino_resolution"],
                                                self._meta["calibration"], self.threshold, url)
 
+    def _order(self):
+        """The failover order of one call: ``(round, url index, url)`` over every URL per round (the one that
+        answered last first), with ``(None, round, None)`` between rounds: the caller sleeps :meth:`_wait`."""
+        for attempt in range(self.retries + 1):
+            for k in range(len(self.urls)):
+                idx = (self._current + k) % len(self.urls)
+                yield attempt, idx, self.urls[idx]
+            if attempt < self.retries:
+                yield None, attempt, None
+
+    @staticmethod
+    def _unavailable(exc: Exception, url: str) -> ServingError:
+        """The typed error of a failed call: returned when the URL is unavailable (fail over), raised otherwise."""
+        err = classify_error(exc, url)
+        if not isinstance(err, ServerUnavailableError):
+            raise err from exc
+        return err
+
+    def _exhausted(self, last: ServingError | None) -> ServerUnavailableError:
+        err = ServerUnavailableError(f"no server answered after {self.retries + 1} rounds over {self.urls}: {last}",
+                                     "UNAVAILABLE")
+        err.__cause__ = last
+        return err
+
     def _wait(self, attempt: int) -> float:
         return min(self.max_backoff, self.backoff * (2 ** attempt))
 
@@ -203,24 +227,18 @@ class GladClient(_Base):
     def _call(self, fn):
         """Run ``fn(client, url)`` on the current URL, failing over on UNAVAILABLE, with backoff between rounds."""
         last: ServingError | None = None
-        for attempt in range(self.retries + 1):
-            for k in range(len(self.urls)):
-                idx = (self._current + k) % len(self.urls)
-                url = self.urls[idx]
-                try:
-                    out = fn(self._client(url), url)
-                    self._current = idx
-                    return out
-                except Exception as e:  # tritonclient raises InferenceServerException; grpc may raise its own
-                    err = classify_error(e, url)
-                    if not isinstance(err, ServerUnavailableError):
-                        raise err from e
-                    last = err
-                    self._drop(url)
-            if attempt < self.retries:
-                time.sleep(self._wait(attempt))
-        raise ServerUnavailableError(f"no server answered after {self.retries + 1} rounds over {self.urls}: {last}",
-                                     "UNAVAILABLE") from last
+        for attempt, idx, url in self._order():
+            if attempt is None:
+                time.sleep(self._wait(idx))
+                continue
+            try:
+                out = fn(self._client(url), url)
+                self._current = idx
+                return out
+            except Exception as e:  # tritonclient raises InferenceServerException; grpc may raise its own
+                last = self._unavailable(e, url)
+                self._drop(url)
+        raise self._exhausted(last)
 
     def _drop(self, url: str) -> None:
         c = self._clients.pop(url, None)
@@ -333,24 +351,18 @@ class AsyncGladClient(_Base):
 
     async def _call(self, fn):
         last: ServingError | None = None
-        for attempt in range(self.retries + 1):
-            for k in range(len(self.urls)):
-                idx = (self._current + k) % len(self.urls)
-                url = self.urls[idx]
-                try:
-                    out = await fn(self._client(url), url)
-                    self._current = idx
-                    return out
-                except Exception as e:
-                    err = classify_error(e, url)
-                    if not isinstance(err, ServerUnavailableError):
-                        raise err from e
-                    last = err
-                    await self._drop(url)
-            if attempt < self.retries:
-                await asyncio.sleep(self._wait(attempt))
-        raise ServerUnavailableError(f"no server answered after {self.retries + 1} rounds over {self.urls}: {last}",
-                                     "UNAVAILABLE") from last
+        for attempt, idx, url in self._order():
+            if attempt is None:
+                await asyncio.sleep(self._wait(idx))
+                continue
+            try:
+                out = await fn(self._client(url), url)
+                self._current = idx
+                return out
+            except Exception as e:
+                last = self._unavailable(e, url)
+                await self._drop(url)
+        raise self._exhausted(last)
 
     async def metadata(self) -> dict:
         """See :meth:`GladClient.metadata`."""
