@@ -24,7 +24,7 @@ Steps (``glad calibrate BUNDLE NORMAL_DIR --quantize int8``, :func:`quantize_bun
 
 :class:`glad_runtime.engines.ort.OrtEngines` runs ``precision="int8"`` on the graphs that have an accepted
 ``.int8.onnx`` and fp32 on the others (listed in ``OrtEngines.graph_precisions`` and logged), and
-``glad build --precision int8`` builds TensorRT engines from the same Q/DQ files (``trt_engine.onnx_source``).
+``glad build --precision int8`` builds TensorRT engines from the same Q/DQ files (``glad_runtime.engines.trt.onnx_source``).
 :func:`write_trt_calibration_table` also writes the per-tensor ranges as ONNX Runtime's TensorRT-EP calibration
 table (``calibration.cache`` / ``.flatbuffers`` / ``.json``) for TensorRT's implicit INT8 path on the fp32 graphs.
 
@@ -294,7 +294,7 @@ class QuantSettings:
 
 
 def quantized_path(bundle: Bundle, graph: str, mode: str = "int8") -> Path:
-    """``BUNDLE/onnx/<graph>.<mode>.onnx``: the name ``trt_engine.onnx_source`` and ``OrtEngines`` look for."""
+    """``BUNDLE/onnx/<graph>.<mode>.onnx``: the name ``glad_runtime.engines.trt.onnx_source`` and ``OrtEngines`` look for."""
     if mode not in ("int8", "fp8"):
         raise ValueError(f"mode must be 'int8' or 'fp8', got {mode!r}")
     return bundle.file(f"onnx/{graph}.{mode}.onnx")
