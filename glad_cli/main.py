@@ -439,8 +439,11 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
                   server=server, model_prefix=model_prefix)
     changes = _parse_overrides(overrides)
     _, _, pipeline = _open_pipeline(bundle, engine, batch_size, **changes, **({} if seed is None else {"seed": seed}))
-    records = detect_files(pipeline, paths, out_dir, batch_size=batch_size, map_format=map_format,
-                           progress=not quiet, calibration=calibration, threshold=threshold)
+    from glad_runtime.detector import Detector
+
+    detector = Detector(pipeline.engines, pipeline.config, calibration, threshold)
+    records = detect_files(detector, paths, out_dir, batch_size=batch_size, map_format=map_format,
+                           progress=not quiet)
     summary = summarize(records) | {"wall_s": round(time.perf_counter() - start, 2), "out": str(out_dir)}
     notes = []
     if calibration is not None and pipeline.config.seed != calibration.params.get("pipeline_seed",
@@ -530,6 +533,7 @@ def calibrate_cmd(bundle: Path, normal_dir: Path, labelled: Path | None, target_
         return
 
     from calib.collect import score_images
+    from glad_runtime.detector import Detector
     from glad_runtime.core.calibration import Calibration, CalibrationError
     from glad_runtime.core.bundle import BundleError
     from glad_runtime.core.images import list_images
@@ -545,7 +549,7 @@ def calibrate_cmd(bundle: Path, normal_dir: Path, labelled: Path | None, target_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            normals = score_images(pipeline, normal_paths, seed=seed, desc="calibrate normals", **common)
+            normals = score_images(Detector(pipeline.engines, pipeline.config), normal_paths, seed=seed, desc="calibrate normals", **common)
             if labelled is None:
                 cal = Calibration.from_normals(normals.scores, normals.pixels, target_fpr, seed=seed,
                                                pixels_per_image=pixels_per_image, model_checksum=b.model_checksum(),
@@ -558,7 +562,7 @@ def calibrate_cmd(bundle: Path, normal_dir: Path, labelled: Path | None, target_
                 except FileNotFoundError as e:
                     raise click.BadParameter(str(e), param_hint="--labelled") from e
                 with_masks = any(t.mask_path is not None for t in samples)
-                lab = score_images(pipeline, [t.path for t in samples], seed=seed + 1, desc="calibrate labelled",
+                lab = score_images(Detector(pipeline.engines, pipeline.config), [t.path for t in samples], seed=seed + 1, desc="calibrate labelled",
                                    mask_paths=[t.mask_path for t in samples] if with_masks else None, **common)
                 scores = np.concatenate([normals.scores, lab.scores])
                 labels = np.concatenate([np.zeros(len(normals.scores), bool), [t.label == 1 for t in samples]])
@@ -587,7 +591,7 @@ def _quantize(bundle: Path, normal_dir: Path, mode: str, graphs, n_images: int, 
     from calib.quantize import QuantizationError, QuantSettings, format_gate_table, quantize_bundle
     from glad_runtime.core.bundle import Bundle, BundleError
     from glad_runtime.core.images import list_images
-    from training.evaluate import load_batches
+    from glad_runtime.core.images import load_batches
 
     paths = list_images([normal_dir])[:n_images]
     if not paths:
@@ -738,7 +742,9 @@ def eval_cmd(bundle: Path, data: Path, out_dir, baseline: str, batch_size: int, 
                   server=server, model_prefix=model_prefix)
     _, engines, pipeline = _open_pipeline(bundle, engine, batch_size, **_parse_overrides(overrides))
     out = out_dir or (bundle / "eval" / data.name)
-    evaluate(engines, pipeline, data, out, baseline=None if baseline == "none" else baseline,
+    from glad_runtime.detector import Detector
+
+    evaluate(Detector(engines, pipeline.config), data, out, baseline=None if baseline == "none" else baseline,
              batch_size=batch_size, max_test=max_test, title=f"GLAD on {data.name}", log=click.echo)
     click.echo(f"report: {out / 'report.md'}")
 

@@ -13,7 +13,7 @@ complete.
 from __future__ import annotations
 
 __all__ = [
-    "GladError", "UsageError", "ConfigError", "InvalidInputError", "ImageLoadError", "UnsupportedImageError",
+    "GladError", "UsageError", "ConfigError", "UnknownPresetError", "InvalidInputError", "ImageLoadError", "UnsupportedImageError",
     "BundleError", "EngineError", "EngineMismatchError", "TensorRTUnavailable", "CalibrationError",
     "CalibrationWarning", "QueueFullError", "ServingError", "BadInputError", "ServerUnavailableError",
     "DeadlineExceededError", "ModelNotFoundError", "ExportError", "RefitError", "QuantizationError",
@@ -33,6 +33,13 @@ class UsageError(GladError, ValueError):
 class ConfigError(UsageError):
     """A config field, preset name or ``--set KEY=VALUE`` is unknown or its value does not parse to the field's
     type; the message names the field and the expected type (and close names for a typo)."""
+
+
+class UnknownPresetError(ConfigError, KeyError):
+    """No preset has this name (the message gives close matches and the known names). Also a ``KeyError``, as
+    ``get_preset`` raised before this module existed."""
+
+    __str__ = BaseException.__str__  # the message as given, not KeyError's repr of it
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -17,13 +17,33 @@ Preset names:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
-__all__ = ["GladConfig", "PRESETS", "get_preset", "preset_names"]
+from glad_runtime.errors import ConfigError, UnknownPresetError
+
+__all__ = ["GladConfig", "PRESETS", "FIELD_CHOICES", "get_preset", "preset_names", "parse_overrides", "parse_value"]
 
 ARCHITECTURES = ("tiny", "sd14-dino-vitb8")
+
+#: The fields that take one of a few literal values (checked by :meth:`GladConfig.validate` and
+#: :func:`parse_overrides`).
+FIELD_CHOICES: dict[str, tuple] = {
+    "architecture": ARCHITECTURES,
+    "noise_at": ("t_max", "first_timestep"),
+    "bidirectional": ("none", "sum", "mean"),
+    "score_reference": ("input", "vae_roundtrip"),
+    "foreground_mode": (1, 2, 3),
+}
+
+
+def _choice_text(choices: Sequence) -> str:
+    return ", ".join(repr(c) for c in choices)
 
 
 @dataclass(frozen=True)
@@ -121,24 +141,26 @@ class GladConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field for any inconsistent value."""
+        """Check every field.
+
+        Raises:
+            ConfigError: (a ``ValueError``) naming the field for any inconsistent value.
+        """
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise ValueError(f"invalid GLAD config ({self.preset}): {msg}")
+                raise ConfigError(f"invalid GLAD config ({self.preset}): {msg}")
 
-        need(self.architecture in ARCHITECTURES, f"architecture must be one of {ARCHITECTURES}")
+        for name, choices in FIELD_CHOICES.items():
+            need(getattr(self, name) in choices, f"{name} must be one of {_choice_text(choices)}, got "
+                                                 f"{getattr(self, name)!r}")
         need(self.resolution > 0 and self.resolution % self.latent_downsample == 0,
              "resolution must be a positive multiple of latent_downsample")
         need(self.dino_resolution % self.patch_size == 0, "dino_resolution must be a multiple of patch_size")
         need(self.ads_size % self.patch_size == 0, "ads_resolution must be a multiple of patch_size")
         need(1 <= self.num_inference_steps <= self.t_max <= 999, "need 1 <= num_inference_steps <= t_max <= 999")
-        need(self.noise_at in ("t_max", "first_timestep"), "noise_at must be 't_max' or 'first_timestep'")
         need(0 <= self.min_step <= 1000, "min_step must be in [0, 1000]")
         need(len(self.feature_layers) > 0, "feature_layers must not be empty")
         need(-len(self.feature_layers) <= self.ads_layer < len(self.feature_layers), "ads_layer out of range")
-        need(self.bidirectional in ("none", "sum", "mean"), "bidirectional must be 'none', 'sum' or 'mean'")
-        need(self.foreground_mode in (1, 2, 3), "foreground_mode must be 1, 2 or 3")
-        need(self.score_reference in ("input", "vae_roundtrip"), "score_reference must be 'input' or 'vae_roundtrip'")
         need(self.num_seeds >= 1 and self.top_k >= 1 and self.ads_top_k >= 1 and self.chunk_size >= 1,
              "num_seeds, top_k, ads_top_k and chunk_size must be >= 1")
         need(self.guidance_scale >= 0, "guidance_scale must be >= 0")
@@ -167,11 +189,15 @@ class GladConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GladConfig":
-        """Build from a dict (e.g. ``config.json``); unknown keys raise ``ValueError``."""
+        """Build from a dict (e.g. ``config.json``).
+
+        Raises:
+            ConfigError: (a ``ValueError``) unknown keys, or a value :meth:`validate` refuses.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown GLAD config keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown GLAD config keys: {sorted(unknown)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -264,13 +290,146 @@ def preset_names() -> list[str]:
 def get_preset(name: str, **overrides: Any) -> GladConfig:
     """The named preset, optionally with fields overridden.
 
+    Args:
+        name: a name of :func:`preset_names`.
+        overrides: typed field values (e.g. from :func:`parse_overrides`), validated by :class:`GladConfig`.
     Raises:
-        KeyError: unknown preset (the message lists close matches).
+        UnknownPresetError: (a :class:`ConfigError` and a ``KeyError``) unknown preset; the message gives the close
+            matches and every known name.
+        ConfigError: an override value :meth:`GladConfig.validate` refuses.
+        TypeError: an override that is not a field.
     """
     if name not in PRESETS:
-        import difflib
-
         close = difflib.get_close_matches(name, PRESETS, n=5)
-        raise KeyError(f"unknown preset {name!r}; close matches: {close or preset_names()[:8]}")
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UnknownPresetError(f"unknown preset {name!r}; {hint}known presets: {', '.join(preset_names())}")
     cfg = PRESETS[name]
     return cfg.replace(**overrides) if overrides else cfg
+
+
+# ---------------------------------------------------------------------------------------------- typed --set
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_NONE = ("none", "null")
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(GladConfig)
+
+
+def _describe(hint: Any) -> str:
+    """The expected type of a field in words (for error messages)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_describe(a) for a in inner) + " or none"
+    if hint is bool:
+        return "a bool (true/false, yes/no, on/off, 1/0)"
+    if hint is int:
+        return "an int"
+    if hint is float:
+        return "a float"
+    if hint is str:
+        return "a string"
+    origin = typing.get_origin(hint)
+    if origin in (tuple, list):
+        return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s (e.g. 2,5,8 or [2,5,8])"
+    if origin is dict:
+        return "a JSON object of strings (e.g. {\"prompt\": \"a photo of sks\"})"
+    return str(hint)
+
+
+def _convert(hint: Any, text: str) -> Any:
+    """``text`` as a value of type ``hint``; raises ``ValueError`` when it does not parse."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if text.strip().lower() in _NONE:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        for a in inner:
+            try:
+                return _convert(a, text)
+            except ValueError:
+                pass
+        raise ValueError(text)
+    t = text.strip()
+    if hint is bool:
+        low = t.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(text)
+    if hint is int:
+        return int(t)
+    if hint is float:
+        v = float(t)
+        if not math.isfinite(v):
+            raise ValueError(text)
+        return v
+    if hint is str:
+        return text
+    if origin in (tuple, list):
+        if t.startswith("[") or t.startswith("("):
+            t = t[1:-1] if t[-1:] in ("]", ")") else t
+        items = [x for x in (p.strip() for p in t.split(",")) if x]
+        vals = [_convert(args[0], x) for x in items]
+        return tuple(vals) if origin is tuple else vals
+    if origin is dict:
+        v = json.loads(t)
+        if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+            raise ValueError(text)
+        return v
+    raise ValueError(f"no parser for {hint}")
+
+
+def _unknown_field(key: str, names: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; fields: {', '.join(names)}"
+    return ConfigError(f"{key!r} is not a GladConfig field{hint}")
+
+
+def parse_value(key: str, text: str) -> Any:
+    """One config field's value from its text, typed as the :class:`GladConfig` field.
+
+    Bools accept true/false, yes/no, on/off, 1/0 (any case); ints and floats (finite) as Python reads them;
+    strings as given; ``feature_layers`` as ``2,5,8`` or ``[2,5,8]``; optional fields (``ads_resolution``) also
+    ``none`` / ``null``; ``conditioning`` as a JSON object of strings. Literal-choice fields
+    (:data:`FIELD_CHOICES`, e.g. ``bidirectional``) must be one of their values.
+
+    Raises:
+        ConfigError: ``key`` is not a field (close names suggested), or ``text`` does not parse to its type or
+            is not one of its choices (the message names the field and the expected type).
+    """
+    hints = _field_types()
+    if key not in hints:
+        raise _unknown_field(key, list(hints))
+    hint = hints[key]
+    try:
+        value = _convert(hint, text)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ConfigError(f"{key}={text!r}: expected {_describe(hint)}") from None
+    choices = FIELD_CHOICES.get(key)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}={text!r}: expected one of {_choice_text(choices)}")
+    return value
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` texts (``glad ... --set KEY=VALUE``) -> ``{field: typed value}`` for :meth:`GladConfig.replace`.
+
+    Each value is typed by :func:`parse_value`; a key given twice keeps its last value. Cross-field rules
+    (e.g. ``num_inference_steps <= t_max``) are checked when the config is built (:meth:`GladConfig.validate`).
+
+    Raises:
+        ConfigError: an item without ``=``, an unknown key (close names suggested), or a value that does not parse
+            to the field's type or choices (the field and the expected type are named).
+    """
+    out: dict[str, Any] = {}
+    for item in pairs:
+        if "=" not in item:
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        out[key] = parse_value(key, text)
+    return out

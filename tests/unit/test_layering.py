@@ -1,0 +1,31 @@
+"""The runtime's layering: no torch / onnxruntime on import, no module-level imports of the build side."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+RUNTIME = Path(__file__).resolve().parents[2] / "glad_runtime"
+FORBIDDEN = ("export", "training", "calib", "bench", "glad_cli")
+
+
+def test_runtime_and_client_import_neither_torch_nor_onnxruntime():
+    code = ("import sys, glad_runtime, glad_runtime.serving.client; "
+            "print(','.join(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+def test_runtime_has_no_module_level_imports_of_the_build_side():
+    bad = []
+    for path in RUNTIME.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module level only (lazy imports in functions are allowed)
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            bad += [f"{path.relative_to(RUNTIME)}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
+    assert bad == []
