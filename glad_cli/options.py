@@ -99,9 +99,10 @@ def open_pipeline(bundle: Path, engine: dict, max_batch: int = 16, **config_chan
     Raises:
         BundleError: the folder is not a bundle (exit code 1).
         ConfigError: a config change the config refuses (``--set: ...``).
-        UsageError: the files the backend loads are missing or modified (checked against the manifest first), an
-            option the backend cannot honour, or the backend's extra is not installed.
-        EngineError: the server or its models are unreachable (exit code 1).
+        UsageError: the files the backend loads are missing or modified (checked against the manifest first; a
+            ``BundleError`` from the backend becomes a UsageError, exit code 2), an option the backend cannot
+            honour, or the backend's extra is not installed.
+        EngineError: the server or its models are unreachable; TensorRTUnavailable: no GPU / TensorRT (exit 1).
     """
     from glad_runtime.core.bundle import Bundle, BundleError
     from glad_runtime.engines import load_engines
@@ -118,9 +119,11 @@ def open_pipeline(bundle: Path, engine: dict, max_batch: int = 16, **config_chan
                                precision=engine.get("precision", "fp32"), provider=engine.get("provider", "cpu"),
                                threads=engine.get("threads", 0), max_batch=max_batch, url=engine.get("server"),
                                model_prefix=engine.get("model_prefix"))
-    except UsageError:
+    except BundleError as e:  # the chosen engine's files are missing or modified: a usage error (exit 2, as before)
+        raise UsageError(str(e)) from e
+    except GladError:
         raise
-    except (ValueError, BundleError) as e:  # the chosen engine does not fit this bundle: a usage error (exit 2)
+    except ValueError as e:  # an option the backend cannot honour
         raise UsageError(str(e)) from e
     except ImportError as e:  # an extra that is not installed
         raise UsageError(f"{backend} engine: {e}; install the matching extra (pip install -e '.[serve]' for "

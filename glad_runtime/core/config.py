@@ -328,7 +328,7 @@ def _describe(hint: Any) -> str:
     if hint is int:
         return "an int"
     if hint is float:
-        return "a float"
+        return "a finite float"
     if hint is str:
         return "a string"
     origin = typing.get_origin(hint)
