@@ -130,28 +130,27 @@ class Detector:
         from tqdm import tqdm
 
         items = list(images)
+        sources = [f"#{i}" if isinstance(x, (bytes, bytearray)) else str(x) for i, x in enumerate(items)]
         res = self.config.resolution
         with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
             for start in range(0, len(items), batch_size):
-                chunk = items[start:start + batch_size]
-                slots: list = [None] * len(chunk)
+                chunk = range(start, min(start + batch_size, len(items)))
+                slots: dict[int, tuple[Detection, LoadedImage | None]] = {}
                 loaded: list[tuple[int, LoadedImage]] = []
-                for k, item in enumerate(chunk):
-                    src = str(item) if not isinstance(item, (bytes, bytearray)) else f"#{start + k}"
+                for i in chunk:
                     try:
-                        loaded.append((k, load_image(item)))
+                        loaded.append((i, load_image(items[i])))
                     except GladError as e:
-                        slots[k] = (Detection(source=src, error=e), None)
+                        slots[i] = (Detection(source=sources[i], error=e), None)
                 if loaded:
                     batch = np.stack([preprocess(img.rgb, res) for _, img in loaded])
-                    dets = self.detect_arrays(batch, [str(chunk[k]) if not isinstance(chunk[k], (bytes, bytearray))
-                                                      else f"#{start + k}" for k, _ in loaded],
-                                              keep_maps=keep_maps, keep_reconstructions=keep_reconstructions)
-                    for (k, img), d in zip(loaded, dets):
+                    dets = self.detect_arrays(batch, [sources[i] for i, _ in loaded], keep_maps=keep_maps,
+                                              keep_reconstructions=keep_reconstructions)
+                    for (i, img), d in zip(loaded, dets):
                         if d.ok:
                             d.original_size, d.image_mode = img.original_size, img.mode
-                        slots[k] = (d, img)
-                yield from slots
+                        slots[i] = (d, img)
+                yield from (slots[i] for i in chunk)
                 bar.update(len(chunk))
 
     def score_files(self, paths: Sequence[str | Path], *, batch_size: int = 4, progress: bool = False,

@@ -105,6 +105,14 @@ def label_for(score: float, threshold: float) -> str:
     return "anomalous" if float(score) > float(threshold) else "normal"
 
 
+def _override(threshold: float) -> float:
+    """A raw-threshold override as a float; CalibrationError when it is not finite (the one override check)."""
+    t = float(threshold)
+    if not math.isfinite(t):
+        raise CalibrationError(f"threshold override must be finite, got {t}")
+    return t
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What :func:`label` decides for one raw score (every field None when nothing labels the image)."""
@@ -131,13 +139,11 @@ def label(score: float, calibration: "Calibration | None" = None, threshold: flo
     Raises:
         CalibrationError: a non-finite ``threshold`` or ``score``.
     """
-    if threshold is not None and not math.isfinite(float(threshold)):
-        raise CalibrationError(f"threshold override must be finite, got {threshold}")
     if calibration is None and threshold is None:
         return Verdict()
+    t = calibration.image_threshold if threshold is None else _override(threshold)
     if not math.isfinite(float(score)):
         raise CalibrationError(f"cannot label a non-finite score ({score})")
-    t = float(threshold) if threshold is not None else calibration.image_threshold
     norm = None if calibration is None else float(calibration.normalize(float(score), threshold=t))
     return Verdict(label_for(score, t), norm, t, "override" if threshold is not None else "calibration")
 
@@ -343,12 +349,7 @@ class Calibration:
     def threshold(self, override: float | None = None) -> float:
         """The raw image threshold in force: ``override`` when given (a per-run / per-request choice), else
         ``image_threshold``. Raises CalibrationError for a non-finite override."""
-        if override is None:
-            return self.image_threshold
-        override = float(override)
-        if not math.isfinite(override):
-            raise CalibrationError(f"threshold override must be finite, got {override}")
-        return override
+        return self.image_threshold if override is None else _override(override)
 
     def normalize(self, score: Any, threshold: float | None = None) -> Any:
         """Map raw image scores to [0, 1] with the threshold at 0.5 (anomalib's min-max convention).
