@@ -23,8 +23,9 @@ from PIL import Image
 from glad_runtime.core.bundle import Bundle
 from glad_runtime.core.calibration import Calibration, label
 from glad_runtime.core.config import GladConfig
-from glad_runtime.core.detection import Detection
-from glad_runtime.core.images import LoadedImage, load_image, preprocess, resize_map
+from glad_runtime.core.detection import Detection, ads_state
+from glad_runtime.core.images import LoadedImage, load_image, prepare, resize_map
+from glad_runtime.core.regions import find_regions
 from glad_runtime.errors import CalibrationError, GladError
 from glad_runtime.pipeline.batch import GladPipeline
 
@@ -37,18 +38,25 @@ class Detector:
     Args:
         engines: the four networks on any backend (:func:`glad_runtime.engines.load_engines`).
         config: the :class:`GladConfig` to run (the bundle's, possibly with ``--set`` changes).
-        calibration: thresholds and normalisation, or None (uncalibrated: raw scores, no labels).
+        calibration: thresholds and normalisation, or None (uncalibrated: raw scores, no labels, no regions).
         threshold: optional finite raw image threshold overriding the calibration's for every image.
+        pixel_threshold: optional finite raw pixel threshold for the defect regions (default: the calibration's
+            ``pixel_threshold``; None without one: regions are not computed).
         bundle: the :class:`Bundle` the engines came from (kept for callers; optional).
     Raises:
         CalibrationError: a non-finite ``threshold``.
     """
 
     def __init__(self, engines, config: GladConfig, calibration: Calibration | None = None,
-                 threshold: float | None = None, bundle: Bundle | None = None, **pipeline_options: Any):
-        if threshold is not None and not np.isfinite(float(threshold)):
-            raise CalibrationError(f"threshold must be a finite number, got {threshold}")
+                 threshold: float | None = None, bundle: Bundle | None = None, *,
+                 pixel_threshold: float | None = None, **pipeline_options: Any):
+        for name, t in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
+            if t is not None and not np.isfinite(float(t)):
+                raise CalibrationError(f"{name} must be a finite number, got {t}")
         self.engines, self.config, self.calibration, self.threshold = engines, config, calibration, threshold
+        if pixel_threshold is None and calibration is not None:
+            pixel_threshold = calibration.pixel_threshold
+        self.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)
         self.bundle = bundle
         self.pipeline = GladPipeline(engines, config, **pipeline_options)
 
@@ -76,9 +84,27 @@ class Detector:
         return Detection(source=source, score=score, normalized_score=v.normalized_score, label=v.label,
                          threshold=v.threshold, threshold_source=v.threshold_source,
                          adaptive_step=int(out.adaptive_steps[j]), ads_score=ads if np.isfinite(ads) else None,
+                         ads_state=ads_state(self.config.ads_enabled, int(out.adaptive_steps[j]),
+                                             bool(out.saff_triggered[j])),
                          saff_triggered=bool(out.saff_triggered[j]),
                          anomaly_map=out.anomaly_maps[j] if keep_map else None,
                          timings_s={k: round(t / n, 5) for k, t in out.timings.items()})
+
+    def locate(self, d: Detection, img: LoadedImage | None = None) -> Detection:
+        """Finish one scored Detection: the decoded image's ``original_size`` and ``image_mode`` (a preprocessed
+        tensor's original size is its own ``R x R``), then, with a pixel threshold, the defect ``regions`` at
+        that size (:func:`glad_runtime.core.regions.find_regions`). Shared by :meth:`detect` and the BLS model,
+        so served regions equal in-process ones. Failed detections are returned unchanged."""
+        if not d.ok:
+            return d
+        if img is not None:
+            d.original_size, d.image_mode = img.original_size, img.mode
+        elif d.original_size is None:
+            d.original_size = (self.config.resolution, self.config.resolution)
+        if self.pixel_threshold is not None and d.anomaly_map is not None:
+            d.pixel_threshold = self.pixel_threshold
+            d.regions = find_regions(d.map_at_original_size(), self.pixel_threshold)[1]
+        return d
 
     def detect_arrays(self, images: np.ndarray, sources: Sequence[str] | None = None, *,
                       keep_maps: bool = True, keep_reconstructions: bool = False) -> list[Detection]:
@@ -143,13 +169,13 @@ class Detector:
                     except GladError as e:
                         slots[i] = (Detection(source=sources[i], error=e), None)
                 if loaded:
-                    batch = np.stack([preprocess(img.rgb, res) for _, img in loaded])
-                    dets = self.detect_arrays(batch, [sources[i] for i, _ in loaded], keep_maps=keep_maps,
+                    batch = np.stack([prepare(img, res) for _, img in loaded])
+                    dets = self.detect_arrays(batch, [sources[i] for i, _ in loaded], keep_maps=True,
                                               keep_reconstructions=keep_reconstructions)
                     for (i, img), d in zip(loaded, dets):
-                        if d.ok:
-                            d.original_size, d.image_mode = img.original_size, img.mode
-                        slots[i] = (d, img)
+                        slots[i] = (self.locate(d, img), img)
+                        if not keep_maps:
+                            d.anomaly_map = None
                 yield from (slots[i] for i in chunk)
                 bar.update(len(chunk))
 

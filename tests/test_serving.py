@@ -23,7 +23,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient.grpc")
 
 from glad_runtime.core.bundle import Bundle  # noqa: E402
-from glad_runtime.core.images import preprocess  # noqa: E402
+from glad_runtime.core.images import load_image, prepare  # noqa: E402
 from glad_runtime.pipeline.batch import GladPipeline  # noqa: E402
 from triton_models.server import free_port, launch_server, server_available  # noqa: E402
 
@@ -43,39 +43,63 @@ def images(elpv_images):
     return [good[0], bad[0], good[1], bad[1]]
 
 
+def _png(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def reference(exported_bundle, images):
     """``(batch, PipelineOutput)``: in-process ONNX Runtime results for ``images`` (the ground truth of every
-    served test)."""
+    served test), decoded and preprocessed as ``glad detect`` does (``load_image`` + ``prepare``)."""
     from glad_runtime.engines.ort import OrtEngines
 
     b = exported_bundle[0]
-    batch = np.stack([preprocess(np.repeat(i[..., None] / 255.0, 3, -1).astype(np.float32), b.config.resolution)
-                      for i in images])
+    batch = np.stack([prepare(load_image(_png(i)), b.config.resolution) for i in images])
     return batch, GladPipeline(OrtEngines(b), b.config)(batch)
 
 
 @pytest.fixture(scope="module")
 def served_bundle(exported_bundle, reference, tmp_path_factory):
-    """A calibrated copy of the exported tiny bundle (prefix ``tiny_line``); the threshold is the median of the
-    reference scores' span, so both labels occur."""
+    """A calibrated copy of the exported tiny bundle (prefix ``tiny_line``); the image threshold is the median of
+    the reference scores' span, so both labels occur; the pixel threshold the 90th percentile of the reference
+    maps' pixels, so defect regions occur."""
     from glad_runtime.core.calibration import Calibration
 
     path = tmp_path_factory.mktemp("serve") / "tiny_line"
     shutil.copytree(exported_bundle[0].path, path)
     b = Bundle(path)
-    s = reference[1].scores
+    s, maps = reference[1].scores, reference[1].anomaly_maps
     normals = np.linspace(float(s.min()), float(s.max()), 10)
-    b.write_calibration(Calibration.from_normals(normals, target_fpr=0.5, model_checksum=b.model_checksum()))
+    b.write_calibration(Calibration.from_normals(normals, [maps[k % 4] for k in range(10)], target_fpr=0.5,
+                                                 pixel_target_fpr=0.1, model_checksum=b.model_checksum()))
     return b
 
 
 @pytest.fixture(scope="module")
 def repo(served_bundle, tmp_path_factory):
+    """The generated repository, plus ``tiny_raw_glad``: a second BLS model over the same network models, for an
+    uncalibrated bundle with ADS off (what a line gets before `glad calibrate`)."""
+    import json
+
     from triton_models.repository import generate_repository
 
     path = tmp_path_factory.mktemp("repo") / "models"
     generate_repository(served_bundle, path, max_batch=4)
+    raw = path / "tiny_raw_glad"
+    shutil.copytree(path / "tiny_line_glad", raw)
+    (raw / "1" / "calibration.json").unlink()
+    cfg = json.loads((raw / "1" / "config.json").read_text())
+    (raw / "1" / "config.json").write_text(json.dumps(cfg | {"ads_enabled": False}))
+    text = (raw / "config.pbtxt").read_text().replace('name: "tiny_line_glad"', 'name: "tiny_raw_glad"')
+    text = re.sub(r'key: "calibration" value: \{ string_value: "(?:[^"\\]|\\.)*" \}',
+                  'key: "calibration" value: { string_value: "" }', text)
+    (raw / "config.pbtxt").write_text(text)
     return path
 
 
@@ -101,7 +125,7 @@ def test_repository_layout_and_configs(served_bundle, repo, tmp_path):
 
     from triton_models.repository import generate_repository, model_names
 
-    names = sorted(p.name for p in repo.iterdir())
+    names = sorted(p.name for p in repo.iterdir() if p.name != "tiny_raw_glad")
     assert names == sorted(model_names(served_bundle)) == sorted(
         f"tiny_line_{n}" for n in ("unet", "vae_encoder", "vae_decoder", "dino", "dino_ads", "ads_check",
                                    "resize", "recon_features", "glad"))
@@ -118,6 +142,8 @@ def test_repository_layout_and_configs(served_bundle, repo, tmp_path):
         assert f'key: "bundle_checksum" value: {{ string_value: "{checksum}" }}' in text, name
         assert 'key: "model_version" value: { string_value: "1" }' in text
     glad = (repo / "tiny_line_glad" / "config.pbtxt").read_text()
+    assert '{ name: "image_files" data_type: TYPE_STRING dims: [1] reshape: { shape: [ ] } optional: true }' in glad
+    assert '{ name: "anomaly_maps" data_type: TYPE_FP32 dims: [-1, -1] }' in glad
     assert "max_batch_size: 4" in glad and 'key: "calibrated" value: { string_value: "true" }' in glad
     served = "unet,vae_encoder,vae_decoder,dino,dino_ads,ads_check"  # what the BLS loop may call
     assert f'key: "served_graphs" value: {{ string_value: "{served}" }}' in glad
@@ -210,6 +236,125 @@ def test_ensemble_decode_then_features(server, served_bundle, reference):
     c.close()
     np.testing.assert_allclose(r.as_numpy("reconstruction"), recon, atol=ATOL)
     np.testing.assert_allclose(r.as_numpy("tokens_7"), tokens, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------- any client
+def _http_infer(url: str, model: str, files: list[bytes] | None = None, *, b64: bool = False,
+                tensor: np.ndarray | None = None, parameters: dict | None = None) -> tuple[int, dict]:
+    """A KServe v2 request with the standard library only (``urllib``, ``json``, ``struct``), as a C#, C++ or
+    PLC-gateway client would send it: files in the binary extension (4-byte little-endian length + bytes per
+    element), or base64 text in plain JSON, or a float tensor in JSON; every output asked for as JSON. Returns
+    ``(HTTP status, body parsed by a strict JSON parser)``."""
+    import json
+    import struct
+    import urllib.error
+    import urllib.request
+
+    from glad_runtime.serving import protocol
+
+    outputs = [{"name": n, "parameters": {"binary_data": False}} for n in protocol.GLAD_OUTPUT_NAMES]
+    blob = b""
+    if tensor is not None:
+        inp = {"name": "images", "shape": list(tensor.shape), "datatype": "FP32", "data": tensor.ravel().tolist()}
+    elif b64:
+        import base64
+
+        inp = {"name": "image_files", "shape": [len(files), 1], "datatype": "BYTES",
+               "data": [base64.b64encode(f).decode() for f in files]}
+    else:
+        blob = b"".join(struct.pack("<I", len(f)) + f for f in files)
+        inp = {"name": "image_files", "shape": [len(files), 1], "datatype": "BYTES",
+               "parameters": {"binary_data_size": len(blob)}}
+    header = json.dumps({"inputs": [inp], "outputs": outputs, "parameters": parameters or {}}).encode()
+    req = urllib.request.Request(f"http://{url}/v2/models/{model}/infer", data=header + blob, method="POST",
+                                 headers={"Content-Type": "application/octet-stream",
+                                          "Inference-Header-Content-Length": str(len(header))})
+
+    def strict(c):
+        raise ValueError(f"non-standard JSON constant {c} in the response")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read(), parse_constant=strict)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read(), parse_constant=strict)
+
+
+def _outputs(body: dict) -> dict:
+    return {o["name"]: o for o in body["outputs"]}
+
+
+def test_same_file_three_ways(server, served_bundle, images, tmp_path):
+    """One defective cell as file bytes from a standard-library HTTP client, as bytes through GladClient, and
+    through `glad detect`'s Detector in process: one score (1e-5) and the same defect regions."""
+    import json
+
+    from glad_runtime.detector import Detector
+    from glad_runtime.engines.ort import OrtEngines
+    from glad_runtime.serving.client import GladClient
+
+    path = tmp_path / "cell.png"
+    path.write_bytes(_png(images[1]))
+    local = Detector(OrtEngines(served_bundle, intra_op_threads=1), served_bundle.config,
+                     served_bundle.calibration())
+    (ref, _), = local.detect([path])
+    assert ref.ok and ref.pixel_threshold is not None and ref.regions, ref
+    with GladClient(server.grpc_url, "tiny_line") as client:
+        (sdk,) = client.detect([path.read_bytes()])
+    status, body = _http_infer(server.http_url, "tiny_line_glad", [path.read_bytes()])
+    assert status == 200, body
+    o = _outputs(body)
+    h, w = o["image_sizes"]["data"]
+    assert (h, w) == (300, 300) and o["anomaly_maps"]["shape"] == [1, 300, 300]
+    http_regions = json.loads(o["regions"]["data"][0])
+    for score in (sdk.score, o["scores"]["data"][0]):
+        assert score == pytest.approx(ref.score, abs=1e-5)
+    assert sdk.label == ref.label and o["labels"]["data"][0] == int(ref.label == "anomalous")
+    assert sdk.adaptive_step == ref.adaptive_step == o["adaptive_steps"]["data"][0]
+    boxes = [(r.x, r.y, r.width, r.height, r.area) for r in ref.regions]
+    assert [(r.x, r.y, r.width, r.height, r.area) for r in sdk.regions] == boxes
+    assert [(r["x"], r["y"], r["width"], r["height"], r["area"]) for r in http_regions] == boxes
+    assert [r["peak"] for r in http_regions] == pytest.approx([r.peak for r in ref.regions], abs=1e-5)
+    mask = np.asarray(o["defect_masks"]["data"], np.uint8).reshape(h, w)
+    np.testing.assert_array_equal(mask.astype(bool), ref.defect_mask())
+    np.testing.assert_allclose(sdk.map_at_original_size(), ref.map_at_original_size(), atol=1e-5)
+    # the working-size form of the same request: D x D maps, regions still in original pixels
+    status, body = _http_infer(server.http_url, "tiny_line_glad", [path.read_bytes()],
+                               parameters={"map_size": "working"})
+    d = served_bundle.config.dino_resolution
+    assert status == 200 and _outputs(body)["anomaly_maps"]["shape"] == [1, d, d]
+    assert json.loads(_outputs(body)["regions"]["data"][0]) == http_regions
+
+
+def test_uncalibrated_ads_off_response_is_strict_json(server, images):
+    """Plain JSON (the file as base64 text): every output defined, explicit states, no NaN anywhere."""
+    status, body = _http_infer(server.http_url, "tiny_raw_glad", [_png(images[0]), _png(images[1])], b64=True)
+    assert status == 200, body
+    o = _outputs(body)
+    assert o["calibrated"]["data"] == [False, False] and o["labels"]["data"] == [-1, -1]
+    assert o["normalized_scores"]["data"] == [-1.0, -1.0] and o["thresholds"]["data"] == [-1.0, -1.0]
+    assert o["ads_states"]["data"] == [0, 0] and o["adaptive_steps"]["data"] == [-1, -1]
+    assert o["ads_scores"]["data"] == [-1.0, -1.0] and o["regions"]["data"] == ["null", "null"]
+    assert o["pixel_thresholds"]["data"] == [-1.0, -1.0] and not any(o["defect_masks"]["data"])
+    assert all(np.isfinite(o["scores"]["data"])) and min(o["scores"]["data"]) > 0
+
+
+def test_bad_input_refused_with_its_index(server, images, tmp_path):
+    """Out-of-range floats and a corrupt file are refused (INVALID_ARGUMENT / HTTP 400) naming the range or the
+    image index; the client types them BadInputError and completes the others."""
+    from glad_runtime.serving.client import BadInputError, GladClient
+
+    r = 128
+    for bad in (np.full((1, 3, r, r), 127.0, np.float32), np.full((1, 3, r, r), 5.0, np.float32)):
+        status, body = _http_infer(server.http_url, "tiny_line_glad", tensor=bad)
+        assert status == 400 and "[-1, 1]" in body["error"], body
+    good = _png(images[0])
+    status, body = _http_infer(server.http_url, "tiny_line_glad", [good, good[:300]])
+    assert status == 400 and "image_files[1]" in body["error"] and "not a readable image" in body["error"], body
+    with GladClient(server.grpc_url, "tiny_line") as client:
+        dets = client.detect([np.full((3, r, r), 127.0, np.float32), good, b"GIF89a broken", images[1]])
+    assert [type(d.error).__name__ if d.error else None for d in dets] == ["BadInputError", None, "BadInputError",
+                                                                           None]
+    assert "[-1, 1]" in str(dets[0].error) and dets[1].regions is not None
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -272,7 +272,7 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
                       threshold="" if cal is None else cal.image_threshold,
                       calibration=protocol.calibration_parameter(cal))
     text = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
-            + _io("input", protocol.glad_inputs(r)) + _io("output", protocol.glad_outputs(d))
+            + _io("input", protocol.glad_inputs(r)) + _io("output", protocol.glad_outputs())
             + _instances(glad_instances, "KIND_CPU") + _batching(max_batch, queue_delay_us) + _params(bls_params))
     (repo / name / "config.pbtxt").write_text(text)
     written.append(name)

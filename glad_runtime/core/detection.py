@@ -13,7 +13,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Detection"]
+__all__ = ["Detection", "ADS_STATES", "ads_state"]
+
+#: ``ads_state`` values, in the order of their served code (``ads_states`` INT8 on the wire: 0, 1, 2, 3):
+#: ``off`` ADS disabled (the fixed ``t_max`` path); ``triggered`` decided by a SAFF trigger (ADS score > tau);
+#: ``forced`` decided at the last candidate step without a trigger; ``undecided`` ADS on, no decision (only possible
+#: with ``min_step`` <= 1).
+ADS_STATES = ("off", "triggered", "forced", "undecided")
+
+
+def ads_state(ads_enabled: bool, adaptive_step: int, saff_triggered: bool) -> str:
+    """The explicit ADS outcome of one image (one of :data:`ADS_STATES`), from the pipeline's per-image fields."""
+    if not ads_enabled:
+        return "off"
+    if adaptive_step < 0:
+        return "undecided"
+    return "triggered" if saff_triggered else "forced"
 
 
 @dataclass
@@ -28,13 +43,20 @@ class Detection:
             calibration nor a threshold override applies.
         threshold: the raw image threshold used; threshold_source ``"calibration"`` or ``"override"``.
         adaptive_step: DDIM timestep where ADS decided (first seed); -1 when ADS is off or never decided.
+        ads_state: the ADS outcome, explicit: one of :data:`ADS_STATES` (``off``, ``triggered``, ``forced``,
+            ``undecided``).
         ads_score: the top-10 ADS distance at the decision (None when ADS never decided).
         saff_triggered: True when the decision was a SAFF trigger (ADS score > tau), False when forced.
+        pixel_threshold: the raw pixel threshold the regions were found with (the calibration's), or None: no
+            pixel calibration, so ``regions`` is None (not computed), never an empty guess.
+        regions: the connected defect regions (:class:`~glad_runtime.core.regions.Region`, original-image
+            pixels, highest peak first); ``[]`` when no pixel exceeds ``pixel_threshold``.
         anomaly_map: float32 ``[D, D]`` at ``dino_resolution`` (not serialised by :meth:`to_dict`).
         reconstruction: float32 ``[3, R, R]`` in about [-1, 1] when asked for (evaluation reports; not serialised).
         original_size: ``(H, W)`` of the decoded input (None for preprocessed arrays).
         image_mode: the Pillow mode of the decoded file (``"L"``, ``"I;16"``, ``"RGB"``, ...).
-        map_file, overlay_file, map_png_scale: what ``glad detect`` wrote (16-bit map value = png / scale).
+        map_file, overlay_file, mask_file, map_png_scale: what ``glad detect`` wrote (16-bit map value =
+            png / scale; one scale per bundle when calibrated, see ``glad_runtime.render``).
         timings_s: seconds per image in each pipeline stage (the batch's times divided by its size).
         ticks: step-level stream only: scheduler ticks from admission to result.
         server: client SDK only: the URL that answered.
@@ -49,14 +71,18 @@ class Detection:
     threshold: float | None = None
     threshold_source: str | None = None
     adaptive_step: int | None = None
+    ads_state: str | None = None
     ads_score: float | None = None
     saff_triggered: bool | None = None
+    pixel_threshold: float | None = None
+    regions: list | None = None
     anomaly_map: np.ndarray | None = field(default=None, repr=False, compare=False)
     reconstruction: np.ndarray | None = field(default=None, repr=False, compare=False)
     original_size: tuple[int, int] | None = None
     image_mode: str | None = None
     map_file: str | None = None
     overlay_file: str | None = None
+    mask_file: str | None = None
     map_png_scale: float | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     ticks: int | None = None
@@ -85,6 +111,19 @@ class Detection:
             raise ValueError(f"{self.source}: no anomaly map ({self.error})")
         return self.anomaly_map if self.original_size is None else resize_map(self.anomaly_map, self.original_size)
 
+    def defect_mask(self) -> np.ndarray:
+        """bool ``[H, W]`` at the original size: ``map_at_original_size() > pixel_threshold`` (the pixels the
+        regions were found in).
+
+        Raises:
+            ValueError: no map, or no pixel threshold (uncalibrated for pixels).
+        """
+        from glad_runtime.core.regions import defect_mask
+
+        if self.pixel_threshold is None:
+            raise ValueError(f"{self.source}: no pixel threshold (the bundle is not calibrated for pixels)")
+        return defect_mask(self.map_at_original_size(), self.pixel_threshold)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: every field but the arrays; ``error`` as its message plus ``error_type``;
         non-finite floats as None (JSON has no NaN)."""
@@ -99,6 +138,8 @@ class Detection:
                 v = None
             elif isinstance(v, tuple):
                 v = list(v)
+            elif f.name == "regions" and v is not None:
+                v = [r.to_dict() for r in v]
             out[f.name] = v
         out["error_type"] = self.error_type
         return out

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from glad_runtime.errors import ImageLoadError, UnsupportedImageError  # noqa: F401 (re-exported)
 
 __all__ = ["ImageLoadError", "UnsupportedImageError", "LoadedImage", "load_image", "to_unit_rgb",
-           "preprocess", "resize_map", "IMAGE_EXTENSIONS"]
+           "preprocess", "prepare", "resize_map", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -123,6 +123,16 @@ def preprocess(rgb: np.ndarray, resolution: int) -> np.ndarray:
     return (np.stack(chans).clip(0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
 
 
+def prepare(img: LoadedImage, resolution: int) -> np.ndarray:
+    """The one preprocessing of a decoded image, shared by ``glad detect``, the BLS model (images sent as encoded
+    files), evaluation and calibration: float32 ``[3, resolution, resolution]`` in [-1, 1].
+
+    A result therefore does not depend on who sent the image: a file scored in process and the same file's bytes
+    sent to the server go through :func:`load_image` and this function.
+    """
+    return preprocess(img.rgb, resolution)
+
+
 def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize an anomaly map ``[h, w]`` to the original ``(H, W)`` (bilinear, Pillow float), float32."""
     h, w = size
@@ -164,4 +174,4 @@ def load_batches(paths: Sequence[str | os.PathLike], resolution: int, batch_size
     :func:`preprocess`). Raises ImageLoadError for a file that cannot be read."""
     paths = list(paths)
     for s in range(0, len(paths), batch_size):
-        yield np.stack([preprocess(load_image(p).rgb, resolution) for p in paths[s:s + batch_size]])
+        yield np.stack([prepare(load_image(p), resolution) for p in paths[s:s + batch_size]])

@@ -21,7 +21,10 @@ from glad_runtime.engines import EngineError, Engines, check_output
 from glad_runtime.core.schedule import NoiseSchedule
 from glad_runtime.errors import InvalidInputError  # noqa: F401 (re-exported)
 
-__all__ = ["GladPipeline", "PipelineOutput", "InvalidInputError"]
+__all__ = ["GladPipeline", "PipelineOutput", "InvalidInputError", "INPUT_RANGE_TOLERANCE"]
+
+#: How far outside [-1, 1] a preprocessed value may lie (float rounding of other clients' preprocessing).
+INPUT_RANGE_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -234,19 +237,29 @@ class GladPipeline:
 
     # ------------------------------------------------------------------ full run
     def validate_batch(self, images: np.ndarray) -> np.ndarray:
-        """Check a preprocessed batch: float ``[B, 3, R, R]``, finite. Returns it as contiguous float32.
+        """Check a preprocessed batch: float ``[B, 3, R, R]``, finite, in [-1, 1] (within
+        :data:`INPUT_RANGE_TOLERANCE`). Returns it as contiguous float32.
+
+        Out-of-range input is refused, never scored: 0..255 floats would score as "anomalous" and all-5.0 input as
+        anything at all (anomalib #3726 is the same trap). 0..1 floats lie inside the range and cannot be told
+        from a dark image: send encoded files (``image_files``) or use :func:`glad_runtime.core.images.preprocess`.
 
         Raises:
-            InvalidInputError: wrong rank, channel count, size, or non-finite values.
+            InvalidInputError: wrong rank, channel count or size, a non-float dtype, non-finite values, or values
+                outside [-1, 1] (the message names the range and the batch's min and max).
         """
         r = self.config.resolution
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (3, r, r) or images.shape[0] < 1:
-            raise InvalidInputError(f"expected images [B, 3, {r}, {r}], got {list(images.shape)}")
+            raise InvalidInputError(f"expected images float32 [B, 3, {r}, {r}] in [-1, 1], got {list(images.shape)}")
         if not np.issubdtype(images.dtype, np.floating):
-            raise InvalidInputError(f"expected float images in [-1, 1], got dtype {images.dtype}")
+            raise InvalidInputError(f"expected float32 images in [-1, 1], got dtype {images.dtype}")
         if not np.isfinite(images).all():
-            raise InvalidInputError("images contain NaN or Inf")
+            raise InvalidInputError("images contain NaN or Inf (expected finite float32 in [-1, 1])")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1.0 - INPUT_RANGE_TOLERANCE or hi > 1.0 + INPUT_RANGE_TOLERANCE:
+            raise InvalidInputError(f"images must lie in [-1, 1] (x / 255 * 2 - 1 for 8-bit pixels), got values in "
+                                    f"[{lo:.4g}, {hi:.4g}]")
         return np.ascontiguousarray(images, dtype=np.float32)
 
     def __call__(self, images: np.ndarray) -> PipelineOutput:

@@ -1,9 +1,11 @@
 """Client SDK for a GLAD Triton server (``glad serve``): send images, get scores, labels and anomaly maps back.
 
-Needs numpy, Pillow and ``tritonclient[grpc]`` only (no torch, no onnxruntime). The whole ADS/SAFF loop runs
-server-side in the ``<prefix>_glad`` BLS model (``triton_models``); the client decodes and preprocesses the images
-exactly as ``glad detect`` does (:mod:`glad_runtime.core.images`: EXIF, 16-bit, resize to the bundle resolution, [-1, 1])
-and sends one request per batch of float32 ``[B, 3, R, R]``.
+Needs numpy and ``tritonclient[grpc]`` only (Pillow, lazily, to encode arrays or PIL images; no scipy, no torch,
+no onnxruntime: ``pip install glad-toolkit[client]``). The whole ADS/SAFF loop runs server-side in the
+``<prefix>_glad`` BLS model (``triton_models``). Files and encoded bytes are sent as they are (``image_files``:
+the server decodes them with the code ``glad detect`` runs, so nothing is decoded on the line PC); uint8/uint16
+arrays and PIL images are sent as lossless PNG; preprocessed float32 ``[3, R, R]`` tensors in [-1, 1] as ``images``.
+One request per batch of up to the model's ``max_batch_size`` images of one kind.
 
 Reliability (deployment-anchors.md section 7):
 
@@ -33,7 +35,6 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from glad_runtime.core.detection import Detection
-from glad_runtime.core.images import ImageLoadError, load_image, preprocess, to_unit_rgb
 from glad_runtime.serving import protocol
 from glad_runtime.errors import ServingError, BadInputError, ServerUnavailableError, DeadlineExceededError, ModelNotFoundError  # noqa: F401 (re-exported)
 
@@ -81,37 +82,62 @@ def classify_error(exc: Exception, url: str | None = None) -> ServingError:
     return ServingError(msg, status, url)
 
 
-# ---------------------------------------------------------------------------------------------- results
-def _prepare(image: Any, index: int, resolution: int) -> tuple[str, np.ndarray, tuple[int, int] | None]:
-    """One input -> ``(label, float32 [3,R,R] in [-1,1], original size)``; raises BadInputError."""
+# ---------------------------------------------------------------------------------------------- inputs
+FILES, TENSOR = "files", "tensor"
+
+
+def _png(image: Any) -> bytes:
+    """A uint8/uint16 array or a PIL image as lossless PNG bytes (TIFF for modes PNG cannot hold)."""
+    import io
+
     from PIL import Image
 
+    img = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if img.mode in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA") else "TIFF")
+    return buf.getvalue()
+
+
+def _refused(err: BadInputError, source: str) -> BadInputError:
+    """A server refusal of one image, named by the caller's source (a path, or ``#<index>``)."""
+    out = BadInputError(f"{source}: {err}", err.status, err.url)
+    out.__cause__ = err
+    return out
+
+
+def _prepare(image: Any, index: int, resolution: int) -> tuple[str, str, Any]:
+    """One input -> ``(source, kind, payload)``: ``FILES`` with the encoded bytes, or ``TENSOR`` with float32
+    ``[3, R, R]``. Raises BadInputError (unreadable path, unsupported type, shape or dtype, NaN)."""
     if isinstance(image, (str, os.PathLike)):
-        label = str(image)
-    else:
-        label = f"#{index}"
-    try:
-        if isinstance(image, np.ndarray) and image.dtype.kind == "f" and image.ndim == 3 and image.shape[0] == 3:
-            if image.shape[1:] != (resolution, resolution):
-                raise BadInputError(f"{label}: preprocessed image {list(image.shape)}, expected "
-                                    f"[3, {resolution}, {resolution}]")
-            return label, np.ascontiguousarray(image, dtype=np.float32), None
-        if isinstance(image, np.ndarray):
-            if image.dtype not in (np.uint8, np.uint16) or image.ndim not in (2, 3):
-                raise BadInputError(f"{label}: arrays must be uint8/uint16 [H,W] or [H,W,3|4], or float32 "
-                                    f"[3,{resolution},{resolution}] in [-1,1]; got {image.dtype} {list(image.shape)}")
-            rgb = to_unit_rgb(Image.fromarray(image))
-        elif isinstance(image, Image.Image):
-            rgb = to_unit_rgb(image)
-        elif isinstance(image, (str, os.PathLike, bytes, bytearray)):
-            rgb = load_image(image).rgb
-        else:
-            raise BadInputError(f"{label}: unsupported input type {type(image).__name__}")
-    except BadInputError:
-        raise
-    except (ImageLoadError, ValueError, TypeError, OSError) as e:
-        raise BadInputError(f"{label}: {e}") from e
-    return label, preprocess(rgb, resolution), (rgb.shape[0], rgb.shape[1])
+        source = str(image)
+        try:
+            with open(image, "rb") as f:
+                return source, FILES, f.read()
+        except OSError as e:
+            raise BadInputError(f"{source}: cannot open ({e.strerror or e})") from e
+    source = f"#{index}"
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return source, FILES, bytes(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype.kind == "f":
+            if image.shape != (3, resolution, resolution):
+                raise BadInputError(f"{source}: preprocessed image {list(image.shape)}, expected float32 "
+                                    f"[3, {resolution}, {resolution}] in [-1, 1]")
+            if not np.isfinite(image).all():
+                raise BadInputError(f"{source}: NaN or Inf values")
+            return source, TENSOR, np.ascontiguousarray(image, dtype=np.float32)
+        ok = (image.ndim == 2 and image.dtype in (np.uint8, np.uint16)) or \
+            (image.ndim == 3 and image.shape[2] in (3, 4) and image.dtype == np.uint8)
+        if not ok:
+            raise BadInputError(f"{source}: arrays must be uint8/uint16 [H,W], uint8 [H,W,3|4], or float32 "
+                                f"[3,{resolution},{resolution}] in [-1,1]; got {image.dtype} {list(image.shape)}")
+        return source, FILES, _png(image)
+    if type(image).__module__.startswith("PIL."):
+        try:
+            return source, FILES, _png(image)
+        except (OSError, ValueError) as e:
+            raise BadInputError(f"{source}: cannot encode the image ({e})") from e
+    raise BadInputError(f"{source}: unsupported input type {type(image).__name__}")
 
 
 class _Base:
@@ -143,22 +169,34 @@ class _Base:
         return self._clients[url]
 
     def _parse_config(self, cfg: dict) -> dict:
-        dims = [int(d) for d in cfg["input"][0]["dims"]]
         params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
-        maps = [o for o in cfg["output"] if o["name"] == "anomaly_maps"]
+        names = {i["name"] for i in cfg["input"]}
+        if protocol.GLAD_FILE_INPUT not in names:
+            raise ServingError(f"{self.model_name} has no {protocol.GLAD_FILE_INPUT!r} input: the repository was "
+                               "generated by an older glad-toolkit; regenerate it with `glad serve`")
+        dims = [int(d) for i in cfg["input"] if i["name"] == protocol.GLAD_INPUT for d in i["dims"]]
         return {"resolution": dims[-1], "max_batch": int(cfg.get("max_batch_size", 1)) or 1, "parameters": params,
-                "dino_resolution": int(maps[0]["dims"][-1]) if maps else dims[-1],
+                "dino_resolution": int(params.get("dino_resolution") or dims[-1]),
                 "calibration": protocol.calibration_from_parameter(params.get("calibration"))}
 
-    def _inputs(self, module, batch: np.ndarray):
-        inp = module.InferInput(protocol.GLAD_INPUT, list(batch.shape), "FP32")
-        inp.set_data_from_numpy(batch)
+    def _inputs(self, module, kind: str, payloads: list):
+        if kind == FILES:
+            inp = module.InferInput(protocol.GLAD_FILE_INPUT, [len(payloads), 1], "BYTES")
+            inp.set_data_from_numpy(np.array(payloads, dtype=np.object_).reshape(-1, 1))
+        else:
+            batch = np.stack(payloads)
+            inp = module.InferInput(protocol.GLAD_INPUT, list(batch.shape), "FP32")
+            inp.set_data_from_numpy(batch)
         return [inp], [module.InferRequestedOutput(n) for n in protocol.GLAD_OUTPUT_NAMES]
 
-    def _results(self, result, labels: list[str], sizes: list, url: str) -> list[Detection]:
+    #: maps come back at the working size (D x D, small); ``Detection.map_at_original_size`` resizes them with
+    #: the same Pillow code as ``glad detect``; regions are in original-image pixels either way.
+    _request_parameters = {protocol.MAP_SIZE_PARAMETER: "working"}
+
+    def _results(self, result, sources: list[str], url: str) -> list[Detection]:
         arrays = {n: result.as_numpy(n) for n in protocol.GLAD_OUTPUT_NAMES}
-        return protocol.detections_from_arrays(arrays, labels, sizes, self._meta["dino_resolution"],
-                                               self._meta["calibration"], self.threshold, url)
+        return protocol.detections_from_arrays(arrays, sources, self._meta["calibration"], self.threshold, url,
+                                               map_size="working")
 
     def _order(self):
         """The failover order of one call: ``(round, url index, url)`` over every URL per round (the one that
@@ -188,26 +226,32 @@ class _Base:
         return min(self.max_backoff, self.backoff * (2 ** attempt))
 
     def _prepare_all(self, images: Iterable[Any]) -> tuple[list[Detection | None], list]:
+        """``(slots, good)``: a failed Detection or None per input, and ``(index, source, kind, payload)`` of the
+        ones to send."""
         res = self._meta["resolution"]
         slots: list[Detection | None] = []
         good = []
         for i, image in enumerate(images):
             try:
-                label, arr, size = _prepare(image, i, res)
+                source, kind, payload = _prepare(image, i, res)
             except BadInputError as e:
                 slots.append(Detection(source=str(image) if isinstance(image, (str, os.PathLike)) else f"#{i}",
                                        error=e))
                 continue
-            if not np.isfinite(arr).all():
-                slots.append(Detection(source=label, error=BadInputError(f"{label}: NaN or Inf values")))
-                continue
             slots.append(None)
-            good.append((i, label, arr, size))
+            good.append((i, source, kind, payload))
         return slots, good
 
     def _chunks(self, good: list) -> list[list]:
+        """Requests: runs of one input kind, at most ``max_batch_size`` images each, in input order."""
         n = self._meta["max_batch"]
-        return [good[k:k + n] for k in range(0, len(good), n)]
+        chunks: list[list] = []
+        for g in good:
+            if chunks and chunks[-1][0][2] == g[2] and len(chunks[-1]) < n:
+                chunks[-1].append(g)
+            else:
+                chunks.append([g])
+        return chunks
 
 
 class GladClient(_Base):
@@ -278,21 +322,22 @@ class GladClient(_Base):
         except ServingError:
             return False
 
-    def _infer(self, batch: np.ndarray, labels, sizes) -> list[Detection]:
+    def _infer(self, chunk: list) -> list[Detection]:
         import tritonclient.grpc as grpcclient
 
         def call(c, url):
-            inputs, outputs = self._inputs(grpcclient, batch)
-            r = c.infer(self.model_name, inputs, outputs=outputs, client_timeout=self.timeout)
-            return self._results(r, labels, sizes, url)
+            inputs, outputs = self._inputs(grpcclient, chunk[0][2], [g[3] for g in chunk])
+            r = c.infer(self.model_name, inputs, outputs=outputs, client_timeout=self.timeout,
+                        parameters=self._request_parameters)
+            return self._results(r, [g[1] for g in chunk], url)
         return self._call(call)
 
     def detect(self, images: Iterable[Any]) -> list[Detection]:
         """Score images on the server, one request per batch of up to the model's ``max_batch_size``.
 
         Args:
-            images: file paths, encoded bytes, PIL images, uint8/uint16 arrays ``[H,W]`` / ``[H,W,3|4]``, or
-                preprocessed float32 ``[3,R,R]`` in [-1, 1].
+            images: file paths or encoded bytes (sent as they are), PIL images, uint8/uint16 arrays ``[H,W]`` /
+                uint8 ``[H,W,3|4]`` (sent as lossless PNG), or preprocessed float32 ``[3,R,R]`` in [-1, 1].
         Returns:
             one :class:`Detection` per input, in order. An input that cannot be read or that the server refuses
             gets ``error`` (:class:`BadInputError`) and the others complete.
@@ -303,19 +348,15 @@ class GladClient(_Base):
         self.metadata()
         slots, good = self._prepare_all(images)
         for chunk in self._chunks(good):
-            batch = np.stack([g[2] for g in chunk])
             try:
-                dets = self._infer(batch, [g[1] for g in chunk], [g[3] for g in chunk])
+                dets = self._infer(chunk)
             except BadInputError as e:
-                if len(chunk) == 1:
-                    dets = [Detection(source=chunk[0][1], error=e)]
-                else:
-                    dets = []
-                    for g in chunk:  # isolate: rerun one by one so only the refused image fails
-                        try:
-                            dets += self._infer(g[2][None], [g[1]], [g[3]])
-                        except BadInputError as e1:
-                            dets.append(Detection(source=g[1], error=e1))
+                dets = [Detection(source=chunk[0][1], error=_refused(e, chunk[0][1]))] if len(chunk) == 1 else []
+                for g in (chunk if len(chunk) > 1 else []):  # isolate: one by one, so only the refused image fails
+                    try:
+                        dets += self._infer([g])
+                    except BadInputError as e1:
+                        dets.append(Detection(source=g[1], error=_refused(e1, g[1])))
             for g, d in zip(chunk, dets):
                 slots[g[0]] = d
         return slots  # type: ignore[return-value]
@@ -385,13 +426,14 @@ class AsyncGladClient(_Base):
                 out[url] = False
         return out
 
-    async def _infer(self, batch, labels, sizes) -> list[Detection]:
+    async def _infer(self, chunk: list) -> list[Detection]:
         import tritonclient.grpc.aio as aioclient
 
         async def call(c, url):
-            inputs, outputs = self._inputs(aioclient, batch)
-            r = await c.infer(self.model_name, inputs, outputs=outputs, client_timeout=self.timeout)
-            return self._results(r, labels, sizes, url)
+            inputs, outputs = self._inputs(aioclient, chunk[0][2], [g[3] for g in chunk])
+            r = await c.infer(self.model_name, inputs, outputs=outputs, client_timeout=self.timeout,
+                              parameters=self._request_parameters)
+            return self._results(r, [g[1] for g in chunk], url)
         return await self._call(call)
 
     async def detect(self, images: Iterable[Any]) -> list[Detection]:
@@ -399,19 +441,15 @@ class AsyncGladClient(_Base):
         await self.metadata()
         slots, good = self._prepare_all(images)
         for chunk in self._chunks(good):
-            batch = np.stack([g[2] for g in chunk])
             try:
-                dets = await self._infer(batch, [g[1] for g in chunk], [g[3] for g in chunk])
+                dets = await self._infer(chunk)
             except BadInputError as e:
-                if len(chunk) == 1:
-                    dets = [Detection(source=chunk[0][1], error=e)]
-                else:
-                    dets = []
-                    for g in chunk:
-                        try:
-                            dets += await self._infer(g[2][None], [g[1]], [g[3]])
-                        except BadInputError as e1:
-                            dets.append(Detection(source=g[1], error=e1))
+                dets = [Detection(source=chunk[0][1], error=_refused(e, chunk[0][1]))] if len(chunk) == 1 else []
+                for g in (chunk if len(chunk) > 1 else []):
+                    try:
+                        dets += await self._infer([g])
+                    except BadInputError as e1:
+                        dets.append(Detection(source=g[1], error=_refused(e1, g[1])))
             for g, d in zip(chunk, dets):
                 slots[g[0]] = d
         return slots  # type: ignore[return-value]

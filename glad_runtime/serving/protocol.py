@@ -1,49 +1,80 @@
-"""The served contract, defined once: model names, tensor names, dtypes, shapes and the ``[B]`` reshape rule.
+"""The served contract, defined once: model names, tensor names, dtypes, shapes, sentinels and the ``[B]`` rule.
 
 Read by the model-repository generator (``triton_models.repository``: the ``config.pbtxt`` of every model), the
 BLS model (``triton_models/python/glad_model.py``: the tensors it returns), the Triton engine
 (:mod:`glad_runtime.engines.triton`: the client-side loop) and the client SDK (:mod:`glad_runtime.serving.client`).
-numpy only, so every one of them can import it.
+numpy only, so every one of them can import it; the README's "Served contract" section is this module in prose.
 
-``<prefix>_glad`` (the BLS model, whole ADS/SAFF loop server-side):
+``<prefix>_glad`` (the BLS model, the whole ADS/SAFF loop server-side), KServe v2 / Triton:
 
-* input ``images`` float32 ``[B, 3, R, R]`` in [-1, 1] (``glad_runtime.core.images.preprocess``);
-* outputs, per image: see :data:`GLAD_OUTPUTS`. Per-image scalars are declared ``dims: [1]`` with
-  ``reshape: { shape: [ ] }``: the model sees ``[B]``, a client sends and receives ``[B, 1]``
-  (:func:`to_wire` / :func:`from_wire`).
+* inputs, exactly one per request (both ``optional`` in the config):
+
+  * ``image_files`` BYTES ``[B, 1]``: encoded image files as they are (PNG, JPEG, TIFF, BMP, WebP; 8 or 16 bit;
+    any mode ``glad detect`` reads), decoded and preprocessed on the server by the code ``glad detect`` runs
+    (:func:`glad_runtime.core.images.load_image` + ``prepare``), so a score does not depend on the sender. In the
+    HTTP JSON form, which cannot carry binary, an element may be the file's standard base64 text instead.
+  * ``images`` FP32 ``[B, 3, R, R]`` in [-1, 1] for clients that preprocess (x / 255 * 2 - 1, bilinear resize):
+    anything else (outside [-1, 1], NaN, Inf, wrong shape or dtype) is refused with INVALID_ARGUMENT.
+
+* request parameter ``map_size``: ``"original"`` (default: maps and masks at each image's original size, for a
+  tensor input its ``R x R``) or ``"working"`` (``D x D``, ``dino_resolution``: smaller, what ``GladClient`` asks
+  for). Regions are always in original-image pixels.
+* outputs, per image: :data:`GLAD_OUTPUTS`. No output is ever NaN: undefined values are the documented sentinels,
+  and the ``calibrated`` / ``ads_states`` / ``pixel_thresholds`` fields say why. Per-image scalars are declared
+  ``dims: [1]`` with ``reshape: { shape: [ ] }``: the model sees ``[B]``, a client sends and receives ``[B, 1]``
+  (:func:`to_wire` / :func:`from_wire`). When the images of one request differ in original size, ``anomaly_maps``
+  and ``defect_masks`` are zero-padded to the largest; the valid part of image k is ``[:H_k, :W_k]`` with
+  ``(H_k, W_k) = image_sizes[k]``.
+
+Failures: a request with a corrupt file or bad tensor fails alone with INVALID_ARGUMENT naming the image index and
+the cause (the other requests of its dynamic batch complete); a network failure is INTERNAL.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["TensorSpec", "GLAD_MODEL", "GLAD_INPUT", "GLAD_OUTPUTS", "GLAD_OUTPUT_NAMES", "NUMPY_DTYPES",
-           "model_name", "glad_inputs", "glad_outputs", "to_wire", "from_wire", "glad_output_arrays",
-           "detections_from_arrays", "calibration_parameter", "calibration_from_parameter"]
+__all__ = ["TensorSpec", "GLAD_MODEL", "GLAD_INPUT", "GLAD_FILE_INPUT", "MAP_SIZE_PARAMETER", "MAP_SIZES",
+           "GLAD_OUTPUTS", "GLAD_OUTPUT_NAMES", "NUMPY_DTYPES", "ADS_STATE_CODES", "model_name", "glad_inputs",
+           "glad_outputs", "to_wire", "from_wire", "file_bytes", "glad_output_arrays", "detections_from_arrays",
+           "calibration_parameter", "calibration_from_parameter", "contract_table"]
 
 #: The BLS model's name suffix: ``<prefix>_glad``.
 GLAD_MODEL = "glad"
-#: The BLS model's one input.
+#: Preprocessed input: FP32 ``[B, 3, R, R]`` in [-1, 1].
 GLAD_INPUT = "images"
+#: Encoded-file input: BYTES ``[B, 1]``.
+GLAD_FILE_INPUT = "image_files"
+#: Request parameter choosing the size of the returned maps and masks (:data:`MAP_SIZES`).
+MAP_SIZE_PARAMETER = "map_size"
+MAP_SIZES = ("original", "working")
 
-#: Triton data types -> numpy dtypes (the ones this project's models use).
+#: Triton data types -> numpy dtypes (the ones this project's models use; BYTES elements are Python bytes).
 NUMPY_DTYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64, "TYPE_INT64": np.int64,
-                "TYPE_INT32": np.int32, "TYPE_INT8": np.int8, "TYPE_UINT8": np.uint8, "TYPE_BOOL": np.bool_}
+                "TYPE_INT32": np.int32, "TYPE_INT8": np.int8, "TYPE_UINT8": np.uint8, "TYPE_BOOL": np.bool_,
+                "TYPE_STRING": np.object_}
+
+#: ``ads_states`` codes: index in :data:`glad_runtime.core.detection.ADS_STATES`.
+ADS_STATE_CODES = {"off": 0, "triggered": 1, "forced": 2, "undecided": 3}
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     """One model input or output as Triton declares it: ``dims`` without the batch dimension (-1 = dynamic);
-    ``reshape`` True for per-sample scalars (served as ``[B, 1]``, seen by the model as ``[B]``)."""
+    ``reshape`` True for per-sample scalars (served as ``[B, 1]``, seen by the model as ``[B]``); ``optional``
+    for inputs a request may omit."""
 
     name: str
     data_type: str
     dims: tuple[int, ...]
     reshape: bool = False
+    optional: bool = False
 
     @property
     def dtype(self) -> np.dtype:
@@ -51,25 +82,49 @@ class TensorSpec:
         return np.dtype(NUMPY_DTYPES[self.data_type])
 
     def pbtxt(self) -> str:
-        """The ``config.pbtxt`` entry (``{ name: ... data_type: ... dims: [...] reshape: ... }``)."""
+        """The ``config.pbtxt`` entry (``{ name: ... data_type: ... dims: [...] reshape: ... optional: ... }``)."""
         dims = list(self.dims) if self.dims else [1]
         s = f'{{ name: "{self.name}" data_type: {self.data_type} dims: {dims}'
         if self.reshape or not self.dims:
             s += " reshape: { shape: [ ] }"
+        if self.optional:
+            s += " optional: true"
         return s + " }"
 
 
-#: Outputs of ``<prefix>_glad``: ``(name, Triton type, per-image dims, meaning)``; ``"D"`` = ``dino_resolution``.
+#: Outputs of ``<prefix>_glad``: ``(name, Triton type, per-image dims, meaning)``; ``-1`` = variable (the map size).
 GLAD_OUTPUTS = (
-    ("scores", "TYPE_FP32", (), "raw image score (top-K mean of the map)"),
-    ("normalized_scores", "TYPE_FP32", (), "calibrated score in [0, 1], threshold at 0.5; NaN uncalibrated"),
-    ("labels", "TYPE_INT8", (), "1 anomalous, 0 normal, -1 uncalibrated"),
-    ("anomaly_maps", "TYPE_FP32", ("D", "D"), "anomaly map at the scoring size"),
-    ("adaptive_steps", "TYPE_INT64", (), "DDIM timestep where ADS decided; -1 ADS off / never decided"),
-    ("ads_scores", "TYPE_FP32", (), "top-10 ADS distance at the decision; NaN never decided"),
-    ("saff_triggered", "TYPE_BOOL", (), "SAFF trigger (True) or forced decision (False)"),
+    ("scores", "TYPE_FP32", (), "raw image score, the top-K mean of the anomaly map (>= 0)"),
+    ("calibrated", "TYPE_BOOL", (), "True when the served bundle is calibrated (labels and normalised scores set)"),
+    ("labels", "TYPE_INT8", (), "1 anomalous (score > threshold), 0 normal; -1 when not calibrated"),
+    ("thresholds", "TYPE_FP32", (), "the raw image threshold of the label; -1 when not calibrated"),
+    ("normalized_scores", "TYPE_FP32", (), "calibrated score in [0, 1], threshold at 0.5; -1 when not calibrated"),
+    ("ads_states", "TYPE_INT8", (), "ADS outcome: 0 off, 1 triggered (SAFF), 2 forced (last candidate step), "
+                                    "3 undecided"),
+    ("adaptive_steps", "TYPE_INT64", (), "DDIM timestep ADS decided at; -1 when ads_states is 0 or 3"),
+    ("ads_scores", "TYPE_FP32", (), "top-10 ADS distance at the decision (>= 0); -1 when ads_states is 0 or 3"),
+    ("saff_triggered", "TYPE_BOOL", (), "True when ads_states is 1 (kept for older clients)"),
+    ("image_sizes", "TYPE_INT32", (2,), "(H, W) of the image as decoded (EXIF-upright); R, R for a tensor"),
+    ("anomaly_maps", "TYPE_FP32", (-1, -1), "anomaly map (raw units) at map_size; zero-padded, see image_sizes"),
+    ("pixel_thresholds", "TYPE_FP32", (), "raw pixel threshold of the masks and regions; -1 when the bundle has "
+                                          "none (then masks are 0 and regions is null)"),
+    ("defect_masks", "TYPE_UINT8", (-1, -1), "1 where anomaly_maps > pixel_thresholds, else 0; at map_size"),
+    ("regions", "TYPE_STRING", (), "JSON text: a list of {x, y, width, height, area, peak, mean} in original-image "
+                                   "pixels, highest peak first ([] none found); null without a pixel threshold"),
 )
 GLAD_OUTPUT_NAMES = tuple(o[0] for o in GLAD_OUTPUTS)
+
+
+def contract_table() -> str:
+    """:data:`GLAD_OUTPUTS` as a Markdown table (name, datatype, shape with the batch, meaning) for the README."""
+    kserve = {"TYPE_FP32": "FP32", "TYPE_BOOL": "BOOL", "TYPE_INT8": "INT8", "TYPE_INT32": "INT32",
+              "TYPE_INT64": "INT64", "TYPE_UINT8": "UINT8", "TYPE_STRING": "BYTES"}
+    rows = ["| output | datatype | shape | meaning |", "|---|---|---|---|"]
+    for name, t, dims, meaning in GLAD_OUTPUTS:
+        shape = "[B, 1]" if not dims else "[B, " + ", ".join("H" if k == 0 and d == -1 else "W" if d == -1 else str(d)
+                                                            for k, d in enumerate(dims)) + "]"
+        rows.append(f"| `{name}` | {kserve[t]} | {shape} | {meaning} |")
+    return "\n".join(rows)
 
 
 def model_name(prefix: str, graph: str = GLAD_MODEL) -> str:
@@ -78,13 +133,14 @@ def model_name(prefix: str, graph: str = GLAD_MODEL) -> str:
 
 
 def glad_inputs(resolution: int) -> list[TensorSpec]:
-    """The BLS model's input specs for a bundle of ``resolution`` R."""
-    return [TensorSpec(GLAD_INPUT, "TYPE_FP32", (3, resolution, resolution))]
+    """The BLS model's input specs for a bundle of ``resolution`` R (both optional: a request sends one)."""
+    return [TensorSpec(GLAD_INPUT, "TYPE_FP32", (3, resolution, resolution), optional=True),
+            TensorSpec(GLAD_FILE_INPUT, "TYPE_STRING", (), reshape=True, optional=True)]
 
 
-def glad_outputs(dino_resolution: int) -> list[TensorSpec]:
-    """The BLS model's output specs (:data:`GLAD_OUTPUTS` with ``D`` = ``dino_resolution``)."""
-    return [TensorSpec(n, t, tuple(dino_resolution for _ in dims), reshape=not dims) for n, t, dims, _ in GLAD_OUTPUTS]
+def glad_outputs() -> list[TensorSpec]:
+    """The BLS model's output specs (:data:`GLAD_OUTPUTS`)."""
+    return [TensorSpec(n, t, tuple(dims), reshape=not dims) for n, t, dims, _ in GLAD_OUTPUTS]
 
 
 def to_wire(array: np.ndarray, dims: Sequence[int] | None = None) -> np.ndarray:
@@ -111,55 +167,116 @@ def from_wire(array: np.ndarray, batch: int, spec: TensorSpec) -> np.ndarray:
     return a.astype(spec.dtype, copy=False)
 
 
-def glad_output_arrays(out, start: int, stop: int, calibration=None) -> dict[str, np.ndarray]:
-    """The BLS model's output tensors for images ``start:stop`` of a ``PipelineOutput`` (model side, ``[B]``).
+_MAGIC = (b"\x89PNG", b"\xff\xd8", b"II*\x00", b"MM\x00*", b"BM", b"RIFF", b"GIF8")
 
-    Labels and normalised scores come from :func:`glad_runtime.core.calibration.label` (the one rule);
-    uncalibrated: ``normalized_scores`` NaN and ``labels`` -1.
+
+def file_bytes(element: Any) -> bytes:
+    """One ``image_files`` element -> the file's bytes: raw bytes as they are; the standard base64 text of a file
+    (the HTTP JSON form, which cannot carry binary) decoded. Anything else is passed on unchanged for the decoder
+    to refuse with its own message."""
+    data = bytes(element) if not isinstance(element, str) else element.encode("ascii", "replace")
+    if data.startswith(_MAGIC):
+        return data
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return data
+
+
+def _sentinel(v: float | None) -> float:
+    return -1.0 if v is None or not np.isfinite(v) else float(v)
+
+
+def glad_output_arrays(detections: Sequence, map_size: str = "original") -> dict[str, np.ndarray]:
+    """Model side: the output tensors of one request (``[B]`` per-image scalars) from its scored Detections
+    (:meth:`glad_runtime.detector.Detector.locate` already applied, so ``original_size`` and ``regions`` are set).
+
+    Args:
+        detections: the request's B Detections, all ``ok``, each with its ``anomaly_map [D, D]``.
+        map_size: ``"original"`` or ``"working"`` (:data:`MAP_SIZES`).
+    Returns:
+        ``{name: array}`` in :data:`GLAD_OUTPUT_NAMES` order; no NaN anywhere (sentinels per :data:`GLAD_OUTPUTS`).
+    Raises:
+        ValueError: unknown ``map_size``, or a Detection without a map.
     """
-    from glad_runtime.core.calibration import label
+    from glad_runtime.core.regions import defect_mask
 
-    scores = out.scores[start:stop].astype(np.float32)
-    verdicts = [label(float(s), calibration) for s in scores]
+    if map_size not in MAP_SIZES:
+        raise ValueError(f"{MAP_SIZE_PARAMETER} must be one of {MAP_SIZES}, got {map_size!r}")
+    maps = [d.map_at_original_size() if map_size == "original" else d.anomaly_map for d in detections]
+    if any(m is None for m in maps):
+        raise ValueError("every detection needs its anomaly map")
+    h = max(m.shape[0] for m in maps)
+    w = max(m.shape[1] for m in maps)
+    padded = np.zeros((len(maps), h, w), np.float32)
+    masks = np.zeros((len(maps), h, w), np.uint8)
+    for k, (d, m) in enumerate(zip(detections, maps)):
+        padded[k, :m.shape[0], :m.shape[1]] = m
+        if d.pixel_threshold is not None:
+            masks[k, :m.shape[0], :m.shape[1]] = defect_mask(m, d.pixel_threshold)
     arrays = {
-        "scores": scores,
-        "normalized_scores": np.array([np.nan if v.normalized_score is None else v.normalized_score
-                                       for v in verdicts], np.float32),
-        "labels": np.array([-1 if v.label is None else int(v.label == "anomalous") for v in verdicts], np.int8),
-        "anomaly_maps": out.anomaly_maps[start:stop].astype(np.float32),
-        "adaptive_steps": out.adaptive_steps[start:stop].astype(np.int64),
-        "ads_scores": out.ads_scores[start:stop].astype(np.float32),
-        "saff_triggered": out.saff_triggered[start:stop].astype(bool),
+        "scores": np.array([d.score for d in detections], np.float32),
+        "calibrated": np.array([d.label is not None for d in detections], bool),
+        "labels": np.array([-1 if d.label is None else int(d.label == "anomalous") for d in detections], np.int8),
+        "thresholds": np.array([_sentinel(d.threshold) for d in detections], np.float32),
+        "normalized_scores": np.array([_sentinel(d.normalized_score) for d in detections], np.float32),
+        "ads_states": np.array([ADS_STATE_CODES[d.ads_state] for d in detections], np.int8),
+        "adaptive_steps": np.array([d.adaptive_step if d.ads_state in ("triggered", "forced") else -1
+                                    for d in detections], np.int64),
+        "ads_scores": np.array([_sentinel(d.ads_score) if d.ads_state in ("triggered", "forced") else -1.0
+                                for d in detections], np.float32),
+        "saff_triggered": np.array([d.ads_state == "triggered" for d in detections], bool),
+        "image_sizes": np.array([list(d.original_size) for d in detections], np.int32),
+        "anomaly_maps": padded,
+        "pixel_thresholds": np.array([_sentinel(d.pixel_threshold) for d in detections], np.float32),
+        "defect_masks": masks,
+        "regions": np.array([json.dumps(None if d.regions is None else [r.to_dict() for r in d.regions],
+                                        allow_nan=False).encode() for d in detections], dtype=np.object_),
     }
     assert tuple(arrays) == GLAD_OUTPUT_NAMES
-    return {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    return {k: np.ascontiguousarray(v) if v.dtype != np.object_ else v for k, v in arrays.items()}
 
 
-def detections_from_arrays(arrays: Mapping[str, np.ndarray], sources: Sequence[str], sizes: Sequence[Any],
-                           dino_resolution: int, calibration=None, threshold: float | None = None,
-                           server: str | None = None) -> list:
+def detections_from_arrays(arrays: Mapping[str, np.ndarray], sources: Sequence[str], calibration=None,
+                           threshold: float | None = None, server: str | None = None,
+                           map_size: str = "working") -> list:
     """Client side: the received tensors of one ``<prefix>_glad`` response -> one ``Detection`` per image.
 
     The label and normalised score are recomputed with :func:`glad_runtime.core.calibration.label` from the raw
     score and the served calibration (:func:`calibration_from_parameter`), so a client ``threshold`` override
     behaves exactly as ``glad detect --threshold`` (label and the 0.5 point of ``normalized_score`` move together).
+    Maps are cut to their valid part; ``map_size`` says what the request asked for (``"working"``: ``D x D``).
+
+    Raises:
+        ValueError: a tensor whose size does not fit the batch.
     """
     from glad_runtime.core.calibration import label
-    from glad_runtime.core.detection import Detection
+    from glad_runtime.core.detection import ADS_STATES, Detection
+    from glad_runtime.core.regions import Region
 
     n = len(sources)
-    specs = {s.name: s for s in glad_outputs(dino_resolution)}
+    specs = {s.name: s for s in glad_outputs()}
     o = {name: from_wire(arrays[name], n, specs[name]) for name in GLAD_OUTPUT_NAMES}
     dets = []
     for k, source in enumerate(sources):
         score = float(o["scores"][k])
         v = label(score, calibration, threshold)
-        ads = float(o["ads_scores"][k])
+        state = ADS_STATES[int(o["ads_states"][k])]
+        decided = state in ("triggered", "forced")
+        size = (int(o["image_sizes"][k][0]), int(o["image_sizes"][k][1]))
+        amap = o["anomaly_maps"][k]
+        if map_size == "original":
+            amap = amap[:size[0], :size[1]]
+        pt = float(o["pixel_thresholds"][k])
+        regions = json.loads(bytes(o["regions"][k]))
         dets.append(Detection(source=source, score=score, normalized_score=v.normalized_score, label=v.label,
                               threshold=v.threshold, threshold_source=v.threshold_source,
-                              adaptive_step=int(o["adaptive_steps"][k]), ads_score=ads if np.isfinite(ads) else None,
-                              saff_triggered=bool(o["saff_triggered"][k]), anomaly_map=o["anomaly_maps"][k],
-                              original_size=sizes[k], server=server))
+                              adaptive_step=int(o["adaptive_steps"][k]), ads_state=state,
+                              ads_score=float(o["ads_scores"][k]) if decided else None,
+                              saff_triggered=bool(o["saff_triggered"][k]), anomaly_map=np.ascontiguousarray(amap),
+                              original_size=size, pixel_threshold=pt if pt >= 0 else None,
+                              regions=None if regions is None else [Region.from_dict(r) for r in regions],
+                              server=server))
     return dets
 
 

@@ -56,11 +56,11 @@ def test_override_behaves_the_same_in_process_and_on_the_client():
     cal = _cal(threshold=float(np.median(scores)), lo=min(scores), hi=max(scores) + 1e-3)
     override = float(np.mean(scores))
     local = Detector(StubEngines(), cfg, cal, threshold=override).detect_arrays(images)
-    out = Detector(StubEngines(), cfg).pipeline(images)
-    wire = {k: protocol.to_wire(v) for k, v in protocol.glad_output_arrays(out, 0, 4, cal).items()}
+    server = Detector(StubEngines(), cfg, cal)  # what the BLS model runs: the served calibration, no override
+    served = [server.locate(d) for d in server.detect_arrays(images)]
+    wire = {k: protocol.to_wire(v) for k, v in protocol.glad_output_arrays(served, "working").items()}
     served_cal = protocol.calibration_from_parameter(protocol.calibration_parameter(cal))
-    remote = protocol.detections_from_arrays(wire, [f"#{i}" for i in range(4)], [None] * 4, cfg.dino_resolution,
-                                             served_cal, override)
+    remote = protocol.detections_from_arrays(wire, [f"#{i}" for i in range(4)], served_cal, override)
     for a, b in zip(local, remote):
         assert (a.label, a.threshold, a.threshold_source) == (b.label, b.threshold, b.threshold_source)
         assert a.normalized_score == pytest.approx(b.normalized_score, abs=1e-6)
@@ -109,6 +109,7 @@ def test_torch_engine_failure_costs_only_its_image():
     cfg = stub_config()
     images = np.stack([np.full((3, 8, 8), v, np.float32) for v in (-0.6, 0.9, 0.1)])
     images += np.random.default_rng(1).normal(0, 0.05, images.shape).astype(np.float32)
+    images = images.clip(-1, 1)  # inputs must lie in [-1, 1]
     engines = TorchEngines(Modules(), max_batch=1)
     engines.ads_distance = None  # the fused check needs real export.models modules: check on the host
     dets = Detector(engines, cfg).detect_arrays(images, ["dark", "bright", "mid"])
@@ -120,9 +121,13 @@ def test_torch_engine_failure_costs_only_its_image():
 
 # ---------------------------------------------------------------------------------------------- served contract
 def test_protocol_specs_and_wire_shapes():
-    outs = {s.name: s for s in protocol.glad_outputs(16)}
+    outs = {s.name: s for s in protocol.glad_outputs()}
     assert tuple(outs) == protocol.GLAD_OUTPUT_NAMES
-    assert outs["anomaly_maps"].dims == (16, 16) and not outs["anomaly_maps"].reshape
+    assert outs["anomaly_maps"].dims == (-1, -1) and not outs["anomaly_maps"].reshape
+    assert outs["regions"].dtype == np.object_ and outs["image_sizes"].dims == (2,)
+    ins = {s.name: s for s in protocol.glad_inputs(64)}
+    assert ins["image_files"].pbtxt() == ('{ name: "image_files" data_type: TYPE_STRING dims: [1] '
+                                          'reshape: { shape: [ ] } optional: true }')
     assert outs["scores"].pbtxt() == '{ name: "scores" data_type: TYPE_FP32 dims: [1] reshape: { shape: [ ] } }'
     assert outs["labels"].dtype == np.int8 and outs["saff_triggered"].dtype == np.bool_
     a = np.arange(3, dtype=np.float32)
