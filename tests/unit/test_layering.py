@@ -29,3 +29,25 @@ def test_runtime_has_no_module_level_imports_of_the_build_side():
                 names = [node.module]
             bad += [f"{path.relative_to(RUNTIME)}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
     assert bad == []
+
+
+def test_light_client_runs_without_the_runtime_extras():
+    """`pip install glad-toolkit[client]` has numpy, Pillow, click, tqdm and tritonclient only: the client SDK must
+    import and prepare every input kind with scipy, scikit-image, safetensors, torch and onnxruntime unimportable
+    (a meta-path blocker stands in for their absence)."""
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('scipy', 'skimage', 'safetensors', 'torch', 'onnxruntime', 'sklearn', 'matplotlib'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import numpy as np
+from glad_runtime.serving import client
+for x in (np.zeros((5, 7), np.uint8), np.zeros((5, 7, 3), np.uint8), np.zeros((5, 7), np.uint16),
+          np.zeros((3, 8, 8), np.float32), b'raw bytes'):
+    print(client._prepare(x, 0, 8)[1], end=' ')
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["files", "files", "files", "tensor", "files"]
