@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +177,13 @@ def test_contract_table_lists_every_output():
     for name in protocol.GLAD_OUTPUT_NAMES:
         assert f"| `{name}` |" in table
     assert "| `anomaly_maps` | FP32 | [B, H, W] |" in table and "| `regions` | BYTES | [B, 1] |" in table
+
+
+def test_readme_documents_the_contract_table_exactly():
+    """The README's served-contract table is the one generated from protocol.GLAD_OUTPUTS (one source of truth)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("<!-- contract-table")
+    block = readme[readme.index("\n", start) + 1:readme.index("<!-- /contract-table -->")].strip()
+    assert block == protocol.contract_table()
+    for name in (protocol.GLAD_FILE_INPUT, protocol.GLAD_INPUT, protocol.MAP_SIZE_PARAMETER):
+        assert f"`{name}`" in readme
