@@ -190,3 +190,33 @@ def test_bad_inputs_raise():
         pixel_metrics(np.ones((2, 8, 8), bool), np.zeros((2, 8, 8)))
     with pytest.raises(ValueError, match="fpr_limit"):
         aupro(m, np.zeros((2, 8, 8)), fpr_limit=0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_operating_points_equal_sklearn(seed):
+    from sklearn.metrics import confusion_matrix, jaccard_score, precision_recall_fscore_support
+
+    from training.metrics import operating_point, pixel_operating_point
+
+    rng = np.random.default_rng(seed)
+    y = rng.random(40) < 0.3
+    s = rng.normal(size=40) + y
+    t = float(np.quantile(s, 0.6))
+    op = operating_point(y.astype(int), s, t)
+    tn, fp, fn, tp = confusion_matrix(y, s > t, labels=[False, True]).ravel()
+    assert (op["TN"], op["FP"], op["FN"], op["TP"]) == (tn, fp, fn, tp)
+    assert (op["misses"], op["false_rejects"]) == (fn, fp)
+    p, r, f, _ = precision_recall_fscore_support(y, s > t, average="binary", zero_division=0)
+    np.testing.assert_allclose([op["precision"], op["recall"], op["F1"], op["FPR"]], [p, r, f, fp / (fp + tn)])
+    assert operating_point(y, s, s[y].min() - 1)["misses"] == 0  # strictly greater: nothing above it is passed
+    assert operating_point(np.zeros(3), [0.1, 0.2, 0.3], 0.2)["recall"] is None  # no defective images: undefined
+
+    masks = rng.random((3, 16, 16)) < 0.2
+    maps = rng.random((3, 16, 16)) + 0.5 * masks
+    pt = 0.8
+    px = pixel_operating_point(masks, maps, pt)
+    tn, fp, fn, tp = confusion_matrix(masks.ravel(), maps.ravel() > pt).ravel()
+    assert (px["TN"], px["FP"], px["FN"], px["TP"]) == (tn, fp, fn, tp)
+    np.testing.assert_allclose(px["IoU"], jaccard_score(masks.ravel(), maps.ravel() > pt))
+    with pytest.raises(ValueError, match="finite"):
+        pixel_operating_point(masks, maps, float("nan"))

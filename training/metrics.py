@@ -10,6 +10,9 @@
   ``fpr_limit`` (the curve is interpolated at ``fpr_limit``) and divided by ``fpr_limit``. The official code
   divides by the largest retained FPR instead; project decision 10 fixes that so the value never exceeds 1.
 
+At an operating point (the calibrated thresholds, :func:`operating_point` / :func:`pixel_operating_point`) the
+decision rule is the calibration's: anomalous when the raw value is strictly greater than the threshold.
+
 All pixel metrics use every pixel of every image of the category, flattened. Values are in [0, 1] (not x100).
 """
 
@@ -19,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-__all__ = ["image_metrics", "pixel_metrics", "aupro", "f1_max"]
+__all__ = ["image_metrics", "pixel_metrics", "aupro", "f1_max", "operating_point", "pixel_operating_point"]
 
 
 def _check_scores(scores: np.ndarray, what: str) -> np.ndarray:
@@ -35,7 +38,7 @@ def _check_scores(scores: np.ndarray, what: str) -> np.ndarray:
     return s
 
 
-def _check_labels(labels: np.ndarray, what: str) -> np.ndarray:
+def _check_labels(labels: np.ndarray, what: str, both_classes: bool = True) -> np.ndarray:
     y = np.asarray(labels)
     if y.dtype != bool:
         if not np.issubdtype(y.dtype, np.number):
@@ -45,7 +48,7 @@ def _check_labels(labels: np.ndarray, what: str) -> np.ndarray:
             raise ValueError(f"{what} must be binary (bool or 0/1); found values such as {y[bad][:3].tolist()}")
         y = y.astype(bool)
     n_pos = int(y.sum())
-    if n_pos == 0 or n_pos == y.size:
+    if both_classes and (n_pos == 0 or n_pos == y.size):
         only = "anomalous (1)" if n_pos else "normal (0)"
         raise ValueError(f"{what} contain a single class (all {only}); AUROC/AP/F1 need both classes")
     return y
@@ -113,7 +116,7 @@ def image_metrics(labels, scores) -> dict[str, float]:
     return {"I-AUROC": auroc, "I-AP": ap, "I-F1max": f1}
 
 
-def _check_pixel_inputs(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+def _check_pixel_inputs(masks, maps, both_classes: bool = True) -> tuple[np.ndarray, np.ndarray]:
     m = np.asarray(masks)
     a = np.asarray(maps)
     if m.size == 0 or a.size == 0:
@@ -128,7 +131,7 @@ def _check_pixel_inputs(masks, maps) -> tuple[np.ndarray, np.ndarray]:
         )
     if m.shape != a.shape:
         raise ValueError(f"masks and maps differ in shape: {m.shape} vs {a.shape}")
-    m = _check_labels(m, "masks")
+    m = _check_labels(m, "masks", both_classes)
     a = _check_scores(a, "maps")
     return m, a
 
@@ -257,3 +260,65 @@ def _aupro(
         y = np.concatenate((pro[:idx], [y_lim]))
     area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) * 0.5)) / fpr_limit
     return float(min(max(area, 0.0), 1.0))
+
+
+def _counts(y: np.ndarray, pred: np.ndarray) -> dict[str, int]:
+    return {"TP": int((pred & y).sum()), "FN": int((~pred & y).sum()), "FP": int((pred & ~y).sum()),
+            "TN": int((~pred & ~y).sum())}
+
+
+def _rates(c: dict[str, int]) -> dict[str, float | None]:
+    def ratio(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    precision, recall = ratio(c["TP"], c["TP"] + c["FP"]), ratio(c["TP"], c["TP"] + c["FN"])
+    f1 = (2 * precision * recall / (precision + recall) if precision is not None and recall is not None
+          and precision + recall > 0 else (0.0 if precision is not None or recall is not None else None))
+    return {"precision": precision, "recall": recall, "F1": f1, "FPR": ratio(c["FP"], c["FP"] + c["TN"])}
+
+
+def operating_point(labels, scores, threshold: float) -> dict:
+    """Image-level confusion counts at one threshold (the calibrated operating point of a line).
+
+    Args:
+        labels: ground truth, [N] bool or 0/1 (1 = anomalous); one class alone is allowed.
+        scores: raw image scores, [N] finite floats.
+        threshold: raw image threshold; an image is predicted anomalous when ``score > threshold``
+            (:mod:`glad_runtime.core.calibration`'s rule).
+    Returns:
+        ``{"threshold", "TP", "FN", "FP", "TN", "misses", "false_rejects", "precision", "recall", "F1", "FPR"}``:
+        counts are ints (``misses`` = FN, defective images passed as normal; ``false_rejects`` = FP, good images
+        rejected); rates are floats in [0, 1], or None when their denominator is 0 (no predicted or no actual
+        positives / negatives).
+    Raises:
+        ValueError: shape mismatch, NaN / inf, non-binary labels, a non-finite threshold.
+    """
+    y = _check_labels(labels, "labels", both_classes=False).ravel()
+    s = _check_scores(scores, "scores").ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"labels and scores differ in shape: {y.shape} vs {s.shape}")
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    c = _counts(y, s > threshold)
+    return {"threshold": float(threshold), **c, "misses": c["FN"], "false_rejects": c["FP"], **_rates(c)}
+
+
+def pixel_operating_point(masks, maps, pixel_threshold: float) -> dict:
+    """Pixel-level counts and rates at the calibrated pixel threshold, over all pixels of all images flattened.
+
+    Args:
+        masks: ground truth [N, H, W] bool or 0/1. maps: raw anomaly maps, same shape, finite.
+        pixel_threshold: a pixel is predicted defective when its map value is ``> pixel_threshold`` (the rule of
+            :func:`glad_runtime.core.regions.defect_mask`).
+    Returns:
+        ``{"pixel_threshold", "TP", "FN", "FP", "TN", "precision", "recall", "F1", "FPR", "IoU"}`` (counts in
+        pixels; rates in [0, 1] or None when undefined).
+    Raises:
+        ValueError: as :func:`pixel_metrics`, or a non-finite threshold.
+    """
+    m, a = _check_pixel_inputs(masks, maps, both_classes=False)
+    if not np.isfinite(pixel_threshold):
+        raise ValueError(f"pixel_threshold must be finite, got {pixel_threshold}")
+    c = _counts(m.ravel(), a.ravel() > pixel_threshold)
+    union = c["TP"] + c["FP"] + c["FN"]
+    return {"pixel_threshold": float(pixel_threshold), **c, **_rates(c), "IoU": c["TP"] / union if union else None}
