@@ -28,8 +28,9 @@ from glad_runtime.core.images import LoadedImage, load_image, prepare, resize_ma
 from glad_runtime.core.regions import find_regions
 from glad_runtime.errors import CalibrationError, GladError
 from glad_runtime.pipeline.batch import GladPipeline
+from glad_runtime.render import MapScale, map_to_png16, render_detection
 
-__all__ = ["Detector", "detect_files", "heatmap_overlay", "summarize", "write_outputs", "UNCALIBRATED_NOTE"]
+__all__ = ["Detector", "detect_files", "summarize", "write_outputs", "UNCALIBRATED_NOTE"]
 
 
 class Detector:
@@ -204,7 +205,8 @@ class Detector:
 def detect_files(detector: Detector, paths: Iterable[str | Path], out_dir: str | Path, *, batch_size: int = 4,
                  map_format: str = "png16", progress: bool = True) -> list[Detection]:
     """``glad detect``: score image files and write, per image, ``<name>.json``, the map and
-    ``<name>_overlay.png`` (at the image's original size), plus ``results.jsonl``.
+    ``<name>_overlay.png`` and, with a pixel threshold, ``<name>_mask.png`` (at the image's original size, maps
+    and overlays on the bundle's one :class:`~glad_runtime.render.MapScale`), plus ``results.jsonl``.
 
     Args:
         detector: the :class:`Detector` (its calibration and threshold label the records).
@@ -223,9 +225,11 @@ def detect_files(detector: Detector, paths: Iterable[str | Path], out_dir: str |
     paths = [Path(p) for p in paths]
     names = _unique_names(paths)
     records: list[Detection] = []
+    scale = MapScale.for_bundle(detector.calibration, detector.config)
     for i, (rec, img) in enumerate(detector.detect(paths, batch_size=batch_size, progress=progress)):
         if rec.ok:
-            write_outputs(rec, resize_map(rec.anomaly_map, img.original_size), img.rgb, out, names[i], map_format)
+            write_outputs(rec, resize_map(rec.anomaly_map, img.original_size), img.rgb, out, names[i], map_format,
+                          scale)
             rec.anomaly_map = None
         (out / f"{names[i]}.json").write_text(json.dumps(rec.to_dict(), indent=2))
         records.append(rec)
@@ -250,44 +254,31 @@ def _unique_names(paths: list[Path]) -> list[str]:
 
 
 def write_outputs(rec: Detection, amap: np.ndarray, rgb: np.ndarray, out: Path, name: str,
-                  map_format: str) -> None:
-    """Write the map (original size) and the overlay, filling ``rec.map_file`` / ``overlay_file`` / scale."""
+                  map_format: str, scale: MapScale | None = None) -> None:
+    """Write one record's pictures at the image's original size and fill the record's file fields.
+
+    Args:
+        rec: the scored Detection (``map_file``, ``map_png_scale``, ``overlay_file``, ``mask_file`` are set).
+        amap: float32 ``[H, W]`` raw map at the original size. rgb: float32 ``[H, W, 3]`` in [0, 1].
+        out, name: folder and file stem. map_format: ``"png16"`` or ``"npy"``.
+        scale: the bundle's :class:`~glad_runtime.render.MapScale` (default: the per-image fallback).
+
+    Files: ``<name>_map.png`` (uint16, value = png / ``map_png_scale``, one scale per bundle) or ``<name>_map.npy``
+    (float32); ``<name>_overlay.png`` (:func:`glad_runtime.render.render_detection`); with a pixel threshold,
+    ``<name>_mask.png`` (uint8, 255 = defective pixel, ``amap > pixel_threshold``).
+    """
+    scale = scale or MapScale.for_bundle(None)
     if map_format == "npy":
         rec.map_file = f"{name}_map.npy"
         np.save(out / rec.map_file, amap.astype(np.float32))
     else:
-        peak = float(amap.max())
-        scale = 65535.0 / peak if peak > 0 else 1.0
-        rec.map_file, rec.map_png_scale = f"{name}_map.png", scale
-        Image.fromarray(np.round(amap * scale).clip(0, 65535).astype(np.uint16)).save(out / rec.map_file)
+        rec.map_file, rec.map_png_scale = f"{name}_map.png", scale.png_scale_for(amap)
+        Image.fromarray(map_to_png16(amap, rec.map_png_scale)).save(out / rec.map_file)
     rec.overlay_file = f"{name}_overlay.png"
-    heatmap_overlay(rgb, amap).save(out / rec.overlay_file)
-
-
-# A perceptually ordered colormap (matplotlib "inferno" anchors) so the runtime needs no matplotlib.
-_CMAP = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
-                  [250, 193, 39], [252, 255, 164]], dtype=np.float32)
-
-
-def heatmap_overlay(rgb: np.ndarray, amap: np.ndarray, vmax: float | None = None, alpha: float = 0.5) -> Image.Image:
-    """Blend a colour-mapped anomaly map over the image.
-
-    Args:
-        rgb: float32 ``[H, W, 3]`` in [0, 1].
-        amap: float32 ``[H, W]`` (same size).
-        vmax: map value shown as the hottest colour (default: the map's maximum).
-        alpha: heatmap opacity in [0, 1].
-    Returns:
-        an RGB Pillow image ``W x H``.
-    """
-    vmax = float(amap.max()) if vmax is None else float(vmax)
-    v = np.clip(amap / vmax, 0, 1) if vmax > 0 else np.zeros_like(amap)
-    pos = v * (len(_CMAP) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(_CMAP) - 2)
-    frac = (pos - lo)[..., None]
-    colour = _CMAP[lo] * (1 - frac) + _CMAP[lo + 1] * frac
-    blend = (1 - alpha) * rgb * 255.0 + alpha * colour
-    return Image.fromarray(blend.clip(0, 255).astype(np.uint8))
+    render_detection(rec, rgb, scale).save(out / rec.overlay_file)
+    if rec.pixel_threshold is not None:
+        rec.mask_file = f"{name}_mask.png"
+        Image.fromarray(rec.defect_mask().astype(np.uint8) * 255).save(out / rec.mask_file)
 
 
 def summarize(records: list[Detection]) -> dict:

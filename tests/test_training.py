@@ -86,21 +86,66 @@ def test_knn_baseline_separates_planted_outlier(tiny_modules):
 
 
 def test_eval_report(small_category, tiny_bundle, tmp_path):
+    import base64
+    import re
+    import shutil
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
     from export.models import load_bundle_modules
-    from glad_runtime.pipeline.batch import GladPipeline
+    from glad_runtime.detector import Detector
     from glad_runtime.engines.pytorch import TorchEngines
     from training.evaluate import evaluate
 
     eng = TorchEngines(load_bundle_modules(tiny_bundle))
-    from glad_runtime.detector import Detector
-
-    res = evaluate(Detector(eng, tiny_bundle.config), small_category, tmp_path, baseline="knn",
+    res = evaluate(Detector(eng, tiny_bundle.config), small_category, tmp_path / "raw", baseline="knn",
                    batch_size=4, progress=False, log=lambda *_: None)
     assert set(res["glad"]) >= {"I-AUROC", "I-AP", "I-F1max"} and "P-AUROC" not in res["glad"]
-    assert 0 <= res["knn"]["I-AUROC"] <= 1
-    for f in ("metrics.json", "report.md", "report.html", "roc.png", "grid.png", "scores.csv"):
-        assert (tmp_path / f).is_file(), f
-    assert "kNN baseline" in (tmp_path / "report.md").read_text()
+    assert 0 <= res["knn"]["I-AUROC"] <= 1 and "operating_point" not in res
+    for f in ("metrics.json", "report.md", "report.html", "roc.png", "hist.png", "grid.png", "scores.csv"):
+        assert (tmp_path / "raw" / f).is_file(), f
+    md = (tmp_path / "raw" / "report.md").read_text()
+    assert "kNN baseline" in md and "uncalibrated" in md
+
+    # with ground-truth masks and a threshold: the operating point, counted here from the scores themselves
+    cat = tmp_path / "cat"
+    shutil.copytree(small_category, cat)
+    for p in sorted((cat / "test" / "defect").glob("*.png")):
+        w, h = Image.open(p).size
+        m = np.zeros((h, w), np.uint8)
+        m[h // 4:h // 2, w // 4:w // 2] = 255
+        (cat / "ground_truth" / "defect").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(m).save(cat / "ground_truth" / "defect" / f"{p.stem}_mask.png")
+    rows = [r.split(",") for r in (tmp_path / "raw" / "scores.csv").read_text().splitlines()[1:]]
+    truth, scores = np.array([int(r[1]) for r in rows], bool), np.array([float(r[2]) for r in rows])
+    t = float(np.sort(scores)[:2].mean())  # between two scores: 6-decimal rounding in scores.csv cannot flip one
+    out = tmp_path / "labelled"
+    res = evaluate(Detector(eng, tiny_bundle.config, threshold=t, bundle=tiny_bundle,
+                                      pixel_threshold=0.05), cat, out, baseline=None,
+                   batch_size=4, progress=False, log=lambda *_: None)
+    op, pred = res["operating_point"], scores > t
+    assert (op["misses"], op["false_rejects"]) == (int((truth & ~pred).sum()), int((~truth & pred).sum()))
+    assert op["threshold_source"] == "override" and "P-AUROC" in res["glad"]
+    px = res["pixel_operating_point"]
+    assert px["pixel_threshold"] == 0.05 and px["TP"] + px["FN"] > 0
+    page = (out / "report.html").read_text()
+
+    class Images(HTMLParser):
+        srcs: list = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.srcs.append(dict(attrs)["src"])
+
+    parser = Images()
+    parser.feed(page)
+    assert len(parser.srcs) == 3 + len(rows)  # hist, roc, grid and one overlay per test image (<= 4 per kind)
+    for src in parser.srcs:  # self-contained: every image inline and a valid PNG
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
+    assert f"{op['misses']} misses" in page and tiny_bundle.checksum() in page
+    assert re.search(r"evaluated \d{4}-\d\d-\d\d", page)
 
 
 def test_train_defaults_per_architecture():

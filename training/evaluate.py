@@ -1,13 +1,19 @@
 """``glad eval BUNDLE DATA``: metrics on an MVTec-format test split, the kNN baseline beside GLAD, and a report.
 
-Outputs in ``OUT``: ``metrics.json`` (I-AUROC, I-AP, I-F1max; with masks P-AUROC, P-AP, P-F1max, AUPRO@0.3),
-``scores.csv``, ``roc.png``, ``grid.png`` (input / reconstruction / heatmap rows) and ``report.md`` / ``report.html``.
-Scores are raw (never min-max normalised over the test set, project decision 3).
+Outputs in ``OUT``: ``metrics.json`` (I-AUROC, I-AP, I-F1max; with masks P-AUROC, P-AP, P-F1max, AUPRO@0.3; at the
+calibrated thresholds the image and pixel operating points), ``scores.csv``, ``roc.png``, ``hist.png`` (score
+histograms of good and defective images with the threshold), ``grid.png`` (input / reconstruction / heatmap rows),
+``report.md`` and ``report.html``: one self-contained file (every image inline) with the operating point's confusion
+counts, the plots, per-image overlays (misses and false rejects first) on the bundle's one map scale, the model
+checksum and the date. Scores are raw (never min-max normalised over the test set, project decision 3); labels
+come from the detector's threshold (the calibration's, or an override).
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import time
 from pathlib import Path
@@ -19,7 +25,7 @@ from glad_runtime.detector import Detector
 
 from .data import MVTecCategory
 from .knn import KnnBaseline
-from .metrics import image_metrics, pixel_metrics
+from .metrics import image_metrics, operating_point, pixel_metrics, pixel_operating_point
 
 __all__ = ["evaluate", "score_category"]
 
@@ -91,6 +97,15 @@ def evaluate(detector: Detector, data_root: str | Path, out_dir: str | Path, *,
     if masks is not None:
         result["glad"] |= pixel_metrics(masks, maps)
     log(f"GLAD: {_fmt(result['glad'])}")
+    threshold = dets[0].threshold  # one threshold labels every image of a run (the detector's)
+    if threshold is not None:
+        result["operating_point"] = operating_point(labels, scores, threshold) | {
+            "threshold_source": dets[0].threshold_source}
+        op = result["operating_point"]
+        log(f"at threshold {threshold:.6g} ({op['threshold_source']}): {op['misses']} misses, "
+            f"{op['false_rejects']} false rejects of {len(paths)}")
+    if masks is not None and detector.pixel_threshold is not None:
+        result["pixel_operating_point"] = pixel_operating_point(masks, maps, detector.pixel_threshold)
 
     knn_scores = knn_maps = None
     if baseline == "knn":
@@ -120,10 +135,53 @@ def evaluate(detector: Detector, data_root: str | Path, out_dir: str | Path, *,
             row = f"{p},{labels[i]},{scores[i]:.6f},{steps[i]}"
             f.write(row + (f",{knn_scores[i]:.6f}" if knn_scores is not None else "") + "\n")
     _plot_roc(out / "roc.png", labels, {"GLAD": scores} | ({"kNN": knn_scores} if knn_scores is not None else {}))
+    _plot_hist(out / "hist.png", labels, scores, threshold)
     _plot_grid(out / "grid.png", inputs, recons, maps, labels, scores)
+    result["model_checksum"] = _checksum(detector)
+    result["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
-    _write_report(out, result)
+    _write_report(out, result, _overlays(detector, paths, labels, dets))
     return result
+
+
+def _checksum(detector: Detector) -> str | None:
+    if detector.bundle is not None:
+        return detector.bundle.checksum()
+    return detector.calibration.model_checksum if detector.calibration is not None else None
+
+
+#: Per-image overlays in the HTML report: at most this many of each kind.
+OVERLAYS_PER_KIND = 4
+
+
+def _overlays(detector: Detector, paths: list, labels: np.ndarray, dets: list) -> list[tuple[str, str, bytes]]:
+    """``(kind, caption, PNG bytes)`` for the report: misses, false rejects, then the highest-scoring defective
+    and good images, drawn with :func:`glad_runtime.render.render_detection` on the bundle's one map scale."""
+    from glad_runtime.core.images import load_image
+    from glad_runtime.render import MapScale, render_detection
+
+    scale = MapScale.for_bundle(detector.calibration, detector.config)
+    scores = np.array([d.score for d in dets])
+    order = list(np.argsort(-scores))
+    kinds = []
+    if dets[0].label is not None:
+        pred = np.array([d.label == "anomalous" for d in dets])
+        kinds += [("miss (defective, passed)", [i for i in order if labels[i] and not pred[i]]),
+                  ("false reject (good, rejected)", [i for i in order if not labels[i] and pred[i]])]
+    kinds += [("defective, highest scores", [i for i in order if labels[i]]),
+              ("good, highest scores", [i for i in order if not labels[i]])]
+    shown, out = set(), []
+    for kind, idx in kinds:
+        for i in [i for i in idx if i not in shown][:OVERLAYS_PER_KIND]:
+            shown.add(i)
+            buf = io.BytesIO()
+            render_detection(dets[i], load_image(paths[i]).rgb, scale).save(buf, format="PNG")
+            out.append((kind, Path(paths[i]).name, buf.getvalue()))
+    return out
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _fmt(m: dict) -> str:
@@ -146,6 +204,29 @@ def _plot_roc(path: Path, labels: np.ndarray, curves: dict[str, np.ndarray]) -> 
     ax.set_ylabel("true positive rate")
     ax.set_title("Image-level ROC")
     ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_hist(path: Path, labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> None:
+    """Histograms of the raw scores of good and defective test images, with the threshold line when labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    bins = np.histogram_bin_edges(np.r_[scores, [] if threshold is None else [threshold]], bins=30)
+    for lab, name, colour in ((0, "good", "tab:blue"), (1, "defective", "tab:red")):
+        if (labels == lab).any():
+            ax.hist(scores[labels == lab], bins=bins, alpha=0.6, color=colour, label=f"{name} ({(labels == lab).sum()})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.4g}")
+    ax.set_xlabel("raw image score")
+    ax.set_ylabel("images")
+    ax.set_title("Scores of the test images")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -181,22 +262,75 @@ def _plot_grid(path: Path, inputs: np.ndarray, recons: np.ndarray, maps: np.ndar
     plt.close(fig)
 
 
-def _write_report(out: Path, result: dict) -> None:
+def _operating_rows(result: dict) -> tuple[list[str], str]:
+    """The operating-point section as Markdown lines and as HTML."""
+    op = result.get("operating_point")
+    if op is None:
+        text = ("No operating point: the bundle is uncalibrated (run `glad calibrate`, or pass `--threshold`), so the "
+                "images carry raw scores only and no labels.")
+        return [text, ""], f"<p>{html.escape(text)}</p>"
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    head = (f"Threshold {op['threshold']:.6g} ({op['threshold_source']}); an image is anomalous when its raw score is "
+            f"greater. {op['misses']} misses (defective images passed), {op['false_rejects']} false rejects (good "
+            f"images rejected); precision {pct(op['precision'])}, recall {pct(op['recall'])}, "
+            f"false-positive rate {pct(op['FPR'])}.")
+    md = [head, "", "| | predicted anomalous | predicted normal |", "|---|---|---|",
+          f"| defective | {op['TP']} | {op['FN']} (misses) |", f"| good | {op['FP']} (false rejects) | {op['TN']} |", ""]
+    cells = (f"<table class='cm'><tr><th></th><th>predicted anomalous</th><th>predicted normal</th></tr>"
+             f"<tr><th>defective</th><td>{op['TP']}</td><td class='bad'>{op['FN']} misses</td></tr>"
+             f"<tr><th>good</th><td class='bad'>{op['FP']} false rejects</td><td>{op['TN']}</td></tr></table>")
+    body = f"<p>{html.escape(head)}</p>{cells}"
+    px = result.get("pixel_operating_point")
+    if px is not None:
+        line = (f"Pixels at the pixel threshold {px['pixel_threshold']:.6g}: precision {pct(px['precision'])}, recall "
+                f"{pct(px['recall'])}, F1 {pct(px['F1'])}, IoU {pct(px['IoU'])}, false-positive rate {pct(px['FPR'])}.")
+        md += [line, ""]
+        body += f"<p>{html.escape(line)}</p>"
+    return md, body
+
+
+def _write_report(out: Path, result: dict, overlays: list[tuple[str, str, bytes]] = ()) -> None:
     keys = [k for k in ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO") if k in result["glad"]]
     rows = [("GLAD", result["glad"])] + ([("kNN baseline", result["knn"])] if "knn" in result else [])
+    ident = (f"Model checksum `{result.get('model_checksum') or 'unknown'}`, preset `{result['config']['preset']}`, "
+             f"evaluated {result.get('date', '')}.")
+    op_md, op_html = _operating_rows(result)
     md = [f"# {result['title']}", "", f"Data: `{result['data']}`, {result['test_images']} test images "
-          f"({result['anomalous']} anomalous). Preset `{result['config']['preset']}`.", "",
+          f"({result['anomalous']} anomalous). {ident}", "", "## Operating point", "", *op_md, "## Metrics", "",
           "| method | " + " | ".join(keys) + " | s/image |", "|---" * (len(keys) + 2) + "|"]
     for name, m in rows:
         md.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + f" | {m['seconds_per_image']:.3f} |")
-    md += ["", "AUPRO integrates the PRO curve to FPR 0.3 and divides by 0.3. Scores are raw (uncalibrated).", "",
-           "![ROC](roc.png)", "", "![input / reconstruction / anomaly map](grid.png)", ""]
+    md += ["", "AUROC, AP, F1max and AUPRO are threshold-free (AUPRO integrates the PRO curve to FPR 0.3 and divides "
+           "by 0.3). Scores are raw, never normalised over the test set.", "",
+           "![score histograms](hist.png)", "", "![ROC](roc.png)", "", "![input / reconstruction / anomaly map](grid.png)",
+           "", "The self-contained `report.html` also shows per-image overlays.", ""]
     (out / "report.md").write_text("\n".join(md))
+
+    def img(name: str, alt: str) -> str:
+        return f"<img alt='{alt}' src='{_data_uri((out / name).read_bytes())}'>"
+
     table = "".join(f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{m[k]:.4f}</td>" for k in keys)
                     + f"<td>{m['seconds_per_image']:.3f}</td></tr>" for n, m in rows)
+    figures = "".join(
+        f"<figure><img alt='{html.escape(name)}' src='{_data_uri(png)}'><figcaption>{html.escape(kind)}<br>"
+        f"<code>{html.escape(name)}</code></figcaption></figure>" for kind, name, png in overlays)
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #999;padding:4px 8px;text-align:right}"
+             "th{background:#eee}.cm td.bad{color:#b00}figure{display:inline-block;margin:6px;vertical-align:top;"
+             "text-align:center;font-size:13px}figure img{max-width:360px;max-height:420px}"
+             ".plots img{max-width:48%;margin-right:1%}")
+    title = html.escape(result["title"])
     (out / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(result['title'])}</title></head>"
-        f"<body style='font-family:sans-serif'><h1>{html.escape(result['title'])}</h1>"
-        f"<p>{html.escape(result['data'])}: {result['test_images']} test images ({result['anomalous']} anomalous)</p>"
-        f"<table border='1' cellpadding='4'><tr><th>method</th>" + "".join(f"<th>{k}</th>" for k in keys)
-        + f"<th>s/image</th></tr>{table}</table><p><img src='roc.png'></p><p><img src='grid.png'></p></body></html>")
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>"
+        f"<h1>{title}</h1><p>{html.escape(result['data'])}: {result['test_images']} test images "
+        f"({result['anomalous']} anomalous). {html.escape(ident.replace('`', ''))}</p>"
+        f"<h2>Operating point</h2>{op_html}"
+        f"<h2>Metrics</h2><table><tr><th>method</th>" + "".join(f"<th>{k}</th>" for k in keys)
+        + f"<th>s/image</th></tr>{table}</table><p>Threshold-free metrics; scores are raw.</p>"
+        f"<div class='plots'>{img('hist.png', 'score histograms')}{img('roc.png', 'ROC')}</div>"
+        + (f"<h2>Images</h2><p>Overlays on the bundle's one map scale (colour bar), defect regions outlined at the "
+           f"pixel threshold.</p>{figures}" if figures else "")
+        + f"<h2>Input, reconstruction, anomaly map</h2>{img('grid.png', 'grid')}</body></html>")
