@@ -25,7 +25,7 @@ from glad_runtime.core.calibration import Calibration, label
 from glad_runtime.core.config import GladConfig
 from glad_runtime.core.detection import Detection, ads_state
 from glad_runtime.core.images import LoadedImage, load_image, prepare, resize_map
-from glad_runtime.core.regions import find_regions
+from glad_runtime.core.regions import defect_mask, find_regions
 from glad_runtime.errors import CalibrationError, GladError
 from glad_runtime.pipeline.batch import GladPipeline
 from glad_runtime.render import MapScale, map_to_png16, render_detection
@@ -263,9 +263,15 @@ def write_outputs(rec: Detection, amap: np.ndarray, rgb: np.ndarray, out: Path, 
         out, name: folder and file stem. map_format: ``"png16"`` or ``"npy"``.
         scale: the bundle's :class:`~glad_runtime.render.MapScale` (default: the per-image fallback).
 
-    Files: ``<name>_map.png`` (uint16, value = png / ``map_png_scale``, one scale per bundle) or ``<name>_map.npy``
-    (float32); ``<name>_overlay.png`` (:func:`glad_runtime.render.render_detection`); with a pixel threshold,
-    ``<name>_mask.png`` (uint8, 255 = defective pixel, ``amap > pixel_threshold``).
+    Files:
+        ``<name>_map.png``: uint16, value = png / ``map_png_scale``; calibrated, ``map_png_scale`` is the bundle's
+        one :attr:`~glad_runtime.render.MapScale.png_scale` (the same for every image of the bundle) and a stored
+        65535 means "at or above the ceiling" ``65535 / map_png_scale`` (clipped); uncalibrated, it is
+        ``65535 / peak`` of this map. Or ``<name>_map.npy`` (float32, exact).
+        ``<name>_overlay.png``: :func:`glad_runtime.render.render_detection` (score, label, threshold, contour,
+        boxes, colour bar on the bundle's scale).
+        ``<name>_mask.png`` (only with a pixel threshold): uint8 ``[H, W]`` at the original size, 255 where
+        ``amap > pixel_threshold`` (the pixels the regions were found in), else 0.
     """
     scale = scale or MapScale.for_bundle(None)
     if map_format == "npy":
@@ -275,10 +281,10 @@ def write_outputs(rec: Detection, amap: np.ndarray, rgb: np.ndarray, out: Path, 
         rec.map_file, rec.map_png_scale = f"{name}_map.png", scale.png_scale_for(amap)
         Image.fromarray(map_to_png16(amap, rec.map_png_scale)).save(out / rec.map_file)
     rec.overlay_file = f"{name}_overlay.png"
-    render_detection(rec, rgb, scale).save(out / rec.overlay_file)
+    render_detection(rec, rgb, scale, amap=amap).save(out / rec.overlay_file)
     if rec.pixel_threshold is not None:
         rec.mask_file = f"{name}_mask.png"
-        Image.fromarray(rec.defect_mask().astype(np.uint8) * 255).save(out / rec.mask_file)
+        Image.fromarray(defect_mask(amap, rec.pixel_threshold).astype(np.uint8) * 255).save(out / rec.mask_file)
 
 
 def summarize(records: list[Detection]) -> dict:

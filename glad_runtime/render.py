@@ -4,16 +4,13 @@ Colours and stored map values mean the same thing for every image of a bundle, s
 faint and a defect's looks hot. :meth:`MapScale.for_bundle` chooses the scale from the bundle's calibration
 (all values in raw anomaly-map units):
 
-================================  ==========================  =========================================  ==========
-calibration                       colour bar ``[0, vmax]``    16-bit PNG ``png_scale``                   ``source``
-================================  ==========================  =========================================  ==========
-with a pixel threshold ``t``      ``vmax = 2 t``: ``t`` at    ``65535 / (8 max(pixel_max, t))``          ``calibration``
-                                  the middle of the bar
-image threshold only (no maps)    ``vmax = 2 T`` with the     ``65535 / (8 max(image_stats["max"], T))``  ``calibration (image threshold)``
-                                  image threshold ``T``
-none, or a threshold ``<= 0``     each map's own maximum      ``65535 / peak`` per image (1 for an        ``per-image (uncalibrated)``
-(fallback)                                                    all-zero map)
-================================  ==========================  =========================================  ==========
+* **calibrated with a pixel threshold** ``t`` (``source="calibration"``): the colour bar spans
+  ``[0, vmax]`` with ``vmax = 2 t``, so ``t`` (the defect-mask boundary) sits at the middle of the bar; the
+  16-bit PNG stores ``round(value * png_scale)`` with ``png_scale = 65535 / (8 * max(pixel_max, t))``;
+* **calibrated with an image threshold only** ``T`` (no maps; ``source="calibration (image threshold)"``):
+  ``vmax = 2 T`` and ``png_scale = 65535 / (8 * max(image_stats["max"], T))``;
+* **uncalibrated, or a threshold <= 0 (the fallback;** ``source="per-image (uncalibrated)"``): colours span each
+  map's own ``[0, max]`` and ``png_scale = 65535 / peak`` per image (1.0 for an all-zero map), as before.
 
 * ``pixel_max`` is the hottest *normal* pixel seen in calibration, so the PNG keeps defects up to 8 times that
   before clipping (:data:`PNG_HEADROOM`); a stored value of 65535 means "at or above the ceiling"
@@ -42,6 +39,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from glad_runtime.core.regions import MAX_REGIONS  # a Detection's region list is capped there
+
 __all__ = ["MapScale", "colorize", "contour", "overlay", "render_detection", "map_to_png16", "png16_to_map",
            "MIN_SIDE", "PNG_HEADROOM"]
 
@@ -56,8 +55,9 @@ PNG_HEADROOM = 8.0
 CONTOUR_RGB = (0, 255, 255)
 #: Colour of the regions' bounding boxes.
 BOX_RGB = (60, 255, 60)
-#: At most this many bounding boxes are drawn (the regions come highest peak first).
-MAX_BOXES = 20
+#: At most this many bounding boxes are drawn and numbered (the regions come highest peak first); the contour still
+#: outlines every region.
+MAX_BOXES = 10
 
 SOURCE_CALIBRATION = "calibration"
 SOURCE_IMAGE_THRESHOLD = "calibration (image threshold)"
@@ -199,7 +199,8 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, *, scale: MapScale, mask: np.ndar
         rgb: float ``[H, W, 3]`` in [0, 1] (the decoded image at its original size).
         amap: float ``[H, W]`` raw anomaly map at the same size.
         scale: the bundle's :class:`MapScale` (the same for every image of a bundle).
-        mask: optional bool ``[H, W]`` defect mask; its boundary (:func:`contour`) is drawn 2 px wide in cyan.
+        mask: optional bool ``[H, W]`` defect mask; its boundary (:func:`contour`) is drawn in cyan,
+            ``max(2, min side / 200)`` px wide, inside the mask.
         regions: :class:`~glad_runtime.core.regions.Region`-like objects (``x, y, width, height`` in original
             pixels); the first :data:`MAX_BOXES` are drawn as green boxes numbered 1, 2, ...
         caption_lines: text lines for the band above the image, each a string or ``(text, (r, g, b))``;
@@ -210,7 +211,9 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, *, scale: MapScale, mask: np.ndar
     Returns:
         an RGB Pillow image: the image (enlarged by ``ceil(MIN_SIDE / min(H, W))`` with nearest neighbour when its
         shorter side is under :data:`MIN_SIDE`), a white caption band above it and a colour bar with tick labels
-        to its right; so it is always taller and wider than ``W x H``.
+        to its right; so it is always taller and wider than ``W x H``. ``image.info["layout"]`` gives the
+        boxes ``(left, top, right, bottom)`` (right/bottom exclusive) of ``"caption_band"``, ``"image"`` and
+        ``"bar"`` (value ``vmax`` in the bar's first row, 0 in its last) and the ``"enlarge"`` factor.
     Raises:
         ValueError: ``rgb`` is not ``[H, W, 3]`` of ``amap``'s size, or ``mask`` has another size.
     """
@@ -226,7 +229,7 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, *, scale: MapScale, mask: np.ndar
     h, w = amap.shape
     k = max(1, int(np.ceil(MIN_SIDE / min(h, w))))
     if k > 1:
-        img = img.resize((w * k, h * k), Image.NEAREST)
+        img = img.resize((w * k, h * k), Image.Resampling.NEAREST)
     W, H = img.size
     lw = max(2, min(W, H) // 200)  # line width of contours and boxes
     if mask is not None and np.any(mask):
@@ -241,8 +244,8 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, *, scale: MapScale, mask: np.ndar
         px[grown] = CONTOUR_RGB
         img = Image.fromarray(px)
 
-    fs = max(14, min(W, H) // 22)
-    font, small = _font(fs), _font(max(12, fs * 4 // 5))
+    fs = max(16, min(W, H) // 22)
+    font, small = _font(fs), _font(max(13, fs * 4 // 5))
     draw = ImageDraw.Draw(img)
     for n, r in enumerate(list(regions)[:MAX_BOXES], 1):
         x0, y0 = r.x * k - lw, r.y * k - lw
@@ -275,9 +278,14 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, *, scale: MapScale, mask: np.ndar
     draw.rectangle([bar_x - 1, band - 1, bar_x + bar_w, band + H], outline=(0, 0, 0))
     for value, text, colour in ticks:
         ty = band + int(round((1 - min(max(value / vmax, 0.0), 1.0)) * (H - 1))) if vmax > 0 else band + H - 1
-        thick = 3 if text.endswith("thr") else 2
-        draw.line([bar_x - gap // 2, ty, bar_x + bar_w + 4, ty], fill=colour, width=thick)
+        if text.endswith("thr"):  # the threshold: a white-edged line across the bar, visible on any colour
+            draw.line([bar_x - gap // 2, ty, bar_x + bar_w + 4, ty], fill=(255, 255, 255), width=max(5, lw + 3))
+            draw.line([bar_x - gap // 2, ty, bar_x + bar_w + 4, ty], fill=colour, width=max(3, lw + 1))
+        else:
+            draw.line([bar_x - gap // 2, ty, bar_x + bar_w + 4, ty], fill=colour, width=2)
         draw.text((bar_x + bar_w + 7, ty), text, fill=colour, font=small, anchor="lm")
+    canvas.info["layout"] = {"enlarge": k, "caption_band": (0, 0, canvas.width, band),
+                             "image": (0, band, W, band + H), "bar": (bar_x, band, bar_x + bar_w, band + H)}
     return canvas
 
 
@@ -316,8 +324,10 @@ def render_detection(detection: Any, rgb: np.ndarray, scale: MapScale, *, amap: 
     if d.pixel_threshold is not None:
         mask = amap > float(d.pixel_threshold)
         n = len(d.regions) if d.regions is not None else None
-        detail.append(f"{'?' if n is None else n} region{'s' if n != 1 else ''} > {_fmt(d.pixel_threshold)}"
-                      f" ({int(mask.sum())} px)")
+        more = "+" if n is not None and n >= MAX_REGIONS else ""
+        boxed = f", {MAX_BOXES} boxed" if n is not None and n > MAX_BOXES else ""
+        detail.append(f"{'?' if n is None else n}{more} region{'s' if n != 1 else ''} > {_fmt(d.pixel_threshold)}"
+                      f" ({int(mask.sum())} px{boxed})")
     else:
         detail.append("no pixel threshold: no regions")
     return overlay(rgb, amap, scale=scale, mask=mask, regions=d.regions or (), alpha=alpha,

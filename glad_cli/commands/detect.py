@@ -17,12 +17,14 @@ from glad_cli.options import bundle_argument, engine_options, engine_settings, o
 @bundle_argument()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder: <name>.json, <name>_map.png|.npy, <name>_overlay.png, results.jsonl.")
+              help="Output folder: <name>.json, <name>_map.png|.npy, <name>_overlay.png (score, label, threshold, "
+                   "defect contours, colour bar), <name>_mask.png (with a pixel threshold), results.jsonl.")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, 256), help="Images per call.")
 @click.option("--seed", default=None, type=int, help="Noise seed (default: the bundle's config seed).")
 @engine_options
 @click.option("--map-format", type=click.Choice(["png16", "npy"]), default="png16", show_default=True,
-              help="Anomaly map file: 16-bit PNG (value = png / map_png_scale in the JSON) or float32 .npy.")
+              help="Anomaly map file: 16-bit PNG (value = png / map_png_scale in the JSON; calibrated, one scale "
+                   "for the whole bundle, 65535 = clipped at the ceiling) or float32 .npy.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--threshold", type=float, default=None,
               help="Raw image threshold for this run, overriding the bundle's calibration (labels: score > X).")
@@ -37,8 +39,11 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
     cannot be read gets a JSON record with the error and the others still complete; the exit code is then 1.
 
     With a calibrated bundle (`glad calibrate`) every record also has normalized_score (threshold at 0.5), label
-    ("normal" / "anomalous") and the threshold used; --threshold overrides the raw image threshold. One line per
-    image (label, normalised and raw score, file) is printed, then the JSON summary.
+    ("normal" / "anomalous") and the threshold used; --threshold overrides the raw image threshold. With a pixel
+    threshold, records carry the defect regions and <name>_mask.png (255 = defective pixel) is written. Overlays
+    and map PNGs use one colour/value scale per calibrated bundle (pixel threshold at mid colour bar); an
+    uncalibrated bundle scales each image to its own maximum, and its overlays say so. One line per image
+    (label, normalised and raw score, file) is printed, then the JSON summary.
     """
     from glad_runtime.core.bundle import Bundle
     from glad_runtime.core.images import list_images
