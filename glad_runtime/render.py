@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from glad_runtime.core.regions import MAX_REGIONS  # a Detection's region list is capped there
+from glad_runtime.core.regions import MAX_REGIONS, defect_mask  # a Detection's region list is capped at MAX_REGIONS
 
 __all__ = ["MapScale", "colorize", "contour", "overlay", "render_detection", "map_to_png16", "png16_to_map",
            "MIN_SIDE", "PNG_HEADROOM"]
@@ -322,7 +322,7 @@ def render_detection(detection: Any, rgb: np.ndarray, scale: MapScale, *, amap: 
         detail.append(f"ADS {d.ads_state}{step}")
     mask = None
     if d.pixel_threshold is not None:
-        mask = amap > float(d.pixel_threshold)
+        mask = defect_mask(amap, d.pixel_threshold)  # the one pixel rule (regions, mask files, the server)
         n = len(d.regions) if d.regions is not None else None
         more = "+" if n is not None and n >= MAX_REGIONS else ""
         boxed = f", {MAX_BOXES} boxed" if n is not None and n > MAX_BOXES else ""
