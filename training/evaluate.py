@@ -220,7 +220,8 @@ def _plot_hist(path: Path, labels: np.ndarray, scores: np.ndarray, threshold: fl
     bins = np.histogram_bin_edges(np.r_[scores, [] if threshold is None else [threshold]], bins=30)
     for lab, name, colour in ((0, "good", "tab:blue"), (1, "defective", "tab:red")):
         if (labels == lab).any():
-            ax.hist(scores[labels == lab], bins=bins, alpha=0.6, color=colour, label=f"{name} ({(labels == lab).sum()})")
+            ax.hist(scores[labels == lab], bins=bins, alpha=0.6, color=colour,
+                    label=f"{name} ({(labels == lab).sum()})")
     if threshold is not None:
         ax.axvline(threshold, color="k", ls="--", lw=1.2, label=f"threshold {threshold:.4g}")
     ax.set_xlabel("raw image score")
@@ -278,7 +279,8 @@ def _operating_rows(result: dict) -> tuple[list[str], str]:
             f"images rejected); precision {pct(op['precision'])}, recall {pct(op['recall'])}, "
             f"false-positive rate {pct(op['FPR'])}.")
     md = [head, "", "| | predicted anomalous | predicted normal |", "|---|---|---|",
-          f"| defective | {op['TP']} | {op['FN']} (misses) |", f"| good | {op['FP']} (false rejects) | {op['TN']} |", ""]
+          f"| defective | {op['TP']} | {op['FN']} (misses) |",
+          f"| good | {op['FP']} (false rejects) | {op['TN']} |", ""]
     cells = (f"<table class='cm'><tr><th></th><th>predicted anomalous</th><th>predicted normal</th></tr>"
              f"<tr><th>defective</th><td>{op['TP']}</td><td class='bad'>{op['FN']} misses</td></tr>"
              f"<tr><th>good</th><td class='bad'>{op['FP']} false rejects</td><td>{op['TN']}</td></tr></table>")
@@ -305,7 +307,8 @@ def _write_report(out: Path, result: dict, overlays: list[tuple[str, str, bytes]
         md.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + f" | {m['seconds_per_image']:.3f} |")
     md += ["", "AUROC, AP, F1max and AUPRO are threshold-free (AUPRO integrates the PRO curve to FPR 0.3 and divides "
            "by 0.3). Scores are raw, never normalised over the test set.", "",
-           "![score histograms](hist.png)", "", "![ROC](roc.png)", "", "![input / reconstruction / anomaly map](grid.png)",
+           "![score histograms](hist.png)", "", "![ROC](roc.png)", "",
+           "![input / reconstruction / anomaly map](grid.png)",
            "", "The self-contained `report.html` also shows per-image overlays.", ""]
     (out / "report.md").write_text("\n".join(md))
 
@@ -318,7 +321,8 @@ def _write_report(out: Path, result: dict, overlays: list[tuple[str, str, bytes]
         f"<figure><img alt='{html.escape(name)}' src='{_data_uri(png)}'><figcaption>{html.escape(kind)}<br>"
         f"<code>{html.escape(name)}</code></figcaption></figure>" for kind, name, png in overlays)
     style = ("body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #999;padding:4px 8px;text-align:right}"
+             "table{border-collapse:collapse;margin:.5em 0}"
+             "td,th{border:1px solid #999;padding:4px 8px;text-align:right}"
              "th{background:#eee}.cm td.bad{color:#b00}figure{display:inline-block;margin:6px;vertical-align:top;"
              "text-align:center;font-size:13px}figure img{max-width:360px;max-height:420px}"
              ".plots img{max-width:48%;margin-right:1%}")
