@@ -61,11 +61,11 @@ def load_bench_images(config, image_paths: Sequence[Path] | None = None, count: 
     Raises:
         ValueError: no images could be loaded.
     """
-    from glad_runtime.core.images import load_image, preprocess
+    from glad_runtime.core.images import load_image, prepare, preprocess
 
     if image_paths:
         paths = list(image_paths)[:count]
-        return np.stack([preprocess(load_image(p).rgb, config.resolution) for p in paths]), [str(p) for p in paths]
+        return np.stack([prepare(load_image(p), config.resolution, config.load_resolution) for p in paths]), [str(p) for p in paths]
     try:
         from elpv_dataset.utils import load_dataset
 

@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -243,6 +243,8 @@ def build_tiny_modules(config: GladConfig, *, seed: int = 0, features: str = "ra
 
 
 def _assemble(unet, vae, vit, cond, uncond, config: GladConfig, arch: dict[str, Any]) -> GladModules:
+    if arch["features"].get("pos_embed") == "dino":  # DINO's tables at the scoring and the ADS size
+        use_dino_pos_embed(vit, sorted({config.dino_resolution, config.ads_size}))
     return GladModules(
         unet=GuidedUNet(unet, cond, uncond, config.guidance_scale),
         encoder=VaeEncoder(vae, config.scaling_factor),
@@ -277,12 +279,62 @@ def dino_interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], n
     return torch.cat([prefix, patch.permute(0, 2, 3, 1).reshape(1, gh * gw, d)], dim=1)
 
 
-def load_dino_vitb8(pth: str | Path, img_size: int) -> nn.Module:
+def use_dino_pos_embed(vit: nn.Module, sizes: Sequence[int] = ()) -> nn.Module:
+    """Make a timm ViT add position embeddings DINO's way at every input size (project decision 8, issue 18).
+
+    ``vit.pos_embed`` keeps the checkpoint's own table (DINO ViT-B/8: ``[1, 1 + 28*28, 768]``, the 224 px grid);
+    for an input of ``gh x gw`` patches the table is resampled from that original grid with
+    :func:`dino_interpolate_pos_embed` (DINO's ``interpolate_pos_encoding``), never from an already resized grid,
+    so the scoring size (``dino_resolution``) and the ADS size (``ads_size``) each get DINO's table. The tables for
+    ``sizes`` (pixels) are computed once into non-persistent buffers (they follow ``.to(device)``, are not saved,
+    and become constants of an exported graph); other sizes are resampled on the fly in eager mode.
+
+    Args:
+        vit: a timm ``VisionTransformer`` built with ``dynamic_img_size=True``, one class token, no register tokens.
+        sizes: square input sizes in pixels to precompute (multiples of the patch size).
+    Returns:
+        ``vit``, changed in place.
+    Raises:
+        ValueError: a ViT with register tokens or without a class token, or a size that is not a multiple of the
+            patch size.
+    """
+    if getattr(vit, "reg_token", None) is not None or getattr(vit, "cls_token", None) is None \
+            or getattr(vit, "no_embed_class", False):
+        raise ValueError("DINO position embeddings need a ViT with one class token and no register tokens")
+    patch = vit.patch_embed.patch_size[0]
+    for size in sizes:
+        if size % patch:
+            raise ValueError(f"input size {size} is not a multiple of the patch size {patch}")
+        g = size // patch
+        with torch.no_grad():
+            table = dino_interpolate_pos_embed(vit.pos_embed.detach(), (g, g))
+        vit.register_buffer(f"dino_pos_embed_{g}x{g}", table.clone(), persistent=False)
+
+    def _pos_embed(x: torch.Tensor) -> torch.Tensor:  # x: [B, gh, gw, D] (dynamic_img_size layout)
+        b, gh, gw, d = x.shape
+        table = getattr(vit, f"dino_pos_embed_{gh}x{gw}", None)
+        if table is None:
+            table = dino_interpolate_pos_embed(vit.pos_embed, (gh, gw))
+        x = torch.cat([vit.cls_token.expand(b, -1, -1), x.reshape(b, gh * gw, d)], dim=1)
+        return vit.pos_drop(x + table)
+
+    vit._pos_embed = _pos_embed
+    vit.glad_pos_embed_rule = "dino"
+    return vit
+
+
+def load_dino_vitb8(pth: str | Path, img_size: int | None = None, sizes: Sequence[int] = ()) -> nn.Module:
     """DINO ViT-B/8 (timm ``vit_base_patch8_224.dino`` architecture) from the official ``.pth`` (decision 8).
 
-    The official ``dino_vitbase8_pretrain.pth`` keys (DINO ``VisionTransformer``) equal timm's; position
-    embeddings are resampled for ``img_size`` with :func:`dino_interpolate_pos_embed` and loaded strictly.
+    The official ``dino_vitbase8_pretrain.pth`` keys (DINO ``VisionTransformer``) equal timm's and are loaded
+    strictly at the checkpoint's own 224 px grid (28 x 28 position embeddings, unchanged); every input size gets
+    its table by DINO's interpolation from that original grid (:func:`use_dino_pos_embed`), so features at the
+    scoring and at the ADS size both match the official code.
 
+    Args:
+        pth: the checkpoint (``teacher`` / ``state_dict`` / plain; ``module.`` and ``backbone.`` prefixes dropped).
+        img_size, sizes: input sizes in pixels whose tables are precomputed (e.g. ``dino_resolution`` and
+            ``ads_size``).
     Raises:
         FileNotFoundError: missing file. RuntimeError: key mismatch (from ``load_state_dict(strict=True)``).
     """
@@ -295,14 +347,17 @@ def load_dino_vitb8(pth: str | Path, img_size: int) -> nn.Module:
     state = state.get("teacher", state.get("state_dict", state)) if isinstance(state, dict) else state
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()
              if not k.startswith("head")}
-    # dynamic_img_size: the ADS check may run at another size than scoring (VisA: ADS 512, scoring 256). Other
-    # sizes are resampled by timm from the img_size grid, not by DINO's rule from 28x28 (a known parity gap).
-    vit = timm.create_model("vit_base_patch8_224", pretrained=False, img_size=img_size, num_classes=0,
-                            dynamic_img_size=True)
-    g = img_size // 8
-    state["pos_embed"] = dino_interpolate_pos_embed(state["pos_embed"], (g, g))
+    vit = timm.create_model("vit_base_patch8_224", **DINO_VITB8_KWARGS)
     vit.load_state_dict(state, strict=True)
-    return vit
+    return use_dino_pos_embed(vit, tuple(sizes) + ((img_size,) if img_size else ()))
+
+
+#: timm kwargs of the DINO ViT-B/8: the checkpoint's 224 px grid, any input size (positions DINO's way).
+DINO_VITB8_KWARGS = dict(pretrained=False, img_size=224, num_classes=0, dynamic_img_size=True)
+#: The bundle's ``arch.json`` entry of the DINO ViT-B/8 feature extractor.
+DINO_VITB8_SPEC = {"timm_name": "vit_base_patch8_224",
+                   "kwargs": {k: v for k, v in DINO_VITB8_KWARGS.items() if k != "pretrained"},
+                   "pos_embed": "dino"}
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -341,8 +396,7 @@ def build_sd14_modules(config: GladConfig, *, sd_folder: str | Path | None = Non
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**dict(SD14_UNET_CONFIG, sample_size=config.latent_size))
         vae = AutoencoderKL(**dict(SD14_VAE_CONFIG, sample_size=res))
-        vit = __import__("timm").create_model("vit_base_patch8_224", pretrained=False, img_size=config.dino_resolution,
-                                              num_classes=0, dynamic_img_size=True)
+        vit = __import__("timm").create_model("vit_base_patch8_224", **DINO_VITB8_KWARGS)
         cond, uncond = torch.randn(1, 77, 768), torch.randn(1, 77, 768)
     else:
         if unet_checkpoint:
@@ -364,12 +418,11 @@ def build_sd14_modules(config: GladConfig, *, sd_folder: str | Path | None = Non
             raise ValueError("sd14: give sd_folder (diffusers SD v1-4) or vae_checkpoint")
         if not dino_checkpoint:
             raise ValueError("sd14: give dino_checkpoint (dino_vitbase8_pretrain.pth)")
-        vit = load_dino_vitb8(dino_checkpoint, config.dino_resolution)
+        vit = load_dino_vitb8(dino_checkpoint)
         cond, uncond = load_text_embeddings(config, text_embeddings, clip_folder or sd_folder)
     arch = {"unet": {"class": "UNet2DConditionModel", "config": dict(unet.config)},
             "vae": {"class": "AutoencoderKL", "config": dict(vae.config)},
-            "features": {"timm_name": "vit_base_patch8_224",
-                         "kwargs": dict(img_size=config.dino_resolution, num_classes=0, dynamic_img_size=True)}}
+            "features": dict(DINO_VITB8_SPEC)}
     return _assemble(unet, vae, vit, cond, uncond, config, arch)
 
 

@@ -115,9 +115,9 @@ def _load_images(images: Sequence[str | Path | np.ndarray] | None, size: int, co
     for src in list(images)[:count]:
         if isinstance(src, np.ndarray):
             arr = src if src.ndim == 3 else np.repeat(src[..., None], 3, axis=-1)
-            rgb = np.asarray(Image.fromarray(arr.astype(np.uint8)).convert("RGB"), dtype=np.float32) / 255.0
+            rgb = np.asarray(Image.fromarray(arr.astype(np.uint8)).convert("RGB"), dtype=np.uint8)
         else:
-            rgb = load_image(src).rgb
+            rgb = load_image(src).pixels
         out.append(preprocess(rgb, size))
     if not out:
         raise ExportError("no images to export with")

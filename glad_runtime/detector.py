@@ -170,7 +170,7 @@ class Detector:
                     except GladError as e:
                         slots[i] = (Detection(source=sources[i], error=e), None)
                 if loaded:
-                    batch = np.stack([prepare(img, res) for _, img in loaded])
+                    batch = np.stack([prepare(img, res, self.config.load_resolution) for _, img in loaded])
                     dets = self.detect_arrays(batch, [sources[i] for i, _ in loaded], keep_maps=True,
                                               keep_reconstructions=keep_reconstructions)
                     for (i, img), d in zip(loaded, dets):

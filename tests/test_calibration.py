@@ -18,7 +18,7 @@ from glad_runtime.core.calibration import (SCHEMA_VERSION, Calibration, Calibrat
                               f1_optimal_threshold, quantile_threshold)
 from conftest import StubEngines, stub_config
 from glad_runtime.core.bundle import Bundle, BundleError
-from glad_runtime.core.images import load_image, preprocess
+from glad_runtime.core.images import load_image, prepare, preprocess
 from glad_runtime.pipeline.batch import GladPipeline
 
 
@@ -300,7 +300,7 @@ def test_detect_files_labels_override_and_uncalibrated(tmp_path):
     pipe = GladPipeline(StubEngines(), stub_config())
     normals = _images(tmp_path / "normal", [90, 95, 100, 105, 110, 100])
     scored = score_images(Detector(StubEngines(), stub_config()), normals, batch_size=4, progress=False)
-    direct = pipe(np.stack([preprocess(load_image(p).rgb, 8) for p in normals]))
+    direct = pipe(np.stack([prepare(load_image(p), 8) for p in normals]))
     np.testing.assert_allclose(scored.scores, direct.scores, rtol=1e-6)  # batching does not change scores
     cal = quiet_from_normals(scored.scores, scored.pixels, target_fpr=0.2)
     probe = normals + _images(tmp_path / "probe", [250, 5])

@@ -23,7 +23,7 @@ def test_import_runtime_without_torch():
 
 
 def test_presets_appendix_a():
-    assert len(preset_names()) == 2 + 15 + 6 + 12 + 7 + 4
+    assert len(preset_names()) == 2 + 15 + 6 + 12 + 7 + 4 + (15 + 6 + 12 + 7)  # multi-class: dataset + per class
     c = get_preset("mvtec-capsule")
     assert (c.t_max, c.tau, c.min_step, c.num_inference_steps, c.foreground_mode) == (600, 0.40, 350, 25, 1)
     c = get_preset("visa-pcb4")

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from glad_runtime.core.bundle import Bundle
-from glad_runtime.core.config import GladConfig
-from glad_runtime.core.images import load_image, preprocess
+from glad_runtime.core.config import GladConfig, training_foreground_mode
+from glad_runtime.core.images import load_image, prepare
 from glad_runtime.core.schedule import scaled_linear_alphas_cumprod
 
 __all__ = ["TrainConfig", "atp_target", "atp_loss", "train_bundle", "load_train_images", "train_vae", "train_unet"]
@@ -138,18 +138,24 @@ def atp_loss(unet: nn.Module, cond: torch.Tensor, z_normal: torch.Tensor, z_anom
 def load_train_images(paths: list[Path], resolution: int) -> np.ndarray:
     """Read training images with the runtime's loader and resize: uint8 ``[N, R, R, 3]``.
 
-    The same conversion as detection (``glad_runtime.core.images``), so training sees what serving sees.
+    The same conversion as detection (``glad_runtime.core.images.prepare``: 8-bit sources resized as 8-bit
+    images), so training sees what serving sees; the anomaly synthesis works on these 8-bit images (spec 4.2).
+    Multi-class presets pass their ``load_resolution`` (256) here and upsample in :func:`_to_tensor`.
     """
     out = []
     for p in paths:
-        x = preprocess(load_image(p).rgb, resolution)  # [-1, 1], CHW
+        x = prepare(load_image(p), resolution)  # [-1, 1], CHW, on 8-bit levels for 8-bit sources
         out.append(np.round((x.transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8))
     return np.stack(out)
 
 
-def _to_tensor(images_uint8: np.ndarray) -> torch.Tensor:
-    """uint8 ``[N, H, W, 3]`` -> float32 ``[N, 3, H, W]`` in [-1, 1]."""
-    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+def _to_tensor(images_uint8: np.ndarray, resolution: int | None = None) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` -> float32 ``[N, 3, R, R]`` in [-1, 1]; upsampled bilinearly with
+    ``align_corners=True`` to ``resolution`` when given and larger (multi-class, ``main_multi.py`` L207-211)."""
+    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if resolution and x.shape[-1] != resolution:
+        x = nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=True)
+    return x
 
 
 def synthesize_pairs(images: np.ndarray, variants: int, seed: int, source_dir: Path | None,
@@ -345,8 +351,8 @@ def train_bundle(data_root: str | Path, out: str | Path, config: GladConfig, cfg
     if cfg.max_train_images:
         paths = paths[:cfg.max_train_images]
     log(f"training on {len(paths)} normal images from {data_root}")
-    images = load_train_images(paths, config.resolution)
-    x = _to_tensor(images)
+    images = load_train_images(paths, config.load_resolution or config.resolution)
+    x = _to_tensor(images, config.resolution)
 
     if init_bundle:
         modules = load_bundle_modules(Bundle(init_bundle))
@@ -370,10 +376,11 @@ def train_bundle(data_root: str | Path, out: str | Path, config: GladConfig, cfg
         stats["vae_psnr_db"] = round(10 * math.log10(1.0 / max(mse, 1e-12)), 2)
         log(f"VAE: scaling_factor={config.scaling_factor:.4f}, train PSNR {stats['vae_psnr_db']} dB")
 
+    fg_mode = training_foreground_mode(config.class_name)  # spec 4.2 step 5
     idx, augs = synthesize_pairs(images, cfg.variants, cfg.seed, Path(source_dir) if source_dir else None,
-                                 progress=progress)
+                                 foreground_mode=fg_mode, progress=progress)
     z_n = encode_latents(modules.encoder, x)
-    z_a = encode_latents(modules.encoder, _to_tensor(augs))
+    z_a = encode_latents(modules.encoder, _to_tensor(augs, config.resolution))
     z_n_pairs = z_n[torch.from_numpy(idx)]
     stats["pairs"] = len(idx)
     stats["anomalous_pairs"] = int((np.abs(augs.astype(int) - images[idx].astype(int)).sum((1, 2, 3)) > 0).sum())

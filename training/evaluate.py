@@ -91,7 +91,7 @@ def evaluate(detector: Detector, data_root: str | Path, out_dir: str | Path, *,
     maps = np.stack([x.anomaly_map for x in dets])
     steps = np.array([x.adaptive_step for x in dets], np.int64)
     recons = np.stack([x.reconstruction for x in dets])
-    inputs = np.concatenate(list(load_batches(paths, cfg.resolution, batch_size)))
+    inputs = np.concatenate(list(load_batches(paths, cfg.resolution, batch_size, cfg.load_resolution)))
     result["glad"] = image_metrics(labels, scores) | {"seconds_per_image": glad_s / len(paths)}
     result["glad"]["adaptive_step_hist"] = {int(k): int(v) for k, v in zip(*np.unique(steps, return_counts=True))}
     if masks is not None:

@@ -111,7 +111,7 @@ def _quantize(bundle: Path, normal_dir: Path, mode: str, graphs, n_images: int, 
     b = Bundle(bundle)
     say = (lambda m: None) if quiet else (lambda m: click.echo(f"  {m}", err=True))
     settings = QuantSettings(method=method, exclude_first_last=not keep_first_last)
-    report = quantize_bundle(b, load_batches(paths, b.config.resolution, batch_size), names=[str(p) for p in paths],
+    report = quantize_bundle(b, load_batches(paths, b.config.resolution, batch_size, b.config.load_resolution), names=[str(p) for p in paths],
                              graphs=list(graphs) or None, mode=mode, tool=tool, settings=settings,
                              eval_data=eval_data, max_delta=max_delta, eval_max=eval_max, batch_size=batch_size,
                              threads=threads, save_calibration=save_calib, progress=say)

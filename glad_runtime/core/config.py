@@ -11,7 +11,9 @@ Preset names:
   feature extractor); used by tests and the offline demo.
 * ``sd14-dino-vitb8``: Stable Diffusion v1-4 UNet and VAE with DINO ViT-B/8, the MVTec-AD defaults.
 * ``mvtec-<class>``, ``mpdd-<class>``, ``visa-<class>``, ``pcbbank-<class>``: the official single-class settings.
-* ``multi-mvtec``, ``multi-mpdd``, ``multi-visa``, ``multi-pcbbank``: the official multi-class settings.
+* ``multi-mvtec``, ``multi-mpdd``, ``multi-visa``, ``multi-pcbbank``: the official multi-class settings of a
+  dataset (one UNet for all its classes; training), and ``multi-<dataset>-<class>`` for testing one class with it
+  (per-class prompt, bidirectional term and foreground mask).
 """
 
 from __future__ import annotations
@@ -94,7 +96,13 @@ class GladConfig:
             image, an approximation (the last DDIM step adds sqrt(1 - alphas_cumprod[0]) = 0.029 of noise
             prediction). False is the official behaviour.
         chunk_size: query tokens per chunk in nearest-neighbour distances.
-        conditioning: names the baked text conditioning ("a photo of sks" / "").
+        conditioning: names the baked text conditioning ("a photo of sks" / ""; multi-class per-class presets:
+            "a photo of sks<class>", no space, the official test prompt).
+        load_resolution: multi-class presets (``main_multi.py``): images are prepared at this square size (256)
+            and upsampled bilinearly (``align_corners=True``) to ``resolution`` before VAE encoding, in training and
+            test; None (single-class) prepares straight at ``resolution``.
+        class_name: the category (``"carpet"``, ``"pcb1"`` ...) when the preset is for one class; selects the
+            training foreground mode (:func:`training_foreground_mode`); None for dataset-level presets.
     """
 
     preset: str = "sd14-dino-vitb8"
@@ -134,6 +142,8 @@ class GladConfig:
     ads_reuse_final_decode: bool = False
     chunk_size: int = 1024
     conditioning: dict[str, str] = field(default_factory=lambda: {"prompt": "a photo of sks", "negative": ""})
+    load_resolution: int | None = None
+    class_name: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_layers", tuple(int(x) for x in self.feature_layers))
@@ -165,6 +175,8 @@ class GladConfig:
              "num_seeds, top_k, ads_top_k and chunk_size must be >= 1")
         need(self.guidance_scale >= 0, "guidance_scale must be >= 0")
         need(self.ads_check_every >= 1, "ads_check_every must be >= 1")
+        need(self.load_resolution is None or 0 < self.load_resolution <= self.resolution,
+             "load_resolution must be None or in (0, resolution]")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -243,7 +255,7 @@ _PCBBANK = {
     "pcb4": (450, 0.30, 2, 200), "pcb5": (450, 0.40, 2, 200), "pcb6": (450, 0.45, 1, 200),
     "pcb7": (450, 0.30, 2, 200),
 }
-_BIDIRECTIONAL = {"mvtec-transistor", "visa-pcb1", "visa-pcb4", "pcbbank-pcb1", "pcbbank-pcb4"}
+_BIDIRECTIONAL = {"mvtec-transistor", "visa-pcb1", "visa-pcb4", "pcbbank-pcb1", "pcbbank-pcb4"}  # spec section 5
 #: Single-class test-time foreground modes (spec section 5): mode 1 for these, mode 2 for bracket_white.
 _FG_MODE = {"mvtec-screw": 1, "mvtec-capsule": 1, "mpdd-bracket_black": 1, "mpdd-bracket_brown": 1,
             "mpdd-bracket_white": 2}
@@ -260,18 +272,59 @@ def _single_class_presets() -> dict[str, GladConfig]:
                 num_inference_steps=15 if visa_like else 25, noise_offset=-1 if visa_like else 0,
                 dino_resolution=256 if visa_like else 512,
                 bidirectional="sum" if name in _BIDIRECTIONAL else "none",
-                foreground_mode=_FG_MODE.get(name, 3),
+                foreground_mode=_FG_MODE.get(name, 3), class_name=cls,
             )
     return out
 
 
+#: Training foreground modes of the anomaly synthesis (spec 4.2 step 5; ``dataset.py`` / ``dataset_multiclass.py``).
+#: Multi-class test-time foreground masks use these same lists (spec section 5, ``dataset_multiclass.py``
+#: L153-171); single-class test masks use ``_FG_MODE`` above. Every other class is mode 3 (no restriction).
+TRAINING_FOREGROUND_MODES: dict[str, int] = {
+    **{c: 1 for c in ("screw", "bottle", "capsule", "zipper", "bracket_black", "bracket_brown", "metal_plate")},
+    **{c: 2 for c in ("hazelnut", "pill", "metal_nut", "toothbrush", "candle", "cashew", "chewinggum", "fryum",
+                      "macaroni1", "macaroni2", "pipe_fryum", "bracket_white")},
+}
+#: Classes scored with the bidirectional term (spec section 5): summed single-class, averaged multi-class.
+BIDIRECTIONAL_CLASSES = ("transistor", "pcb1", "pcb4")
+#: The official data paths that noise at T_max - 1 (``reconstruction()``: ``randint(T-1, T)`` outside MVTec-AD /
+#: MPDD); ``main_multi.py`` calls the same function, so the multi-class VisA / PCB-Bank presets do too.
+NOISE_AT_T_MINUS_ONE = ("visa", "pcbbank")
+MULTI_CLASS_LOAD_RESOLUTION = 256
+
+
+def training_foreground_mode(class_name: str | None) -> int:
+    """The anomaly-synthesis foreground mode of a class (spec 4.2 step 5): 1 dark object, 2 bright object, 3 none.
+
+    Unknown or missing class names (custom data) get 3, the official default.
+    """
+    return TRAINING_FOREGROUND_MODES.get(class_name or "", 3)
+
+
 def _multi_class_presets() -> dict[str, GladConfig]:
-    # (tau, T_max, min_step, v) from main_multi.py; data at 256 upsampled to 512, dino_res 256, 25 steps.
+    """Multi-class presets (``main_multi.py`` L529-629, spec "Multi-class"): one dataset-level preset per dataset
+    (``multi-visa``: training, and the dataset's shared settings) and one per class (``multi-visa-pcb1``: the test
+    settings of that class: prompt "a photo of sks<class>", averaged bidirectional maps for transistor / pcb1 /
+    pcb4, the training foreground mode as the test mask). All: data at 256 upsampled to 512, dino_res 256,
+    25 steps; VisA / PCB-Bank noise at T_max - 1."""
+    # (tau, T_max, min_step, v) from main_multi.py
     table = {"mvtec": (0.45, 650, 350, 0), "mpdd": (0.35, 500, 350, 0), "visa": (0.15, 500, 250, 2),
              "pcbbank": (0.20, 500, 250, 1)}
-    return {f"multi-{d}": _SD.replace(preset=f"multi-{d}", tau=tau, t_max=t, min_step=m, pixel_weight=float(v),
-                                      dino_resolution=256, num_inference_steps=25)
-            for d, (tau, t, m, v) in table.items()}
+    classes = {"mvtec": _MVTEC, "mpdd": _MPDD, "visa": _VISA, "pcbbank": _PCBBANK}
+    out: dict[str, GladConfig] = {}
+    for d, (tau, t, m, v) in table.items():
+        base = _SD.replace(preset=f"multi-{d}", tau=tau, t_max=t, min_step=m, pixel_weight=float(v),
+                           dino_resolution=256, num_inference_steps=25,
+                           noise_offset=-1 if d in NOISE_AT_T_MINUS_ONE else 0,
+                           load_resolution=MULTI_CLASS_LOAD_RESOLUTION)
+        out[base.preset] = base
+        for cls in classes[d]:
+            out[f"multi-{d}-{cls}"] = base.replace(
+                preset=f"multi-{d}-{cls}", class_name=cls,
+                conditioning={"prompt": "a photo of sks" + cls, "negative": ""},
+                bidirectional="mean" if cls in BIDIRECTIONAL_CLASSES else "none",
+                foreground_mode=training_foreground_mode(cls))
+    return out
 
 
 PRESETS: dict[str, GladConfig] = {

@@ -10,7 +10,11 @@ Conversion rules (documented in the README):
   are background), then RGB. Palette, ``CMYK``, ``YCbCr``, 1-bit -> Pillow's RGB conversion.
 * 32-bit float ``F`` images and anything else are refused with :class:`UnsupportedImageError`.
 * Resize to ``resolution x resolution`` (bilinear, antialiased as Pillow does for torchvision's PIL ``Resize``;
-  the aspect ratio is not kept, as in the official code), then ``x * 2 - 1`` -> [-1, 1].
+  the aspect ratio is not kept, as in the official code), then ``x * 2 - 1`` -> [-1, 1]. 8-bit sources are resized
+  as the 8-bit RGB image and then divided by 255, exactly the official ``Resize`` -> ``ToTensor`` order (the
+  resize rounds to 8-bit levels); 16-bit sources are resized as float channels (no 8-bit round trip).
+* Multi-class presets (``load_resolution``): the image is first prepared at ``load_resolution`` (256) as above, then
+  upsampled bilinearly with ``align_corners=True`` to ``resolution`` (512), as the official ``main_multi.py``.
 """
 
 from __future__ import annotations
@@ -26,30 +30,40 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from glad_runtime.errors import ImageLoadError, UnsupportedImageError  # noqa: F401 (re-exported)
 
 __all__ = ["ImageLoadError", "UnsupportedImageError", "LoadedImage", "load_image", "to_unit_rgb",
-           "preprocess", "prepare", "resize_map", "IMAGE_EXTENSIONS"]
+           "to_rgb_pixels", "preprocess", "prepare", "upsample_align_corners", "resize_map", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass
 class LoadedImage:
-    """An image converted to float RGB in [0, 1] at its upright original size.
+    """An image converted to RGB at its upright original size.
 
     Attributes:
-        rgb: float32 ``[H, W, 3]`` in [0, 1].
+        pixels: uint8 ``[H, W, 3]`` for 8-bit sources (``L``, ``RGB``, palette, alpha composited onto black ...),
+            float32 ``[H, W, 3]`` in [0, 1] for 16-bit grayscale sources. :func:`preprocess` resizes each kind
+            as the official code would (8-bit image, then / 255; float for 16-bit).
         original_size: ``(H, W)`` after EXIF orientation.
         mode: the Pillow mode of the file (``L``, ``I;16``, ``RGBA``, ``P`` ...).
         source: the path or a label.
     """
 
-    rgb: np.ndarray
+    pixels: np.ndarray
     original_size: tuple[int, int]
     mode: str
     source: str
 
+    @property
+    def rgb(self) -> np.ndarray:
+        """float32 ``[H, W, 3]`` in [0, 1] (8-bit pixels / 255; 16-bit sources are already float)."""
+        if self.pixels.dtype == np.uint8:
+            return self.pixels.astype(np.float32) / 255.0
+        return self.pixels
 
-def to_unit_rgb(img: Image.Image) -> np.ndarray:
-    """Convert a decoded, upright Pillow image to float32 ``[H, W, 3]`` in [0, 1] (rules in the module doc).
+
+def to_rgb_pixels(img: Image.Image) -> np.ndarray:
+    """Convert a decoded, upright Pillow image to RGB pixels (rules in the module doc): uint8 ``[H, W, 3]`` for
+    8-bit sources, float32 ``[H, W, 3]`` in [0, 1] for 16-bit grayscale.
 
     Raises:
         UnsupportedImageError: unsupported mode or out-of-range 32-bit integer data.
@@ -62,7 +76,7 @@ def to_unit_rgb(img: Image.Image) -> np.ndarray:
         gray = arr / 65535.0
         return np.repeat(gray[..., None], 3, axis=2)
     if mode == "L":
-        return np.repeat((np.asarray(img, dtype=np.float32) / 255.0)[..., None], 3, axis=2)
+        return np.repeat(np.asarray(img, dtype=np.uint8)[..., None], 3, axis=2)
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         mode = img.mode
@@ -75,14 +89,20 @@ def to_unit_rgb(img: Image.Image) -> np.ndarray:
     elif mode != "RGB":
         raise UnsupportedImageError(f"unsupported image mode {mode!r} (supported: L, I;16, RGB, RGBA, LA, P, "
                                     "CMYK, YCbCr, 1)")
-    return np.asarray(img, dtype=np.float32) / 255.0
+    return np.asarray(img, dtype=np.uint8)
+
+
+def to_unit_rgb(img: Image.Image) -> np.ndarray:
+    """float32 ``[H, W, 3]`` in [0, 1] of a decoded, upright Pillow image (:func:`to_rgb_pixels` scaled)."""
+    px = to_rgb_pixels(img)
+    return px.astype(np.float32) / 255.0 if px.dtype == np.uint8 else px
 
 
 def load_image(source: str | os.PathLike | bytes) -> LoadedImage:
     """Read and convert one image file (or encoded bytes).
 
     Returns:
-        :class:`LoadedImage` in [0, 1] at its upright original size.
+        :class:`LoadedImage` at its upright original size (uint8 pixels for 8-bit sources).
     Raises:
         ImageLoadError: missing, unreadable, truncated or non-image data (the message names the file).
         UnsupportedImageError: an unsupported pixel format.
@@ -96,41 +116,67 @@ def load_image(source: str | os.PathLike | bytes) -> LoadedImage:
         with fp, Image.open(fp) as img:
             img.load()  # force full decode: truncated files fail here, not later
             upright = ImageOps.exif_transpose(img)
-            rgb = to_unit_rgb(upright)
+            pixels = to_rgb_pixels(upright)
             mode = img.mode
     except UnsupportedImageError as e:
         raise UnsupportedImageError(f"{label}: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"{label}: not a readable image ({type(e).__name__}: {e})") from e
-    return LoadedImage(rgb=rgb, original_size=(rgb.shape[0], rgb.shape[1]), mode=mode, source=label)
+    return LoadedImage(pixels=pixels, original_size=(pixels.shape[0], pixels.shape[1]), mode=mode, source=label)
 
 
-def preprocess(rgb: np.ndarray, resolution: int) -> np.ndarray:
-    """Resize float RGB in [0, 1] to ``resolution`` squared and map to [-1, 1] (spec section 6).
+def preprocess(rgb: np.ndarray, resolution: int, load_resolution: int | None = None) -> np.ndarray:
+    """Resize RGB pixels to ``resolution`` squared and map to [-1, 1] (spec section 6 / 4.2 step 8).
 
-    Each channel is resized as a 32-bit float Pillow image with bilinear filtering (antialiased when shrinking,
-    like torchvision's PIL ``Resize``).
+    * uint8 ``[H, W, 3]`` (8-bit sources): the 8-bit RGB image is resized with Pillow's bilinear filter
+      (antialiased when shrinking: what torchvision's ``Resize`` does to a PIL image), then divided by 255, so the
+      result sits on 8-bit levels exactly as the official ``Resize`` -> ``ToTensor`` -> ``Normalize(0.5, 0.5)``.
+    * float ``[H, W, 3]`` in [0, 1] (16-bit sources, arrays): each channel is resized as a 32-bit float Pillow
+      image with the same filter; values are clipped to [0, 1].
+    * ``load_resolution`` (multi-class presets, ``main_multi.py``): resize to ``load_resolution`` as above, then
+      upsample bilinearly with ``align_corners=True`` to ``resolution``.
 
     Args:
-        rgb: float32 ``[H, W, 3]`` in [0, 1].
+        rgb: uint8 ``[H, W, 3]``, or float ``[H, W, 3]`` in [0, 1].
+        resolution: output side in pixels.
+        load_resolution: optional intermediate side (see above); None or equal to ``resolution`` skips it.
     Returns:
         float32 ``[3, resolution, resolution]`` in [-1, 1].
+    Raises:
+        ValueError: not an ``[H, W, 3]`` array.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected [H, W, 3] RGB, got {rgb.shape}")
-    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., k], dtype=np.float32))
-                        .resize((resolution, resolution), Image.BILINEAR)) for k in range(3)]
-    return (np.stack(chans).clip(0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
+    size = load_resolution or resolution
+    if rgb.dtype == np.uint8:
+        x = np.asarray(Image.fromarray(np.ascontiguousarray(rgb), "RGB").resize((size, size), Image.BILINEAR),
+                       dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    else:
+        x = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., k], dtype=np.float32))
+                                 .resize((size, size), Image.BILINEAR)) for k in range(3)]).clip(0.0, 1.0)
+    x = (x * 2.0 - 1.0).astype(np.float32)
+    if size != resolution:
+        x = upsample_align_corners(x, resolution)
+    return x
 
 
-def prepare(img: LoadedImage, resolution: int) -> np.ndarray:
+def upsample_align_corners(x: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of ``[C, h, w]`` float32 to ``[C, size, size]`` with ``align_corners=True`` (torch's
+    ``F.interpolate(..., mode="bilinear", align_corners=True)``; ``glad_runtime.core.scoring.resize_bilinear``)."""
+    from glad_runtime.core.scoring import resize_bilinear
+
+    return resize_bilinear(x, (size, size))
+
+
+def prepare(img: LoadedImage, resolution: int, load_resolution: int | None = None) -> np.ndarray:
     """The one preprocessing of a decoded image, shared by ``glad detect``, the BLS model (images sent as encoded
-    files), evaluation and calibration: float32 ``[3, resolution, resolution]`` in [-1, 1].
+    files), evaluation, calibration and training: float32 ``[3, resolution, resolution]`` in [-1, 1]
+    (:func:`preprocess` of the image's pixels; pass ``config.load_resolution`` for multi-class presets).
 
     A result therefore does not depend on who sent the image: a file scored in process and the same file's bytes
     sent to the server go through :func:`load_image` and this function.
     """
-    return preprocess(img.rgb, resolution)
+    return preprocess(img.pixels, resolution, load_resolution)
 
 
 def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -169,9 +215,10 @@ def even_subset(items: Sequence, count: int) -> list[int]:
     return [int(i) for i in np.linspace(0, n - 1, count).round().astype(int)]
 
 
-def load_batches(paths: Sequence[str | os.PathLike], resolution: int, batch_size: int):
+def load_batches(paths: Sequence[str | os.PathLike], resolution: int, batch_size: int,
+                 load_resolution: int | None = None):
     """Yield preprocessed float32 ``[B, 3, R, R]`` batches in [-1, 1] of image files (:func:`load_image` +
-    :func:`preprocess`). Raises ImageLoadError for a file that cannot be read."""
+    :func:`prepare`). Raises ImageLoadError for a file that cannot be read."""
     paths = list(paths)
     for s in range(0, len(paths), batch_size):
-        yield np.stack([prepare(load_image(p), resolution) for p in paths[s:s + batch_size]])
+        yield np.stack([prepare(load_image(p), resolution, load_resolution) for p in paths[s:s + batch_size]])
