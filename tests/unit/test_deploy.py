@@ -402,7 +402,8 @@ def _metric_names(expr: str) -> set[str]:
 
 def _docstring_metrics() -> set[str]:
     doc = ast.get_docstring(ast.parse(GLAD_MODEL.read_text()))
-    para = next(p for p in doc.split("\n\n") if p.startswith("Metrics"))
+    para = next((p for p in doc.split("\n\n") if p.startswith("Metrics")), None)
+    assert para is not None, f"{GLAD_MODEL}: its docstring has no 'Metrics' paragraph naming the exported metrics"
     return set(re.findall(r"``(glad_[a-z_]+)``", para))
 
 
