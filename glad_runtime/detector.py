@@ -122,7 +122,8 @@ class Detector:
         """
         sources = [f"#{i}" for i in range(len(images))] if sources is None else list(sources)
         try:
-            outs = [(self.pipeline(images), k) for k in range(len(images))]
+            joint = self.pipeline(images)  # one call for the whole batch
+            outs = [(joint, k) for k in range(len(images))]
         except GladError as e:
             if len(images) == 1:
                 return [Detection(source=sources[0], error=e)]

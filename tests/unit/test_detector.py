@@ -139,3 +139,18 @@ def test_protocol_specs_and_wire_shapes():
     assert protocol.calibration_from_parameter("") is None
     assert protocol.calibration_from_parameter(protocol.calibration_parameter(_cal())) == _cal()
     assert protocol.model_name("elpv") == "elpv_glad" and math.isfinite(_cal().image_threshold)
+
+
+def test_detect_arrays_runs_one_pipeline_call_per_batch():
+    """A batch of B images is one pipeline call: B encodes-worth of work, not B x B (a regression: each image of a
+    batch once re-ran the whole batch). Counted on the stub engines: one encode call and ``num_inference_steps``
+    UNet calls for the batch, and the same scores as the images alone (project decision 2)."""
+    cfg = stub_config()
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, (4, 3, 8, 8)).astype(np.float32)
+    eng = StubEngines()
+    dets = Detector(eng, cfg).detect_arrays(images)
+    assert eng.calls["encode"] == 1
+    assert eng.calls["unet"] == cfg.num_inference_steps
+    alone = [Detector(StubEngines(), cfg).detect_arrays(images[k:k + 1])[0].score for k in range(4)]
+    np.testing.assert_allclose([d.score for d in dets], alone, rtol=1e-6)
