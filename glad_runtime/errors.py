@@ -17,7 +17,7 @@ __all__ = [
     "BundleError", "EngineError", "EngineMismatchError", "TensorRTUnavailable", "CalibrationError",
     "CalibrationWarning", "QueueFullError", "ServingError", "BadInputError", "ServerUnavailableError",
     "DeadlineExceededError", "ModelNotFoundError", "ExportError", "RefitError", "QuantizationError",
-    "ServerStartError",
+    "ServerStartError", "RequestCancelledError", "PortInUseError",
 ]
 
 
@@ -115,6 +115,21 @@ class ModelNotFoundError(ServingError):
 
 class ServerStartError(GladError, RuntimeError):
     """The server binary is missing, exited during start-up, or was not ready in time (log tail included)."""
+
+
+class PortInUseError(ServerStartError):
+    """A port the server must listen on is already taken; the message names the port and, when it can be found,
+    the pid and name of the process holding it (the server is not started)."""
+
+
+class RequestCancelledError(GladError, RuntimeError):
+    """Server side: the request was abandoned (the client cancelled it or its Triton request timeout passed), so
+    the reconstruction stopped between DDIM steps instead of finishing work nobody will read. ``reason`` is
+    ``"cancelled"`` or ``"deadline"`` when known."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
 
 
 # ---------------------------------------------------------------------------------------------- build side

@@ -27,9 +27,20 @@ weights (``<graph>.onnx.data``) are linked beside it under their own name.
 
 Batching: ``max_batch`` is the number of images of one ``<p>_glad`` request; the network models take
 ``2 * max_batch`` because ADS decodes and featurises both estimates of every undecided image in one call. Every
-network model has dynamic batching (``max_queue_delay_microseconds``, ``preferred_batch_size``) and an
+network model has dynamic batching (``max_queue_delay_microseconds``, ``preferred_batch_size``, and a
+``default_queue_policy`` that rejects requests whose timeout passed in the queue, :func:`queue_policy`) and an
 ``instance_group``. ``parameters`` of every model carry ``bundle_checksum`` (:meth:`Bundle.checksum`),
 ``model_version`` (the version directory), ``glad_version``, ``preset`` and the graph's ``sha256``.
+
+Versions (issue 16, rollouts): re-serving a *different* bundle under a prefix writes a new version directory
+``N+1`` beside ``N`` instead of rewriting ``N`` in place (:func:`next_version`; the same bundle again rewrites its
+own version); directories older than ``N`` are removed. Network models keep the two newest versions loaded
+(``version_policy: { latest { num_versions: 2 } }``), the BLS model and the ensemble serve the newest one, and the
+BLS model of version ``N`` calls the network models of version ``N`` (pinned, as the ensemble's steps are), so
+during a rollout (:func:`triton_models.server.rollout`) an image never mixes networks of two bundles. The
+config.pbtxt is per model, not per version: a new version must keep the tensor shapes (same preset); another
+preset needs another prefix. Network models get a ``model_warmup`` (zero inputs, batch 1 and the full batch), so
+the first request after a load does not pay ONNX Runtime's first-run cost.
 """
 
 from __future__ import annotations
@@ -45,7 +56,8 @@ from glad_runtime.serving import protocol
 from glad_runtime.serving.protocol import TensorSpec
 from glad_runtime.engines.triton import default_model_prefix
 
-__all__ = ["TensorSpec", "onnx_io", "generate_repository", "model_names", "TARGETS", "PYTHON_MODELS"]
+__all__ = ["TensorSpec", "onnx_io", "generate_repository", "model_names", "queue_policy", "next_version",
+           "served_versions", "TARGETS", "PYTHON_MODELS"]
 
 TARGETS = ("cpu", "gpu")
 #: The python-backend model sources copied into the repository as ``model.py``.
@@ -76,6 +88,49 @@ def onnx_io(path: str | os.PathLike) -> tuple[list[TensorSpec], list[TensorSpec]
         return TensorSpec(v.name, _ONNX_TYPES[t.elem_type], tuple(dims[1:]))
 
     return [spec(v) for v in model.graph.input if v.name not in inits], [spec(v) for v in model.graph.output]
+
+
+def served_versions(repo: str | os.PathLike, model: str) -> dict[int, str | None]:
+    """``{version: bundle_checksum or None}`` of the version directories of ``model`` in ``repo`` (the checksum
+    each version was generated from, read from its ``version.json``; None for repositories older than that)."""
+    out: dict[int, str | None] = {}
+    mdir = Path(repo) / model
+    if not mdir.is_dir():
+        return out
+    for d in mdir.iterdir():
+        if d.is_dir() and d.name.isdigit():
+            try:
+                out[int(d.name)] = json.loads((d / "version.json").read_text()).get("bundle_checksum")
+            except (OSError, ValueError):
+                out[int(d.name)] = None
+    return out
+
+
+def next_version(repo: str | os.PathLike, prefix: str, checksum: str) -> int:
+    """The version to write a bundle with ``checksum`` under ``prefix``: the version already generated from the
+    same bundle (regenerated in place), else one above the newest (1 for a new prefix)."""
+    versions = served_versions(repo, protocol.model_name(prefix))
+    same = [v for v, c in versions.items() if c == checksum]
+    if same:
+        return max(same)
+    return max(versions, default=0) + 1
+
+
+def _warmup(specs: list[TensorSpec], batch: int) -> str:
+    """``model_warmup`` with zero inputs at batch 1 and ``batch`` (empty when a dimension is dynamic)."""
+    if any(d < 0 for s in specs for d in s.dims):
+        return ""
+    sizes = sorted({1, int(batch)})
+    blocks = []
+    for n in sizes:
+        ins = "".join(f'    inputs {{ key: "{s.name}" value: {{ data_type: {s.data_type} '
+                      f'dims: {list(s.dims) if s.dims else [1]} zero_data: true }} }}\n' for s in specs)
+        blocks.append(f'  {{ name: "zeros_b{n}" batch_size: {n}\n{ins}  }}')
+    return "model_warmup [\n" + ",\n".join(blocks) + "\n]\n"
+
+
+def _version_policy(keep: int) -> str:
+    return f"version_policy: {{ latest {{ num_versions: {int(keep)} }} }}\n"
 
 
 def _graphs(bundle: Bundle) -> list[str]:
@@ -116,10 +171,22 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _batching(max_batch: int, delay_us: int) -> str:
+def queue_policy(timeout_us: int = 0) -> str:
+    """The ``default_queue_policy`` block of every generated dynamic batcher (issue 16, deadlines).
+
+    A request still queued when its timeout passes is rejected there (``timeout_action: REJECT``: the client
+    gets UNAVAILABLE "Request timeout expired", no work is done for it); each request may bring its own timeout
+    (``allow_timeout_override``: Triton's request timeout, gRPC ``infer(..., timeout=microseconds)``), and
+    ``timeout_us`` is the timeout of requests that bring none (0: none, they wait as long as it takes).
+    """
+    return ("  default_queue_policy {\n    timeout_action: REJECT\n"
+            f"    default_timeout_microseconds: {int(timeout_us)}\n    allow_timeout_override: true\n  }}\n")
+
+
+def _batching(max_batch: int, delay_us: int, timeout_us: int = 0) -> str:
     preferred = sorted({b for b in (max_batch // 2, max_batch) if b >= 1})
     return (f"dynamic_batching {{\n  preferred_batch_size: {preferred}\n"
-            f"  max_queue_delay_microseconds: {int(delay_us)}\n}}\n")
+            f"  max_queue_delay_microseconds: {int(delay_us)}\n" + queue_policy(timeout_us) + "}\n")
 
 
 def _instances(count: int, kind: str) -> str:
@@ -137,8 +204,8 @@ def _plan_for(bundle: Bundle, graph: str, precision: str, max_batch: int) -> Pat
 
 def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathLike, *, target: str = "cpu",
                         prefix: str | None = None, max_batch: int = 8, instances: int = 1, glad_instances: int = 1,
-                        queue_delay_us: int = 500, precision: str = "fp32", version: int = 1,
-                        intra_op_threads: int = 1) -> list[str]:
+                        queue_delay_us: int = 500, precision: str = "fp32", version: int | None = None,
+                        intra_op_threads: int = 1, queue_timeout_us: int = 0, warmup: bool = True) -> list[str]:
     """Write (or replace) the models of one bundle in a Triton model repository.
 
     Args:
@@ -151,8 +218,12 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
         instances: instances per network model; glad_instances: instances of the BLS model.
         queue_delay_us: dynamic batcher ``max_queue_delay_microseconds`` of every model.
         precision: ``fp32`` or ``fp16`` graphs (``onnx/<g>.fp16.onnx``; fp32 I/O either way).
-        version: the model version directory (also in ``parameters``).
+        version: the model version directory (also in ``parameters``); None (default): :func:`next_version`,
+            a new version beside the served one for a different bundle, the same one for the same bundle.
         intra_op_threads: ONNX Runtime threads per instance (cpu target).
+        queue_timeout_us: ``default_timeout_microseconds`` of every model's queue policy (:func:`queue_policy`):
+            the timeout of requests that send none (0: none); a request's own timeout always applies.
+        warmup: give the network models a ``model_warmup`` (zero inputs at batch 1 and the full batch).
     Returns:
         the model names written.
     Raises:
@@ -166,6 +237,8 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
         raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
     if max_batch < 1:
         raise ValueError("max_batch must be >= 1")
+    if queue_timeout_us < 0:
+        raise ValueError("queue_timeout_us must be >= 0")
     cfg = b.config
     p = prefix or default_model_prefix(b)
     graphs = _graphs(b)
@@ -181,19 +254,31 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
     from glad_runtime import __version__
 
     checksum = b.checksum()
+    if version is None:
+        version = next_version(repo, p, checksum)
+    if version < 1:
+        raise ValueError("version must be >= 1")
     common = {"bundle_checksum": checksum, "model_version": version, "glad_version": __version__,
               "preset": cfg.preset}
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
-    for name in model_names(b, p):
-        shutil.rmtree(repo / name, ignore_errors=True)
+    for name in model_names(b, p):  # keep the version before this one (still serving during a rollout)
+        for v in served_versions(repo, name):
+            if v == version or v < version - 1:
+                shutil.rmtree(repo / name / str(v), ignore_errors=True)
+
+    def new_version_dir(name: str) -> Path:
+        d = repo / name / str(version)
+        d.mkdir(parents=True)
+        (d / "version.json").write_text(json.dumps({"bundle_checksum": checksum, "version": version,
+                                                    "bundle": str(b.path)}) + "\n")
+        return d
     net_batch = 2 * max_batch
     io = {g: onnx_io(src) for g, src in sources.items()}
     written = []
     for g in graphs:
         name = f"{p}_{g}"
-        vdir = repo / name / str(version)
-        vdir.mkdir(parents=True)
+        vdir = new_version_dir(name)
         ins, outs = io[g]
         params = dict(common, graph=g, precision=precision, sha256=sha256_file(sources[g]))
         plan = _plan_for(b, g, precision, net_batch) if target == "gpu" else None
@@ -217,8 +302,10 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
             if data.is_file():
                 _link(data, vdir / data.name)
         ins = [TensorSpec(s.name, s.data_type, s.dims, reshape=not s.dims) for s in ins]
-        text = (head + f"max_batch_size: {net_batch}\n" + _io("input", ins) + _io("output", outs)
-                + _instances(instances, kind) + _batching(net_batch, queue_delay_us) + _params(params))
+        text = (head + f"max_batch_size: {net_batch}\n" + _version_policy(2) + _io("input", ins)
+                + _io("output", outs) + _instances(instances, kind)
+                + _batching(net_batch, queue_delay_us, queue_timeout_us)
+                + (_warmup(ins, net_batch) if warmup else "") + _params(params))
         (repo / name / "config.pbtxt").write_text(text)
         written.append(name)
 
@@ -229,13 +316,12 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
     feat_src = "reconstruction"
     if cfg.resolution != cfg.dino_resolution:
         name = f"{p}_resize"
-        (repo / name / str(version)).mkdir(parents=True)
-        shutil.copy(PYTHON_MODELS / "resize_model.py", repo / name / str(version) / "model.py")
+        shutil.copy(PYTHON_MODELS / "resize_model.py", new_version_dir(name) / "model.py")
         s = cfg.dino_resolution
-        text = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {net_batch}\n'
+        text = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {net_batch}\n' + _version_policy(2)
                 + _io("input", [TensorSpec("images", "TYPE_FP32", dec_out[0].dims)])
                 + _io("output", [TensorSpec("resized", "TYPE_FP32", (3, s, s))])
-                + _instances(instances, "KIND_CPU") + _batching(net_batch, queue_delay_us)
+                + _instances(instances, "KIND_CPU") + _batching(net_batch, queue_delay_us, queue_timeout_us)
                 + _params(dict(common, size=s)))
         (repo / name / "config.pbtxt").write_text(text)
         written.append(name)
@@ -243,9 +329,9 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
         feat_src = "dino_input"
     steps.append(("dino", {dino_in[0].name: feat_src}, {o.name: o.name for o in dino_out}))
     name = f"{p}_recon_features"
-    (repo / name / str(version)).mkdir(parents=True)
+    new_version_dir(name)
     step_txt = ",\n".join(
-        f'  {{ model_name: "{p}_{m}" model_version: -1\n'
+        f'  {{ model_name: "{p}_{m}" model_version: {version}\n'
         + "".join(f'    input_map {{ key: "{k}" value: "{v}" }}\n' for k, v in imap.items())
         + "".join(f'    output_map {{ key: "{k}" value: "{v}" }}\n' for k, v in omap.items()) + "  }"
         for m, imap, omap in steps)
@@ -258,8 +344,7 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
 
     # the BLS model: the whole loop server-side
     name = protocol.model_name(p)
-    vdir = repo / name / str(version)
-    vdir.mkdir(parents=True)
+    vdir = new_version_dir(name)
     shutil.copy(PYTHON_MODELS / "glad_model.py", vdir / "model.py")
     shutil.copy(b.file("config.json"), vdir / "config.json")
     cal = b.calibration()
@@ -273,7 +358,7 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
                       calibration=protocol.calibration_parameter(cal))
     text = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
             + _io("input", protocol.glad_inputs(r)) + _io("output", protocol.glad_outputs())
-            + _instances(glad_instances, "KIND_CPU") + _batching(max_batch, queue_delay_us) + _params(bls_params))
+            + _instances(glad_instances, "KIND_CPU") + _batching(max_batch, queue_delay_us, queue_timeout_us) + _params(bls_params))
     (repo / name / "config.pbtxt").write_text(text)
     written.append(name)
     return written

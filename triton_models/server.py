@@ -29,9 +29,15 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from glad_runtime.errors import ServerStartError  # noqa: F401 (re-exported)
+from glad_runtime.errors import PortInUseError, ServerStartError  # noqa: F401 (re-exported)
 
-__all__ = ["TritonServer", "ServerStartError", "launch_server", "free_port", "pytriton_root", "server_available"]
+__all__ = ["TritonServer", "ServerStartError", "PortInUseError", "launch_server", "free_port", "port_holder",
+           "check_ports", "load_model", "model_index", "rollout", "pytriton_root", "server_available",
+           "MODEL_CONTROL_MODES"]
+
+#: ``--model-control-mode`` values :func:`launch_server` accepts. ``explicit`` (the default) loads every model at
+#: start (``--load-model=*``) and allows load / unload through the client (rollouts, :meth:`TritonServer.drain`).
+MODEL_CONTROL_MODES = ("explicit", "none", "poll")
 
 _LIVE: "set[TritonServer]" = set()  # strong references: the atexit hook must see servers whose handle was dropped
 
@@ -41,6 +47,71 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _socket_inodes(port: int) -> set[str]:
+    """Inodes of the listening TCP sockets on ``port`` (``/proc/net/tcp*``, state 0A = LISTEN)."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                out.add(f[9])
+    return out
+
+
+def port_holder(port: int) -> str | None:
+    """``"pid 1234 (tritonserver)"`` of the process listening on TCP ``port`` when this user can see it
+    (``/proc``, Linux), ``"another user's process"`` when the socket exists but its owner is hidden, else None."""
+    inodes = _socket_inodes(port)
+    if not inodes:
+        return None
+    targets = {f"socket:[{i}]" for i in inodes}
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            for fd in (pid_dir / "fd").iterdir():
+                if os.readlink(fd) in targets:
+                    name = (pid_dir / "comm").read_text().strip()
+                    return f"pid {pid_dir.name} ({name})"
+        except OSError:
+            continue
+    return "another user's process"
+
+
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    """Refuse ports that are already taken, before anything is started or any log is opened.
+
+    Args:
+        host: the listen address.
+        ports: ``{"http": 8000, "grpc": 8001, "metrics": 8002}``; 0 entries are skipped.
+    Raises:
+        PortInUseError: one line naming the first busy port, its role and, where ``/proc`` shows it, the pid and
+            name of the process holding it; or a port listed twice.
+    """
+    seen: dict[int, str] = {}
+    for role, port in ports.items():
+        if not port:
+            continue
+        if port in seen:
+            raise PortInUseError(f"port {port} given for both {seen[port]} and {role}")
+        seen[port] = role
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # SO_REUSEADDR as Triton's own listeners: connections of a server that just stopped (TIME_WAIT) do
+            # not count; a socket still listening does
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                holder = port_holder(port)
+                raise PortInUseError(f"{role} port {host}:{port} is already in use"
+                                     + (f" by {holder}" if holder else f" ({e.strerror or e})")
+                                     + "; stop it or choose another port (0 picks a free one)") from None
 
 
 def pytriton_root() -> Path | None:
@@ -76,6 +147,7 @@ class TritonServer:
     metrics_port: int
     log_path: Path
     repo: Path
+    model_control: str = "explicit"
     _log: object = field(default=None, repr=False)
 
     @property
@@ -94,12 +166,56 @@ class TritonServer:
         return self.process.poll() is None
 
     def ready(self, timeout: float = 2.0) -> bool:
-        """``GET /v2/health/ready`` answered 200."""
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=timeout) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
+        """This server process is running, its log shows its own HTTP and gRPC endpoints started, and
+        ``GET /v2/health/ready`` answered 200 (so another server answering on the same port never counts)."""
+        if not self.running():
             return False
+        log = self.log_tail(10**7)
+        if "Started HTTPService at" not in log or "Started GRPCInferenceService at" not in log:
+            return False
+        return self._http("GET", "/v2/health/ready", timeout=timeout)[0] == 200
+
+    def _http(self, method: str, path: str, body: bytes | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+        return _http(self.http_url, method, path, body, timeout)
+
+    def model_index(self) -> list[dict]:
+        """The repository index (``POST /v2/repository/index``): ``[{"name", "version", "state"}, ...]``."""
+        return model_index(self.http_url)
+
+    def load_model(self, name: str, timeout: float = 300.0) -> None:
+        """See :func:`load_model`."""
+        load_model(self.http_url, name, timeout)
+
+    def unload_model(self, name: str, timeout: float = 300.0) -> None:
+        """Unload ``name`` (explicit mode): new requests for it are refused at once (clients fail over), the ones
+        in flight finish first. Raises ServerStartError with the server's message when it fails."""
+        status, body = self._http("POST", f"/v2/repository/models/{name}/unload", b"{}", timeout=timeout)
+        if status != 200:
+            raise ServerStartError(f"unload of {name} failed ({status}): {body.decode(errors='replace')}")
+
+    def drain(self, grace: float = 30.0) -> list[str]:
+        """Stop taking new images and let the ones in flight finish (a rolling restart's first half).
+
+        In ``explicit`` mode every ``*_glad`` BLS model is unloaded: requests for it are refused at once with
+        "model not found / no available versions" (clients fail over to another replica), while the loops in
+        flight keep their network models and finish; Triton removes the model when the last one ends. Waits up
+        to ``grace`` seconds for that. Other modes cannot unload: nothing is done (``stop`` then relies on
+        Triton's ``--exit-timeout-secs``). Returns the models drained.
+        """
+        if self.model_control != "explicit" or not self.running():
+            return []
+        names = sorted({m["name"] for m in self.model_index() if m.get("name", "").endswith("_glad")
+                        and m.get("state") == "READY"})
+        deadline = time.monotonic() + grace
+        for name in names:
+            try:
+                self.unload_model(name, timeout=max(1.0, deadline - time.monotonic()))
+            except ServerStartError:
+                pass
+        while time.monotonic() < deadline and any(
+                m.get("name") in names and m.get("state") in ("READY", "UNLOADING") for m in self.model_index()):
+            time.sleep(0.1)
+        return names
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -113,8 +229,11 @@ class TritonServer:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def stop(self, grace: float = 15.0) -> int | None:
-        """SIGTERM the process group, wait up to ``grace`` seconds, then SIGKILL it. Returns the exit code."""
+    def stop(self, grace: float = 15.0, drain: bool = True) -> int | None:
+        """Drain (:meth:`drain`, explicit mode; ``drain=False`` skips it), SIGTERM the process group, wait up to
+        ``grace`` seconds, then SIGKILL it. Returns the exit code."""
+        if self.running() and drain:
+            self.drain(grace)
         if self.running():
             self._signal_group(signal.SIGTERM)
             try:
@@ -148,6 +267,78 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _http(http_url: str, method: str, path: str, body: bytes | None = None,
+          timeout: float = 5.0) -> tuple[int, bytes]:
+    """One HTTP call to a server at ``host:port``: ``(status, body)``; status 0 when it could not connect."""
+    req = urllib.request.Request(f"http://{http_url}{path}", data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def model_index(http_url: str) -> list[dict]:
+    """The repository index of the server at ``http_url`` (``POST /v2/repository/index``):
+    ``[{"name", "version", "state", "reason"}, ...]``; empty when it does not answer."""
+    import json
+
+    status, body = _http(http_url, "POST", "/v2/repository/index", b"{}")
+    return json.loads(body) if status == 200 and body else []
+
+
+def load_model(http_url: str, name: str, timeout: float = 300.0) -> None:
+    """Load or reload ``name`` on the server at ``http_url`` (``--model-control-mode=explicit``). A reload loads
+    the versions the version policy now selects and retires the others once they are idle, with no gap in
+    availability (Triton's model management). Raises ServerStartError with the server's message on failure."""
+    status, body = _http(http_url, "POST", f"/v2/repository/models/{name}/load", b"{}", timeout=timeout)
+    if status != 200:
+        raise ServerStartError(f"{http_url}: load of {name} failed ({status}): {body.decode(errors='replace')}")
+
+
+def rollout(http_urls: "str | list[str]", repo: str | os.PathLike, bundle, *, prefix: str | None = None,
+            timeout: float = 300.0, **generate_options) -> int:
+    """Zero-downtime rollout of a new bundle under a served prefix (issue 16, item 5).
+
+    Writes ``bundle`` as a new version beside the served one (:func:`triton_models.repository.generate_repository`
+    with ``version=None``), then, one server at a time: reloads the network models (old and new versions both
+    loaded, ``num_versions: 2``), the resize model and the ensemble, then the BLS model ``<prefix>_glad``, which
+    switches to the new version once it is ready while requests already running finish on the old one (each BLS
+    version calls its own networks). Requests sent meanwhile are answered by one version or the other, never a
+    mix, and never refused. The servers must read ``repo`` (the same folder or a synchronised copy) and run in
+    explicit model-control mode (:func:`launch_server`'s default).
+
+    Args:
+        http_urls: ``host:port`` HTTP endpoint(s) of the servers, rolled one after another.
+        repo: the model repository. bundle: the new bundle (exported). prefix: the served prefix.
+        generate_options: more :func:`generate_repository` arguments (``max_batch``, ``target`` ...).
+    Returns:
+        the new version number.
+    Raises:
+        ServerStartError: a load failed (the server keeps serving the old version); BundleError from generation.
+    """
+    from glad_runtime.core.bundle import Bundle
+    from glad_runtime.engines.triton import default_model_prefix
+    from triton_models.repository import generate_repository, next_version
+
+    b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    p = prefix or default_model_prefix(b)
+    version = next_version(repo, p, b.checksum())
+    names = generate_repository(b, repo, prefix=p, version=version, **generate_options)
+    glad = [n for n in names if n.endswith("_glad")]
+    ensembles = [n for n in names if n.endswith("_recon_features")]
+    order = [n for n in names if n not in glad and n not in ensembles] + ensembles + glad
+    for url in [http_urls] if isinstance(http_urls, str) else list(http_urls):
+        for name in order:
+            load_model(url, name, timeout)
+        ready = {(m.get("name"), str(m.get("version"))) for m in model_index(url) if m.get("state") == "READY"}
+        if (glad[0], str(version)) not in ready:
+            raise ServerStartError(f"{url}: {glad[0]} version {version} is not ready after the rollout")
+    return version
 
 
 @atexit.register
@@ -187,7 +378,8 @@ def launch_server(repo: str | os.PathLike, *, binary: str | os.PathLike | None =
                   http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
                   backends_dir: str | os.PathLike | None = None, log_path: str | os.PathLike | None = None,
                   ready_timeout: float = 180.0, exit_timeout: int = 5, extra_args: tuple[str, ...] = (),
-                  env: dict[str, str] | None = None, die_with_parent: bool = True) -> TritonServer:
+                  env: dict[str, str] | None = None, die_with_parent: bool = True,
+                  model_control: str = "explicit") -> TritonServer:
     """Start ``tritonserver`` on ``repo`` and wait until ``/v2/health/ready`` answers.
 
     Args:
@@ -197,19 +389,29 @@ def launch_server(repo: str | os.PathLike, *, binary: str | os.PathLike | None =
         http_port, grpc_port, metrics_port: 0 picks a free port.
         backends_dir: where the python backend directory is assembled (pytriton binary only; default
             ``<repo parent>/triton_backends``).
-        log_path: server log (default ``<repo parent>/tritonserver-<grpc port>.log``).
+        log_path: server log (default ``<repo parent>/tritonserver-<grpc port>.log``; a log left by an earlier
+            server of that name is kept as ``.1``, never overwritten).
         ready_timeout: seconds to wait for readiness.
         exit_timeout: ``--exit-timeout-secs`` (in-flight requests finish within it on SIGTERM).
-        extra_args: more ``tritonserver`` flags (e.g. ``--log-verbose=1``).
+        extra_args: more ``tritonserver`` flags, passed through (e.g. ``--log-verbose=1``); a
+            ``--model-control-mode`` or ``--load-model`` among them replaces ``model_control``'s.
+        model_control: ``explicit`` (default: every model loaded at start, load / unload / drain through the
+            API), ``none`` or ``poll`` (:data:`MODEL_CONTROL_MODES`).
         die_with_parent: Linux: SIGKILL the server when the thread that launched it exits (launch from a thread
             that lives as long as the server, e.g. the main thread).
     Returns:
         a :class:`TritonServer`.
     Raises:
+        PortInUseError: a port is taken (checked before anything starts; the message names the port and holder).
         ServerStartError: no binary, start-up failure or not ready in time (the server is stopped; the log tail
             is in the message).
     """
+    if model_control not in MODEL_CONTROL_MODES:
+        raise ValueError(f"model_control must be one of {MODEL_CONTROL_MODES}, got {model_control!r}")
+    check_ports(host, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port})
     repo = Path(repo).resolve()
+    if not repo.is_dir():
+        raise ServerStartError(f"{repo}: no such model repository")
     env = dict(os.environ if env is None else env)
     root = pytriton_root()
     if binary is None:
@@ -232,8 +434,17 @@ def launch_server(repo: str | os.PathLike, *, binary: str | os.PathLike | None =
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH", "")) if p)
     ports = [p or free_port(host) for p in (http_port, grpc_port, metrics_port)]
     log_path = Path(log_path) if log_path else repo.parent / f"tritonserver-{ports[1]}.log"
+    if log_path.exists():
+        os.replace(log_path, log_path.with_name(log_path.name + ".1"))
     log = open(log_path, "w")
-    cmd = [str(binary), f"--model-repository={repo}", *backend_args,
+    user_control = [a for a in extra_args if a.startswith(("--model-control-mode", "--load-model"))]
+    if user_control:
+        mode = next((a.split("=", 1)[1] for a in extra_args if a.startswith("--model-control-mode=")), "none")
+        control_args = []
+    else:
+        mode = model_control
+        control_args = [f"--model-control-mode={mode}"] + (["--load-model=*"] if mode == "explicit" else [])
+    cmd = [str(binary), f"--model-repository={repo}", *backend_args, *control_args,
            f"--http-address={host}", f"--http-port={ports[0]}", f"--grpc-address={host}", f"--grpc-port={ports[1]}",
            f"--metrics-address={host}", f"--metrics-port={ports[2]}", "--allow-gpu-metrics=false",
            f"--exit-timeout-secs={int(exit_timeout)}", *extra_args]
@@ -241,21 +452,33 @@ def launch_server(repo: str | os.PathLike, *, binary: str | os.PathLike | None =
         cmd += ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             preexec_fn=_pdeathsig if die_with_parent and sys.platform == "linux" else None)
-    server = TritonServer(proc, host, *ports, log_path=log_path, repo=repo, _log=log)
+    server = TritonServer(proc, host, *ports, log_path=log_path, repo=repo, model_control=mode, _log=log)
     _LIVE.add(server)
     deadline = time.monotonic() + ready_timeout
     try:
         while time.monotonic() < deadline:
             if not server.running():
-                server.stop()
-                raise ServerStartError(f"tritonserver exited with code {proc.returncode} during start-up:\n"
-                                       f"{server.log_tail()}")
+                server.stop(drain=False)
+                raise ServerStartError(f"tritonserver exited with code {proc.returncode} during start-up: "
+                                       f"{_first_error(server.log_tail(10**6))}\n{server.log_tail()}")
             if server.ready(timeout=1.0):
                 return server
             time.sleep(0.25)
     except KeyboardInterrupt:  # Ctrl-C while waiting: never leave the server behind
-        server.stop()
+        server.stop(drain=False)
         raise
     tail = server.log_tail()
-    server.stop()
+    server.stop(drain=False)
     raise ServerStartError(f"tritonserver not ready after {ready_timeout:.0f} s:\n{tail}")
+
+
+def _first_error(log: str) -> str:
+    """The line of a Triton log that says why it stopped (a bind failure, a model that failed to load), so it is
+    not buried under the model table; the last ``error``/``failed`` line otherwise."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    for key in ("failed to start", "address already in use", "Failed to bind", "error: creating server"):
+        for ln in lines:
+            if key.lower() in ln.lower():
+                return ln
+    bad = [ln for ln in lines if ln.startswith("E") or "failed" in ln.lower() or "error" in ln.lower()]
+    return bad[-1] if bad else "(no error line in the log)"

@@ -27,16 +27,43 @@ import click
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(0),
               help="cpu: ONNX Runtime intra-op threads per model instance.")
-@click.option("--start", is_flag=True, help="Then run tritonserver on the repository until Ctrl-C / SIGTERM.")
+@click.option("--queue-timeout-us", default=0, show_default=True, type=click.IntRange(0),
+              help="Queue policy: requests still queued after this many microseconds are rejected (0: only a "
+                   "request's own timeout, which clients send, applies).")
+@click.option("--version", "model_version", type=click.IntRange(1), default=None,
+              help="Model version to write (default: a new version beside the served one for a different "
+                   "bundle, the same version for the same bundle).")
+@click.option("--no-warmup", is_flag=True, help="Do not give the network models a model_warmup.")
+@click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write a container build context, Kubernetes / KServe manifests and a Grafana dashboard "
+                   "for the repository into this folder (needs --image).")
+@click.option("--image", help="--deploy: the container image name with a tag (e.g. registry/glad-triton:1.0).")
+@click.option("--rollout", "rollout_urls", multiple=True, metavar="HOST:HTTP_PORT",
+              help="Switch running servers that read --repo to the version just written (repeat per server; "
+                   "rolled one after another; triton_models.server.rollout).")
+@click.option("--start", is_flag=True, help="Then run tritonserver on the repository until Ctrl-C / SIGTERM "
+              "(which drains: new images are refused so clients fail over, those in flight finish).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="--start: listen address.")
 @click.option("--http-port", default=8000, show_default=True, help="--start: 0 = a free port.")
 @click.option("--grpc-port", default=8001, show_default=True)
 @click.option("--metrics-port", default=8002, show_default=True)
 @click.option("--server-binary", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="--start: tritonserver of a full install (default: the one in nvidia-pytriton, CPU).")
+@click.option("--model-control", type=click.Choice(["explicit", "none", "poll"]), default="explicit",
+              show_default=True, help="--start: Triton's model control mode (explicit: every model loaded at "
+              "start; load / unload / rollouts through the API; drain on stop).")
+@click.option("--drain-grace", default=30.0, show_default=True, type=click.FloatRange(0),
+              help="--start: seconds in-flight images get to finish on SIGTERM / Ctrl-C.")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="--start: server log (default <repo parent>/tritonserver-<grpc port>.log; an older one is "
+                   "kept as .1).")
+@click.option("--server-arg", "server_args", multiple=True, metavar="FLAG",
+              help="--start: one more tritonserver flag, passed through (repeat), e.g. --server-arg=--log-verbose=1")
 def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instances: int, glad_instances: int,
-              queue_delay_us: int, precision: str, threads: int, start: bool, host: str, http_port: int,
-              grpc_port: int, metrics_port: int, server_binary) -> None:
+              queue_delay_us: int, precision: str, threads: int, queue_timeout_us: int, model_version,
+              no_warmup: bool, deploy_dir, image, rollout_urls, start: bool, host: str, http_port: int, grpc_port: int,
+              metrics_port: int, server_binary, model_control: str, drain_grace: float, log_path,
+              server_args) -> None:
     """Write a Triton model repository for exported BUNDLES (`glad export`) and optionally start the server.
 
     \b
@@ -48,6 +75,13 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
       P_glad             BLS model: the whole ADS/SAFF loop, one request per batch (glad_runtime.serving.client)
     Clients: `glad detect BUNDLE --server HOST:GRPC_PORT` (loop here, networks there) or
     glad_runtime.serving.client.GladClient(URL, P) (loop on the server).
+
+    \b
+    Versions: serving another bundle under a served prefix writes version N+1
+    beside N; --rollout HOST:HTTP_PORT then switches running servers (explicit
+    model control, the --start default) to it with no refused request:
+      glad serve v2_bundle --repo models --prefix line --rollout localhost:8000
+    Busy ports are refused before anything starts (the holder is named).
     """
     import signal
 
@@ -56,32 +90,61 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
     from glad_runtime.errors import GladError
     from triton_models.repository import generate_repository
 
+    if deploy_dir is not None and not image:
+        raise click.BadParameter("--deploy needs --image NAME:TAG", param_hint="--image")
     if prefixes and len(prefixes) != len(bundles):
         raise click.BadParameter(f"{len(prefixes)} prefixes for {len(bundles)} bundles", param_hint="--prefix")
     names = list(prefixes) or [default_model_prefix(b) for b in bundles]
     if len(set(names)) != len(names):
         raise click.BadParameter(f"two bundles get the same prefix {names}; pass --prefix per bundle",
                                  param_hint="--prefix")
+    if rollout_urls:
+        from triton_models.server import rollout
+
+        for bpath, prefix in zip(bundles, names):
+            try:
+                v = rollout(list(rollout_urls), repo, Bundle(bpath), prefix=prefix, target=target,
+                            max_batch=max_batch, instances=instances, glad_instances=glad_instances,
+                            queue_delay_us=queue_delay_us, precision=precision, intra_op_threads=threads,
+                            queue_timeout_us=queue_timeout_us, warmup=not no_warmup)
+            except ValueError as e:
+                if isinstance(e, GladError):
+                    raise
+                raise GladError(str(e)) from e
+            click.echo(f"{bpath}: prefix {prefix} now serves version {v} on {', '.join(rollout_urls)}")
+        return
     for bpath, prefix in zip(bundles, names):
         b = Bundle(bpath)
         try:
             models = generate_repository(b, repo, target=target, prefix=prefix, max_batch=max_batch,
                                          instances=instances, glad_instances=glad_instances,
                                          queue_delay_us=queue_delay_us, precision=precision,
-                                         intra_op_threads=threads)
+                                         intra_op_threads=threads, queue_timeout_us=queue_timeout_us,
+                                         version=model_version, warmup=not no_warmup)
         except ValueError as e:
             if isinstance(e, GladError):
                 raise
             raise GladError(str(e)) from e  # a setting the repository refuses (exit 1, as before)
-        click.echo(f"{bpath}: prefix {prefix}, checksum {b.checksum()}, models {', '.join(models)}")
+        from triton_models.repository import served_versions
+
+        version = max(v for v, c in served_versions(repo, f"{prefix}_glad").items() if c == b.checksum())
+        click.echo(f"{bpath}: prefix {prefix}, version {version}, checksum {b.checksum()}, "
+                   f"models {', '.join(models)}")
     click.echo(f"repository: {repo}")
+    if deploy_dir is not None:
+        from triton_models.deploy import write_deploy
+
+        files = write_deploy(repo, deploy_dir, image=image, prefixes=names, target=target,
+                             server_args=tuple(server_args))
+        click.echo(f"deploy recipes: {deploy_dir} ({len(files)} entries; see {deploy_dir / 'README.md'})")
     if not start:
         return
     from triton_models.server import launch_server
 
     click.echo("starting tritonserver ...", err=True)
     server = launch_server(repo, binary=server_binary, host=host, http_port=http_port, grpc_port=grpc_port,
-                           metrics_port=metrics_port)  # ServerStartError: exit 1
+                           metrics_port=metrics_port, model_control=model_control, log_path=log_path,
+                           extra_args=tuple(server_args))  # PortInUseError / ServerStartError: exit 1
 
     import threading
 
@@ -97,7 +160,7 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
             click.echo(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail(2000)}",
                        err=True)
             sys.exit(1)
-        click.echo("stopping tritonserver ...", err=True)
+        click.echo(f"draining (up to {drain_grace:g} s) and stopping tritonserver ...", err=True)
     finally:
-        code = server.stop()
+        code = server.stop(grace=max(drain_grace, 5.0))
     click.echo(f"stopped (exit code {code})")

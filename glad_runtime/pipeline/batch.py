@@ -20,6 +20,7 @@ from glad_runtime.core.config import GladConfig
 from glad_runtime.engines import EngineError, Engines, check_output
 from glad_runtime.core.schedule import NoiseSchedule
 from glad_runtime.errors import InvalidInputError  # noqa: F401 (re-exported)
+from glad_runtime.errors import RequestCancelledError
 
 __all__ = ["GladPipeline", "PipelineOutput", "InvalidInputError", "INPUT_RANGE_TOLERANCE"]
 
@@ -82,6 +83,10 @@ class GladPipeline:
             num_train_timesteps=config.num_train_timesteps, noise_at=config.noise_at,
             noise_offset=config.noise_offset)
         self._timings: dict[str, float] = defaultdict(float)
+        #: Optional ``() -> falsy | str`` checked before every DDIM step; a truthy answer (the reason) makes
+        #: :meth:`reconstruct` raise :class:`~glad_runtime.errors.RequestCancelledError` (the served BLS model
+        #: sets it from the request's cancellation and timeout, so abandoned work stops).
+        self.should_stop = None
 
     # ------------------------------------------------------------------ helpers
     @contextmanager
@@ -201,6 +206,9 @@ class GladPipeline:
         last = len(s.timesteps) - 1
         for k, t in enumerate(s.timesteps):
             t = int(t)
+            stop = self.should_stop() if self.should_stop is not None else None  # hook: an abandoned request
+            if stop:
+                raise RequestCancelledError(f"stopped before DDIM step {k + 1}/{last + 1}: {stop}")
             with self._timed("unet"):
                 eps = check_output("unet", self.engines.unet(x, np.full(b, t, dtype=np.int64)), x.shape)
             x0 = s.pred_original_sample(x, eps, t)
