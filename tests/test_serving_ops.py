@@ -317,3 +317,20 @@ def test_rollout_v1_to_v2_then_drain(served_bundle, bundle_v2, reference, tmp_pa
             assert late_s < 2.0, late_s
     finally:
         srv.stop()
+
+
+def test_cli_serve_deploy_writes_recipes(served_bundle, tmp_path):
+    """``glad serve --deploy DIR --image NAME:TAG`` writes the build context and manifests for the repository it
+    generated (the recipes themselves are validated in tests/unit/test_deploy.py); without --image: usage error."""
+    base = [sys.executable, "-m", "glad_cli.main", "serve", str(served_bundle.path), "--repo",
+            str(tmp_path / "models"), "--deploy", str(tmp_path / "deploy")]
+    r = subprocess.run(base, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "--image" in r.stderr, r.stderr
+    r = subprocess.run(base + ["--image", "registry.example/glad-triton:1.0"], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "version 1" in r.stdout
+    assert (tmp_path / "deploy" / "Dockerfile").is_file()
+    k8s = (tmp_path / "deploy" / "k8s" / "glad-triton.yaml").read_text()
+    assert "registry.example/glad-triton:1.0" in k8s and "/v2/health/ready" in k8s
+    assert (tmp_path / "deploy" / "model_repository" / "tiny_line_glad" / "config.pbtxt").is_file()
