@@ -35,17 +35,20 @@ def engine_options(fn: Callable) -> Callable:
     ``model_prefix``; :func:`engine_settings` gathers them for :func:`open_pipeline`.
     """
     opts = [
-        click.option("--engine", "backend", type=click.Choice(["torch", "ort", "tensorrt", "triton"]),
+        click.option("--engine", "backend", type=click.Choice(["torch", "ort", "openvino", "tensorrt", "triton"]),
                      default="torch", show_default=True, help="torch: reference (needs torch); ort: ONNX Runtime on "
-                     "the graphs of `glad export` (no torch); tensorrt: engines of `glad build` (GPU); triton: the "
-                     "network models of a `glad serve` server (--server)."),
+                     "the graphs of `glad export` (no torch); openvino: OpenVINO on the CPU, same graphs (no torch); "
+                     "tensorrt: engines of `glad build` (GPU); triton: the network models of a `glad serve` server "
+                     "(--server)."),
         click.option("--device", default="cpu", show_default=True, help="torch: cpu, cuda, cuda:N or auto."),
-        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp32",
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8", "bf16"]), default="fp32",
                      show_default=True, help="ort: fp32|fp16 graphs, int8 the quantised graphs (`glad calibrate --quantize`) "
-                     "with fp32 for the others; tensorrt: the engine precision."),
+                     "with fp32 for the others; openvino: fp32|bf16 (bf16 on CPUs with bf16 support); tensorrt: the "
+                     "engine precision."),
         click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
                      help="ort: execution provider (cuda/tensorrt need onnxruntime-gpu)."),
-        click.option("--threads", default=0, show_default=True, help="ort: intra-op threads (0 = ORT default)."),
+        click.option("--threads", default=0, show_default=True, help="ort: intra-op threads (0 = ORT default); "
+                     "openvino: inference threads (0 = the cores this process may use)."),
         click.option("--server", metavar="HOST:PORT", default=None,
                      help="Run the networks on this Triton server (gRPC URL of `glad serve --start`); implies "
                      "--engine triton. The ADS/SAFF loop stays here; results equal the in-process engines'."),

@@ -3,8 +3,8 @@
 * :mod:`.base`: the :class:`Engines` protocol, :class:`GraphEngines` (the calls over named graphs shared by the
   graph backends), :func:`check_output`, :func:`network_graphs`.
 * :mod:`.pytorch`: PyTorch reference (imports torch and ``export.models`` when a bundle is loaded).
-* :mod:`.ort`: ONNX Runtime in process. :mod:`.trt`: TensorRT 10 (GPU). :mod:`.triton`: a Triton server's network
-  models.
+* :mod:`.ort`: ONNX Runtime in process. :mod:`.openvino`: OpenVINO on the CPU (f32 / bf16). :mod:`.trt`: TensorRT
+  10 (GPU). :mod:`.triton`: a Triton server's network models.
 
 Importing this package imports numpy only; each backend's heavy library is imported when it is chosen.
 """
@@ -19,9 +19,9 @@ __all__ = ["Engines", "EngineError", "GraphEngines", "check_output", "load_engin
 
 
 #: Backends :func:`load_engines` knows; ``torch`` needs the ``torch`` extra, ``ort`` the ``onnx`` extra (and
-#: ``glad export``), ``tensorrt`` a GPU, TensorRT and ``glad build``, ``triton`` a server started with
-#: ``glad serve`` and the ``serve`` extra (tritonclient).
-BACKENDS = ("torch", "ort", "tensorrt", "triton")
+#: ``glad export``), ``openvino`` the ``openvino`` extra (and ``glad export``), ``tensorrt`` a GPU, TensorRT and
+#: ``glad build``, ``triton`` a server started with ``glad serve`` and the ``serve`` extra (tritonclient).
+BACKENDS = ("torch", "ort", "openvino", "tensorrt", "triton")
 
 
 def load_engines(bundle, backend: str = "torch", *, device: str = "cpu", precision: str = "fp32",
@@ -31,12 +31,15 @@ def load_engines(bundle, backend: str = "torch", *, device: str = "cpu", precisi
 
     Args:
         bundle: a :class:`~glad_runtime.core.bundle.Bundle`.
-        backend: ``"torch"`` (reference, imports torch), ``"ort"`` (ONNX Runtime, no torch) or ``"tensorrt"``.
+        backend: ``"torch"`` (reference, imports torch), ``"ort"`` (ONNX Runtime, no torch), ``"openvino"``
+            (OpenVINO on the CPU, no torch), ``"tensorrt"`` or ``"triton"``.
         device: torch device for ``torch`` (``cpu``, ``cuda``, ``auto``).
         precision: ``fp32`` / ``fp16`` (``ort``, ``tensorrt``; ``torch`` runs fp16 on CUDA only), ``int8`` (``ort``:
-            the quantised graphs where they exist, fp32 elsewhere; ``tensorrt``), ``fp8`` (``tensorrt``).
+            the quantised graphs where they exist, fp32 elsewhere; ``tensorrt``), ``fp8`` (``tensorrt``); ``openvino``:
+            ``fp32`` / ``f32`` or ``bf16`` (its inference precision hint on the fp32 graphs).
         provider: ONNX Runtime provider for ``ort``: ``cpu``, ``cuda``, ``tensorrt``.
-        threads: ONNX Runtime intra-op threads (0 = its default).
+        threads: ONNX Runtime intra-op threads (0 = its default); ``openvino``: inference threads (0 = the cores
+            this process may use).
         max_batch: images per network call (``triton``: the served models' ``max_batch_size`` applies).
         url: ``triton``: the server's gRPC ``host:port``.
         model_prefix: ``triton``: the bundle's model prefix (default: from the bundle folder name, as
@@ -56,6 +59,12 @@ def load_engines(bundle, backend: str = "torch", *, device: str = "cpu", precisi
 
         return OrtEngines(bundle, precision=precision, provider=provider, intra_op_threads=threads,
                           max_batch=max_batch)
+    if backend == "openvino":
+        from glad_runtime.engines.openvino import OpenVinoEngines
+
+        if provider != "cpu":
+            raise ValueError(f"backend 'openvino' runs on the CPU only, got provider {provider!r}")
+        return OpenVinoEngines(bundle, precision=precision, num_threads=threads, max_batch=max_batch)
     if backend == "tensorrt":
         from glad_runtime.engines.trt import TensorRTEngines
 
