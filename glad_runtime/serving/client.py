@@ -7,15 +7,30 @@ the server decodes them with the code ``glad detect`` runs, so nothing is decode
 arrays and PIL images are sent as lossless PNG; preprocessed float32 ``[3, R, R]`` tensors in [-1, 1] as ``images``.
 One request per batch of up to the model's ``max_batch_size`` images of one kind.
 
-Reliability (deployment-anchors.md section 7):
+Reliability over one or several replicas (issue 16; the rules live in :mod:`glad_runtime.serving.routing`):
 
-* every RPC carries a client deadline (``timeout`` seconds, gRPC ``client_timeout``);
-* ``UNAVAILABLE`` (server down, restarting, shutting down) is retried with exponential backoff, moving to the next
-  URL of ``urls`` first (failover); inference on a fixed image is idempotent, so a retry never double-counts;
-* errors are typed: :class:`BadInputError` (an image that cannot be read or that the server refuses: the other
-  images of the call still complete), :class:`ServerUnavailableError` (no URL answered within the retries),
-  :class:`DeadlineExceededError`, :class:`ModelNotFoundError` (the prefix is not served) and
-  :class:`ServingError` for anything else the server reports.
+* **Deadline.** ``timeout`` seconds bound a whole call (``detect``, ``metadata``), retries and sleeps included.
+  Every attempt carries the remaining budget twice: as the gRPC deadline (``client_timeout``) and as Triton's
+  request timeout (``infer(..., timeout=<microseconds>)``), so the server drops work whose caller gave up (queued
+  requests are rejected by the queue policy; the BLS loop stops between DDIM steps) instead of finishing it.
+* **Failover.** A replica-local or transient failure (``UNAVAILABLE``, shutting down, ``CANCELLED`` by a draining
+  server, the model unknown / not ready / "has no available versions" there, ``INTERNAL`` "not ready" from a BLS
+  sub-request to an unloaded network model) is retried on another replica at once; after every replica failed,
+  the next round starts after an exponential backoff with jitter (``backoff * 2**round``, capped at
+  ``max_backoff``, never past the deadline), at most ``retries`` extra rounds. A detection is pure, so resending
+  is safe; each image is answered exactly once (one successful attempt per request, no hedging).
+* **Balancing and ejection.** Attempts go to the healthy replica with the fewest outstanding requests of this
+  client (ties round robin). A replica that fails is ejected for ``cooldown`` seconds (circuit breaker: closed ->
+  open -> half-open, where one probe request, or a :meth:`GladClient.health` check, decides: success closes it,
+  failure ejects it again). The probe uses a fresh gRPC channel. One client is safe to share between threads;
+  :class:`AsyncGladClient` runs the same state machine.
+* **Typed errors**, raised only once every replica failed (or at once when retrying cannot help):
+  :class:`BadInputError` (an image that cannot be read or that the server refuses, ``INVALID_ARGUMENT``: never
+  retried; that image's Detection carries it and the other images complete), :class:`DeadlineExceededError`
+  (the budget ran out during an attempt, client side, or the server's "deadline exceeded: request timeout
+  expired"), :class:`ModelNotFoundError` (every replica lacks ``<prefix>_glad`` or one of its network models),
+  :class:`ServerUnavailableError` (no replica answered, or they failed differently) and :class:`ServingError` for
+  any other server error (not retried).
 
 Example::
 
@@ -29,13 +44,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
+from collections import Counter
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from glad_runtime.core.detection import Detection
-from glad_runtime.serving import protocol
+from glad_runtime.serving import protocol, routing
 from glad_runtime.errors import ServingError, BadInputError, ServerUnavailableError, DeadlineExceededError, ModelNotFoundError  # noqa: F401 (re-exported)
 
 __all__ = ["GladClient", "AsyncGladClient", "Detection", "ServingError", "BadInputError",
@@ -45,7 +62,10 @@ __all__ = ["GladClient", "AsyncGladClient", "Detection", "ServingError", "BadInp
 #: gRPC channel options: message limits raised to 2 GiB - 1 both ways (batches of 512 px images and maps exceed
 #: gRPC's 4 MiB default), keepalive so a dead server is noticed.
 GRPC_CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
-                     ("grpc.keepalive_time_ms", 30000), ("grpc.keepalive_timeout_ms", 10000)]
+                     ("grpc.keepalive_time_ms", 30000), ("grpc.keepalive_timeout_ms", 10000),
+                     # a restarted server is reconnected to within a second, not after gRPC's 1-120 s backoff
+                     ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 
@@ -59,27 +79,10 @@ def classify_error(exc: Exception, url: str | None = None) -> ServingError:
         exc: ``tritonclient.utils.InferenceServerException`` or any exception raised by a client call.
         url: the server URL, kept on the returned error.
     Returns:
-        a :class:`ServingError` subclass instance (never raises).
+        a :class:`ServingError` subclass instance (never raises) whose ``retryable`` attribute says whether another
+        replica may answer (:func:`glad_runtime.serving.routing.classify` has the rules).
     """
-    if isinstance(exc, ServingError):
-        return exc
-    status = exc.status() if callable(getattr(exc, "status", None)) else None
-    status = (status or "").replace("StatusCode.", "") or None
-    msg = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
-    msg = f"{url}: {msg}" if url else str(msg)
-    low = msg.lower()
-    if status == "DEADLINE_EXCEEDED" or "deadline exceeded" in low:
-        return DeadlineExceededError(msg, status, url)
-    if "unknown model" in low or "is not found" in low or (status == "NOT_FOUND"):
-        return ModelNotFoundError(msg, status, url)
-    if status == "UNAVAILABLE" and "model" in low and "not ready" in low:
-        return ModelNotFoundError(msg, status, url)
-    if status in ("UNAVAILABLE",) or "failed to connect" in low or "connection refused" in low or \
-            "socket closed" in low or "shutting down" in low:
-        return ServerUnavailableError(msg, status, url)
-    if status == "INVALID_ARGUMENT":
-        return BadInputError(msg, status, url)
-    return ServingError(msg, status, url)
+    return routing.classify_error(exc, url)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -140,33 +143,83 @@ def _prepare(image: Any, index: int, resolution: int) -> tuple[str, str, Any]:
     raise BadInputError(f"{source}: unsupported input type {type(image).__name__}")
 
 
+
 class _Base:
-    """Shared settings, request building and response parsing of the sync and asyncio clients."""
+    """Shared settings, routing, request building and response parsing of the sync and asyncio clients."""
 
     def __init__(self, urls: str | Sequence[str], model_prefix: str, *, timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 0.2, max_backoff: float = 5.0, threshold: float | None = None):
+                 backoff: float = 0.2, max_backoff: float = 5.0, threshold: float | None = None,
+                 cooldown: float = 1.0, failure_threshold: int = 1):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("at least one server URL is needed")
+        if len(set(self.urls)) != len(self.urls):
+            raise ValueError(f"server URLs must be distinct: {self.urls}")
         self.model_prefix = model_prefix
         self.model_name = protocol.model_name(model_prefix)
         self.timeout, self.retries = float(timeout), max(0, int(retries))
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
         self.threshold = threshold
-        self._current = 0  # index of the URL that answered last (sticky until it fails)
+        self.pool = routing.Pool(self.urls, cooldown=cooldown, failure_threshold=failure_threshold)
         self._meta: dict | None = None
         self._clients: dict[str, Any] = {}
+        self._retired: list = []  # asyncio: channels replaced by a fresh one, closed later (_retire)
+        self._closing: set = set()
+        self._lock = threading.Lock()
+        self._counts: Counter = Counter()
+        self._attempt_errors: Counter = Counter()
+        self._raised: Counter = Counter()
 
     _grpc_module = "tritonclient.grpc"  # the asyncio client uses tritonclient.grpc.aio
 
-    def _client(self, url: str):
-        """The (cached) tritonclient connection to ``url``."""
+    def _client(self, url: str, fresh: bool = False):
+        """The (cached) tritonclient connection to ``url``; ``fresh``: a new channel (a breaker's probe: the old
+        channel may sit in gRPC's reconnect backoff after the server came back)."""
         import importlib
 
-        if url not in self._clients:
-            module = importlib.import_module(self._grpc_module)
-            self._clients[url] = module.InferenceServerClient(url, channel_args=GRPC_CHANNEL_ARGS)
-        return self._clients[url]
+        with self._lock:
+            if fresh or url not in self._clients:
+                module = importlib.import_module(self._grpc_module)
+                self._retire(self._clients.get(url))
+                self._clients[url] = module.InferenceServerClient(url, channel_args=GRPC_CHANNEL_ARGS)
+            return self._clients[url]
+
+    def _forget(self, url: str) -> None:
+        """Stop using the channel to ``url`` (a new one is made on next use); calls still running on it finish."""
+        with self._lock:
+            self._retire(self._clients.pop(url, None))
+
+    def _retire(self, client) -> None:
+        """A replaced channel (under the lock). Sync: dropped, tritonclient closes it when the last call holding
+        it returns (``__del__``). Asyncio: kept and closed later (aio channels close only by ``await``): the
+        oldest beyond four at the next replacement, the rest by :meth:`AsyncGladClient.close`."""
+
+    def _attempts(self, what: str, timeout: float | None = None, balance: bool = True) -> routing.Attempts:
+        return routing.Attempts(self.pool, self.timeout if timeout is None else timeout, retries=self.retries,
+                                backoff=self.backoff, max_backoff=self.max_backoff, what=what, balance=balance)
+
+    def _count(self, att: routing.Attempts, raised: BaseException | None = None) -> None:
+        with self._lock:
+            self._counts["calls"] += 1
+            self._counts["attempts"] += att.attempts
+            self._counts["retries"] += att.retried
+            for _, e in att.errors:
+                self._attempt_errors[type(e).__name__] += 1
+            if raised is not None:
+                self._raised[type(raised).__name__] += 1
+
+    def stats(self) -> dict:
+        """Counters since the client was made: ``calls`` (RPC calls through the retry loop: one per request of
+        ``detect`` plus ``metadata``), ``attempts``, ``retries`` (attempts beyond each call's first),
+        ``attempt_errors`` (failed attempts by error class), ``raised`` (errors raised to the caller by class) and
+        ``replicas`` (per URL: breaker ``state``, ``outstanding``, ``requests``, ``successes``, ``failures``,
+        ``ejections``, ``probes``)."""
+        with self._lock:
+            out = {k: int(self._counts[k]) for k in ("calls", "attempts", "retries")}
+            out["attempt_errors"] = dict(self._attempt_errors)
+            out["raised"] = dict(self._raised)
+        out["replicas"] = self.pool.snapshot()
+        return out
 
     def _parse_config(self, cfg: dict) -> dict:
         params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
@@ -178,6 +231,21 @@ class _Base:
         return {"resolution": dims[-1], "max_batch": int(cfg.get("max_batch_size", 1)) or 1, "parameters": params,
                 "dino_resolution": int(params.get("dino_resolution") or dims[-1]),
                 "calibration": protocol.calibration_from_parameter(params.get("calibration"))}
+
+    def _required_ready(self, index: dict) -> tuple[bool, list[str]]:
+        """``(ready, not ready names)`` from a repository index (``get_model_repository_index(as_json=True)``):
+        every model named ``<prefix>_*`` (but not those of a longer prefix with its own ``_glad`` model, e.g.
+        ``<prefix>_b_*`` when ``<prefix>_b_glad`` exists) and ``<prefix>_glad`` must have a READY version."""
+        models = index.get("models", []) if isinstance(index, dict) else []
+        head = self.model_prefix + "_"
+        names = {m.get("name", "") for m in models}
+        others = [n[:-len("_glad")] + "_" for n in names
+                  if n.endswith("_glad") and n != self.model_name and n.startswith(head)]
+        need = {n for n in names if n.startswith(head) and not any(n.startswith(o) for o in others)}
+        need.add(self.model_name)
+        ready = {m.get("name") for m in models if m.get("state") == "READY"}
+        missing = sorted(need - ready)
+        return not missing, missing
 
     def _inputs(self, module, kind: str, payloads: list):
         if kind == FILES:
@@ -193,37 +261,16 @@ class _Base:
     #: the same Pillow code as ``glad detect``; regions are in original-image pixels either way.
     _request_parameters = {protocol.MAP_SIZE_PARAMETER: "working"}
 
+    def _infer_kwargs(self, outputs, remaining: float) -> dict:
+        """The deadline twice: gRPC ``client_timeout`` (seconds) and Triton's request ``timeout`` (microseconds,
+        at least 1: 0 would mean none)."""
+        return dict(outputs=outputs, client_timeout=max(remaining, 1e-3), timeout=max(1, int(remaining * 1e6)),
+                    parameters=self._request_parameters)
+
     def _results(self, result, sources: list[str], url: str) -> list[Detection]:
         arrays = {n: result.as_numpy(n) for n in protocol.GLAD_OUTPUT_NAMES}
         return protocol.detections_from_arrays(arrays, sources, self._meta["calibration"], self.threshold, url,
                                                map_size="working")
-
-    def _order(self):
-        """The failover order of one call: ``(round, url index, url)`` over every URL per round (the one that
-        answered last first), with ``(None, round, None)`` between rounds: the caller sleeps :meth:`_wait`."""
-        for attempt in range(self.retries + 1):
-            for k in range(len(self.urls)):
-                idx = (self._current + k) % len(self.urls)
-                yield attempt, idx, self.urls[idx]
-            if attempt < self.retries:
-                yield None, attempt, None
-
-    @staticmethod
-    def _unavailable(exc: Exception, url: str) -> ServingError:
-        """The typed error of a failed call: returned when the URL is unavailable (fail over), raised otherwise."""
-        err = classify_error(exc, url)
-        if not isinstance(err, ServerUnavailableError):
-            raise err from exc
-        return err
-
-    def _exhausted(self, last: ServingError | None) -> ServerUnavailableError:
-        err = ServerUnavailableError(f"no server answered after {self.retries + 1} rounds over {self.urls}: {last}",
-                                     "UNAVAILABLE")
-        err.__cause__ = last
-        return err
-
-    def _wait(self, attempt: int) -> float:
-        return min(self.max_backoff, self.backoff * (2 ** attempt))
 
     def _prepare_all(self, images: Iterable[Any]) -> tuple[list[Detection | None], list]:
         """``(slots, good)``: a failed Detection or None per input, and ``(index, source, kind, payload)`` of the
@@ -255,106 +302,137 @@ class _Base:
 
 
 class GladClient(_Base):
-    """Synchronous client of a served GLAD bundle (gRPC).
+    """Synchronous client of a served GLAD bundle (gRPC) over one or several replicas; safe to share between
+    threads.
 
     Args:
-        urls: one ``host:port`` gRPC URL or several (failover order; the one that answered last is tried first).
+        urls: one ``host:port`` gRPC URL or several replicas (balanced by least outstanding requests, ties round
+            robin in this order; a failing one is ejected and failed over).
         model_prefix: the bundle's model prefix on the server (``glad serve`` prints it; models are
             ``<prefix>_glad``, ``<prefix>_unet``, ...).
-        timeout: deadline in seconds of each RPC (gRPC ``client_timeout``).
-        retries: extra rounds over all URLs after ``UNAVAILABLE`` (backoff ``backoff * 2**round`` seconds, capped
-            at ``max_backoff``).
+        timeout: deadline in seconds of each call (``detect``, ``metadata``), retries and sleeps included; each
+            attempt sends the remaining budget as gRPC ``client_timeout`` and as Triton's request timeout.
+        retries: extra rounds over the replicas once every replica failed (backoff ``backoff * 2**round`` seconds
+            with jitter, capped at ``max_backoff``, within the deadline).
         threshold: raw-score threshold overriding the server's calibration for this client's labels.
+        cooldown: seconds a failed replica is ejected before one probe request may go to it.
+        failure_threshold: consecutive replica-local failures that eject a replica (default: the first).
+
+    Failover, breaker and error policy: see the module docstring (:mod:`glad_runtime.serving.routing`).
     """
 
-
-    def _call(self, fn):
-        """Run ``fn(client, url)`` on the current URL, failing over on UNAVAILABLE, with backoff between rounds."""
-        last: ServingError | None = None
-        for attempt, idx, url in self._order():
-            if attempt is None:
-                time.sleep(self._wait(idx))
+    def _call(self, fn, what: str, timeout: float | None = None, balance: bool = True):
+        """Run ``fn(client, url, remaining_seconds)`` on the replicas the routing picks until one answers
+        (``balance=False``: a control call, which does not move the round robin)."""
+        att = self._attempts(what, timeout, balance)
+        while True:
+            step = att.next()
+            if step.kind == "sleep":
+                time.sleep(step.seconds)
                 continue
+            if step.kind == "raise":
+                self._count(att, step.error)
+                raise step.error
+            url = step.lease.url
             try:
-                out = fn(self._client(url), url)
-                self._current = idx
-                return out
+                out = fn(self._client(url, fresh=step.lease.probe), url, step.remaining)
             except Exception as e:  # tritonclient raises InferenceServerException; grpc may raise its own
-                last = self._unavailable(e, url)
-                self._drop(url)
-        raise self._exhausted(last)
-
-    def _drop(self, url: str) -> None:
-        c = self._clients.pop(url, None)
-        if c is not None:
-            try:
-                c.close()
-            except Exception:
-                pass
+                att.failed(step.lease, classify_error(e, url))
+                continue
+            att.succeeded(step.lease)
+            self._count(att)
+            return out
 
     def metadata(self) -> dict:
-        """``{"resolution", "max_batch", "parameters"}`` of the ``<prefix>_glad`` model (bundle checksum, version,
-        calibrated, threshold). Raises ModelNotFoundError / ServerUnavailableError."""
+        """``{"resolution", "max_batch", "parameters", "dino_resolution", "calibration"}`` of the
+        ``<prefix>_glad`` model (bundle checksum, version, calibrated, threshold), from the first replica that
+        answers. Raises ModelNotFoundError (no replica serves it) / ServerUnavailableError / DeadlineExceededError.
+        """
         if self._meta is None:
-            cfg = self._call(lambda c, u: c.get_model_config(self.model_name, as_json=True,
-                                                             client_timeout=self.timeout))
+            cfg = self._call(lambda c, u, t: c.get_model_config(self.model_name, as_json=True, client_timeout=t),
+                             f"{self.model_name} config", balance=False)
             self._meta = self._parse_config(cfg["config"])
         return self._meta
 
+    def _health_one(self, url: str) -> tuple[bool, str]:
+        try:
+            c = self._client(url)
+            if not c.is_server_live(client_timeout=self.timeout):
+                return False, "server not live"
+            ok, missing = self._required_ready(
+                c.get_model_repository_index(as_json=True, client_timeout=self.timeout))
+            return ok, "" if ok else f"not ready: {', '.join(missing)}"
+        except Exception as e:
+            self._forget(url)
+            return False, str(classify_error(e, url))
+
     def health(self) -> dict[str, bool]:
-        """Per URL: True when the server is live and ready and ``<prefix>_glad`` is ready (never raises)."""
+        """Per URL: True when the server is live and every model of the bundle (``<prefix>_glad`` and each
+        ``<prefix>_*`` network model in its repository index) is READY there (never raises). The result also feeds
+        the replica's circuit breaker (ready closes it, not ready ejects it)."""
         out = {}
         for url in self.urls:
-            try:
-                c = self._client(url)
-                out[url] = bool(c.is_server_ready(client_timeout=self.timeout)
-                                and c.is_model_ready(self.model_name, client_timeout=self.timeout))
-            except Exception:
-                self._drop(url)
-                out[url] = False
+            ok, why = self._health_one(url)
+            self.pool.record_health(url, ok, None if ok else ServerUnavailableError(f"{url}: {why}", None, url))
+            out[url] = ok
         return out
+
+    def ready(self) -> bool:
+        """True when at least one replica is healthy (:meth:`health`)."""
+        return any(self.health().values())
 
     def model_ready(self, graph: str = "glad") -> bool:
         """True when some URL has ``<prefix>_<graph>`` ready (``glad``, ``unet``, ``vae_encoder``, ...)."""
         name = protocol.model_name(self.model_prefix, graph)
-        try:
-            return bool(self._call(lambda c, u: c.is_model_ready(name, client_timeout=self.timeout)))
-        except ServingError:
-            return False
+        for url in self.urls:
+            try:
+                if self._client(url).is_model_ready(name, client_timeout=self.timeout):
+                    return True
+            except Exception:
+                self._forget(url)
+        return False
 
-    def _infer(self, chunk: list) -> list[Detection]:
+    def _infer(self, chunk: list, deadline: float) -> list[Detection]:
         import tritonclient.grpc as grpcclient
 
-        def call(c, url):
+        def call(c, url, remaining):
             inputs, outputs = self._inputs(grpcclient, chunk[0][2], [g[3] for g in chunk])
-            r = c.infer(self.model_name, inputs, outputs=outputs, client_timeout=self.timeout,
-                        parameters=self._request_parameters)
+            r = c.infer(self.model_name, inputs, **self._infer_kwargs(outputs, remaining))
             return self._results(r, [g[1] for g in chunk], url)
-        return self._call(call)
+        return self._call(call, f"{self.model_name} infer", deadline - self.pool.clock())
 
-    def detect(self, images: Iterable[Any]) -> list[Detection]:
+    def detect(self, images: Iterable[Any], timeout: float | None = None) -> list[Detection]:
         """Score images on the server, one request per batch of up to the model's ``max_batch_size``.
 
         Args:
             images: file paths or encoded bytes (sent as they are), PIL images, uint8/uint16 arrays ``[H,W]`` /
                 uint8 ``[H,W,3|4]`` (sent as lossless PNG), or preprocessed float32 ``[3,R,R]`` in [-1, 1].
+            timeout: this call's deadline in seconds (default: the client's ``timeout``), for all its requests,
+                retries and failovers.
         Returns:
             one :class:`Detection` per input, in order. An input that cannot be read or that the server refuses
             gets ``error`` (:class:`BadInputError`) and the others complete.
         Raises:
-            ServerUnavailableError: no URL answered within the retries (no partial results are returned: rerun).
-            DeadlineExceededError, ModelNotFoundError, ServingError: as named.
+            ServerUnavailableError: no replica answered within the retries and the deadline (no partial results
+                are returned: rerun).
+            ModelNotFoundError: no replica serves the bundle (or every one lacks one of its models).
+            DeadlineExceededError: the deadline passed during a request.
+            ServingError: another server error (not retried).
         """
-        self.metadata()
+        deadline = self.pool.clock() + (self.timeout if timeout is None else float(timeout))
+        if self._meta is None:
+            self._meta = self._parse_config(self._call(
+                lambda c, u, t: c.get_model_config(self.model_name, as_json=True, client_timeout=t),
+                f"{self.model_name} config", deadline - self.pool.clock(), balance=False)["config"])
         slots, good = self._prepare_all(images)
         for chunk in self._chunks(good):
             try:
-                dets = self._infer(chunk)
+                dets = self._infer(chunk, deadline)
             except BadInputError as e:
                 dets = [Detection(source=chunk[0][1], error=_refused(e, chunk[0][1]))] if len(chunk) == 1 else []
                 for g in (chunk if len(chunk) > 1 else []):  # isolate: one by one, so only the refused image fails
                     try:
-                        dets += self._infer([g])
+                        dets += self._infer([g], deadline)
                     except BadInputError as e1:
                         dets.append(Detection(source=g[1], error=_refused(e1, g[1])))
             for g, d in zip(chunk, dets):
@@ -363,8 +441,14 @@ class GladClient(_Base):
 
     def close(self) -> None:
         """Close the gRPC channels."""
-        for url in list(self._clients):
-            self._drop(url)
+        with self._lock:
+            clients = list(self._clients.values()) + self._retired
+            self._clients, self._retired = {}, []
+        for c in clients:
+            try:
+                c.close()
+            except Exception:
+                pass
 
     def __enter__(self) -> "GladClient":
         return self
@@ -374,80 +458,125 @@ class GladClient(_Base):
 
 
 class AsyncGladClient(_Base):
-    """The asyncio version of :class:`GladClient` (``tritonclient.grpc.aio``); same arguments, same errors.
+    """The asyncio version of :class:`GladClient` (``tritonclient.grpc.aio``); same arguments, same routing (the
+    same :class:`~glad_runtime.serving.routing.Pool` and retry state machine), same errors.
 
     ``await client.detect(images)``, ``await client.health()``, ``await client.metadata()``; use
-    ``async with AsyncGladClient(...) as client`` or ``await client.close()``.
+    ``async with AsyncGladClient(...) as client`` or ``await client.close()``. Many coroutines may share one
+    client in one event loop.
     """
 
     _grpc_module = "tritonclient.grpc.aio"
+    _keep_retired = 4
 
-    async def _drop(self, url: str) -> None:
-        c = self._clients.pop(url, None)
-        if c is not None:
+    def _retire(self, client) -> None:
+        if client is None:
+            return
+        self._retired.append(client)
+        while len(self._retired) > self._keep_retired:
+            old = self._retired.pop(0)
             try:
-                await c.close()
-            except Exception:
-                pass
-
-    async def _call(self, fn):
-        last: ServingError | None = None
-        for attempt, idx, url in self._order():
-            if attempt is None:
-                await asyncio.sleep(self._wait(idx))
+                task = asyncio.get_running_loop().create_task(old.close())
+            except RuntimeError:  # no running loop: left to the garbage collector
                 continue
+            self._closing.add(task)  # a reference until it is done (the loop keeps only weak ones)
+            task.add_done_callback(self._closing.discard)
+
+    async def _call(self, fn, what: str, timeout: float | None = None, balance: bool = True):
+        """See :meth:`GladClient._call` (``fn`` is a coroutine function)."""
+        att = self._attempts(what, timeout, balance)
+        while True:
+            step = att.next()
+            if step.kind == "sleep":
+                await asyncio.sleep(step.seconds)
+                continue
+            if step.kind == "raise":
+                self._count(att, step.error)
+                raise step.error
+            url = step.lease.url
             try:
-                out = await fn(self._client(url), url)
-                self._current = idx
-                return out
+                out = await fn(self._client(url, fresh=step.lease.probe), url, step.remaining)
+            except asyncio.CancelledError:
+                self.pool.release(step.lease, "neutral")  # the caller cancelled: nobody to blame
+                raise
             except Exception as e:
-                last = self._unavailable(e, url)
-                await self._drop(url)
-        raise self._exhausted(last)
+                att.failed(step.lease, classify_error(e, url))
+                continue
+            att.succeeded(step.lease)
+            self._count(att)
+            return out
 
     async def metadata(self) -> dict:
         """See :meth:`GladClient.metadata`."""
         if self._meta is None:
-            cfg = await self._call(lambda c, u: c.get_model_config(self.model_name, as_json=True,
-                                                                   client_timeout=self.timeout))
+            cfg = await self._call(lambda c, u, t: c.get_model_config(self.model_name, as_json=True,
+                                                                      client_timeout=t),
+                                   f"{self.model_name} config", balance=False)
             self._meta = self._parse_config(cfg["config"])
         return self._meta
 
+    async def _health_one(self, url: str) -> tuple[bool, str]:
+        try:
+            c = self._client(url)
+            if not await c.is_server_live(client_timeout=self.timeout):
+                return False, "server not live"
+            ok, missing = self._required_ready(
+                await c.get_model_repository_index(as_json=True, client_timeout=self.timeout))
+            return ok, "" if ok else f"not ready: {', '.join(missing)}"
+        except Exception as e:
+            self._forget(url)
+            return False, str(classify_error(e, url))
+
     async def health(self) -> dict[str, bool]:
         """See :meth:`GladClient.health`."""
+        checks = await asyncio.gather(*(self._health_one(u) for u in self.urls))
         out = {}
-        for url in self.urls:
-            try:
-                c = self._client(url)
-                out[url] = bool(await c.is_server_ready(client_timeout=self.timeout)
-                                and await c.is_model_ready(self.model_name, client_timeout=self.timeout))
-            except Exception:
-                await self._drop(url)
-                out[url] = False
+        for url, (ok, why) in zip(self.urls, checks):
+            self.pool.record_health(url, ok, None if ok else ServerUnavailableError(f"{url}: {why}", None, url))
+            out[url] = ok
         return out
 
-    async def _infer(self, chunk: list) -> list[Detection]:
+    async def ready(self) -> bool:
+        """See :meth:`GladClient.ready`."""
+        return any((await self.health()).values())
+
+    async def model_ready(self, graph: str = "glad") -> bool:
+        """See :meth:`GladClient.model_ready`."""
+        name = protocol.model_name(self.model_prefix, graph)
+        for url in self.urls:
+            try:
+                if await self._client(url).is_model_ready(name, client_timeout=self.timeout):
+                    return True
+            except Exception:
+                self._forget(url)
+        return False
+
+    async def _infer(self, chunk: list, deadline: float) -> list[Detection]:
         import tritonclient.grpc.aio as aioclient
 
-        async def call(c, url):
+        async def call(c, url, remaining):
             inputs, outputs = self._inputs(aioclient, chunk[0][2], [g[3] for g in chunk])
-            r = await c.infer(self.model_name, inputs, outputs=outputs, client_timeout=self.timeout,
-                              parameters=self._request_parameters)
+            r = await c.infer(self.model_name, inputs, **self._infer_kwargs(outputs, remaining))
             return self._results(r, [g[1] for g in chunk], url)
-        return await self._call(call)
+        return await self._call(call, f"{self.model_name} infer", deadline - self.pool.clock())
 
-    async def detect(self, images: Iterable[Any]) -> list[Detection]:
+    async def detect(self, images: Iterable[Any], timeout: float | None = None) -> list[Detection]:
         """See :meth:`GladClient.detect`."""
-        await self.metadata()
+        deadline = self.pool.clock() + (self.timeout if timeout is None else float(timeout))
+        if self._meta is None:
+            cfg = await self._call(lambda c, u, t: c.get_model_config(self.model_name, as_json=True,
+                                                                      client_timeout=t),
+                                   f"{self.model_name} config", deadline - self.pool.clock(), balance=False)
+            self._meta = self._parse_config(cfg["config"])
         slots, good = self._prepare_all(images)
         for chunk in self._chunks(good):
             try:
-                dets = await self._infer(chunk)
+                dets = await self._infer(chunk, deadline)
             except BadInputError as e:
                 dets = [Detection(source=chunk[0][1], error=_refused(e, chunk[0][1]))] if len(chunk) == 1 else []
                 for g in (chunk if len(chunk) > 1 else []):
                     try:
-                        dets += await self._infer([g])
+                        dets += await self._infer([g], deadline)
                     except BadInputError as e1:
                         dets.append(Detection(source=g[1], error=_refused(e1, g[1])))
             for g, d in zip(chunk, dets):
@@ -456,8 +585,14 @@ class AsyncGladClient(_Base):
 
     async def close(self) -> None:
         """Close the gRPC channels."""
-        for url in list(self._clients):
-            await self._drop(url)
+        with self._lock:
+            clients = list(self._clients.values()) + self._retired
+            self._clients, self._retired = {}, []
+        for c in clients:
+            try:
+                await c.close()
+            except Exception:
+                pass
 
     async def __aenter__(self) -> "AsyncGladClient":
         return self
