@@ -114,3 +114,27 @@ def elpv_images():
     good = np.where(mono & (probs == 0))[0][:4]
     bad = np.where(mono & (probs == 1))[0][:4]
     return images[good], images[bad]
+
+
+def detect_without_torch(bundle_path, images_dir, out, engine_args):
+    """Run ``glad detect BUNDLE IMAGES --out OUT <engine_args> --quiet`` in a fresh interpreter and assert that
+    it exits 0 without importing torch, diffusers or timm; returns the ``results.jsonl`` records."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\n"
+            "from glad_cli.main import cli\n"
+            "try:\n"
+            f"    cli(['detect', {str(bundle_path)!r}, {str(images_dir)!r}, '--out', {str(out)!r}, "
+            f"*{list(engine_args)!r}, '--quiet'])\n"
+            "except SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n"
+            "bad = [m for m in ('torch', 'diffusers', 'timm') if m in sys.modules]\n"
+            "assert not bad, bad\n"
+            "print('NO_TORCH_OK')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert "NO_TORCH_OK" in res.stdout, res.stdout + res.stderr
+    return [json.loads(line) for line in (Path(out) / "results.jsonl").read_text().splitlines()]

@@ -166,24 +166,13 @@ def test_ort_detect_runs_without_torch(exported, tmp_path, elpv_images):
     """`glad detect --engine ort` on real image files, in a fresh interpreter: torch is never imported."""
     from PIL import Image
 
+    from conftest import detect_without_torch
+
     good, bad = elpv_images
     for i, img in enumerate([good[0], bad[0]]):
         Image.fromarray(img).save(tmp_path / f"cell{i}.png")
     out = tmp_path / "out"
-    code = ("import sys\n"
-            "from glad_cli.main import cli\n"
-            "try:\n"
-            f"    cli(['detect', {str(exported[0].path)!r}, {str(tmp_path)!r}, '--out', {str(out)!r}, "
-            "'--engine', 'ort', '--quiet'])\n"
-            "except SystemExit as e:\n"
-            "    assert e.code == 0, e.code\n"
-            "bad = [m for m in ('torch', 'diffusers', 'timm') if m in sys.modules]\n"
-            "assert not bad, bad\n"
-            "print('NO_TORCH_OK')\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
-    assert "NO_TORCH_OK" in res.stdout, res.stdout + res.stderr
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    records = detect_without_torch(exported[0].path, tmp_path, out, ['--engine', 'ort'])
     assert len(records) == 2 and all(np.isfinite(r["score"]) for r in records)
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import detect_without_torch
+
 ov = pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")  # the exported_bundle fixture exports
@@ -202,18 +204,5 @@ def test_detect_runs_without_torch(bundle, tmp_path, elpv_images):
         Image.fromarray(img).save(tmp_path / f"cell{i}.png")
     out = tmp_path / "out"
     precision = "bf16" if HAS_BF16 else "fp32"
-    code = ("import sys\n"
-            "from glad_cli.main import cli\n"
-            "try:\n"
-            f"    cli(['detect', {str(bundle.path)!r}, {str(tmp_path)!r}, '--out', {str(out)!r}, "
-            f"'--engine', 'openvino', '--precision', {precision!r}, '--quiet'])\n"
-            "except SystemExit as e:\n"
-            "    assert e.code == 0, e.code\n"
-            "bad = [m for m in ('torch', 'diffusers', 'timm') if m in sys.modules]\n"
-            "assert not bad, bad\n"
-            "print('NO_TORCH_OK')\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
-    assert "NO_TORCH_OK" in res.stdout, res.stdout + res.stderr
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    records = detect_without_torch(bundle.path, tmp_path, out, ['--engine', 'openvino', '--precision', precision])
     assert len(records) == 2 and all(np.isfinite(r["score"]) for r in records)
