@@ -30,7 +30,7 @@ from glad_runtime.errors import CalibrationError, GladError
 from glad_runtime.pipeline.batch import GladPipeline
 from glad_runtime.render import MapScale, map_to_png16, render_detection
 
-__all__ = ["Detector", "detect_files", "summarize", "write_outputs", "UNCALIBRATED_NOTE"]
+__all__ = ["Detector", "detect_files", "write_detections", "summarize", "write_outputs", "UNCALIBRATED_NOTE"]
 
 
 class Detector:
@@ -79,17 +79,27 @@ class Detector:
 
     # ------------------------------------------------------------------ scoring
     def _detection(self, out, j: int, source: str, n: int, keep_map: bool) -> Detection:
-        score = float(out.scores[j])
-        v = label(score, self.calibration, self.threshold)
         ads = float(out.ads_scores[j])
-        return Detection(source=source, score=score, normalized_score=v.normalized_score, label=v.label,
-                         threshold=v.threshold, threshold_source=v.threshold_source,
-                         adaptive_step=int(out.adaptive_steps[j]), ads_score=ads if np.isfinite(ads) else None,
-                         ads_state=ads_state(self.config.ads_enabled, int(out.adaptive_steps[j]),
-                                             bool(out.saff_triggered[j])),
-                         saff_triggered=bool(out.saff_triggered[j]),
-                         anomaly_map=out.anomaly_maps[j] if keep_map else None,
-                         timings_s={k: round(t / n, 5) for k, t in out.timings.items()})
+        return self.labelled(Detection(source=source, score=float(out.scores[j]),
+                                       adaptive_step=int(out.adaptive_steps[j]),
+                                       ads_score=ads if np.isfinite(ads) else None,
+                                       saff_triggered=bool(out.saff_triggered[j]),
+                                       anomaly_map=out.anomaly_maps[j] if keep_map else None,
+                                       timings_s={k: round(t / n, 5) for k, t in out.timings.items()}))
+
+    def labelled(self, d: Detection) -> Detection:
+        """Set ``label``, ``normalized_score``, ``threshold``, ``threshold_source`` (the one labelling rule,
+        :func:`glad_runtime.core.calibration.label`) and ``ads_state`` on a scored Detection, in place, from its
+        ``score``, ``adaptive_step`` and ``saff_triggered``; returns it. Used for the pipeline's results and for
+        the step scheduler's (:class:`~glad_runtime.pipeline.stream.StepScheduler`), so both label alike. Failed
+        detections are returned unchanged."""
+        if not d.ok:
+            return d
+        v = label(d.score, self.calibration, self.threshold)
+        d.normalized_score, d.label, d.threshold, d.threshold_source = (v.normalized_score, v.label, v.threshold,
+                                                                        v.threshold_source)
+        d.ads_state = ads_state(self.config.ads_enabled, int(d.adaptive_step), bool(d.saff_triggered))
+        return d
 
     def locate(self, d: Detection, img: LoadedImage | None = None) -> Detection:
         """Finish one scored Detection: the decoded image's ``original_size`` and ``image_mode`` (a preprocessed
@@ -224,20 +234,31 @@ def detect_files(detector: Detector, paths: Iterable[str | Path], out_dir: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [Path(p) for p in paths]
-    names = _unique_names(paths)
-    records: list[Detection] = []
     scale = MapScale.for_bundle(detector.calibration, detector.config)
-    for i, (rec, img) in enumerate(detector.detect(paths, batch_size=batch_size, progress=progress)):
+    pairs = enumerate(detector.detect(paths, batch_size=batch_size, progress=progress))
+    return write_detections(((i, rec, img) for i, (rec, img) in pairs), paths, out, scale, map_format)
+
+
+def write_detections(results: Iterable[tuple[int, Detection, LoadedImage | None]], paths: Sequence[Path],
+                     out: Path, scale: MapScale, map_format: str = "png16") -> list[Detection]:
+    """Write ``glad detect``'s files (:func:`write_outputs`, ``<name>.json``, ``results.jsonl``) for results that
+    arrive in any order: ``(index in paths, Detection, decoded image or None)``; the image is decoded here when
+    None (a served result). Returns the Detections in ``paths`` order (maps dropped after writing)."""
+    names = _unique_names(list(paths))
+    records: list[Detection | None] = [None] * len(paths)
+    for i, rec, img in results:
         if rec.ok:
+            if img is None:
+                img = load_image(paths[i])
             write_outputs(rec, resize_map(rec.anomaly_map, img.original_size), img.rgb, out, names[i], map_format,
                           scale)
             rec.anomaly_map = None
         (out / f"{names[i]}.json").write_text(json.dumps(rec.to_dict(), indent=2))
-        records.append(rec)
+        records[i] = rec
     with open(out / "results.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r.to_dict()) + "\n")
-    return records
+    return records  # type: ignore[return-value]
 
 
 UNCALIBRATED_NOTE = ("the bundle is uncalibrated: records carry raw scores only, no labels; run `glad calibrate` "

@@ -128,7 +128,7 @@ def test_repository_layout_and_configs(served_bundle, repo, tmp_path):
     names = sorted(p.name for p in repo.iterdir() if p.name != "tiny_raw_glad")
     assert names == sorted(model_names(served_bundle)) == sorted(
         f"tiny_line_{n}" for n in ("unet", "vae_encoder", "vae_decoder", "dino", "dino_ads", "ads_check",
-                                   "resize", "recon_features", "glad"))
+                                   "resize", "recon_features", "glad", "glad_inflight"))
     unet = (repo / "tiny_line_unet" / "config.pbtxt").read_text()
     # dims read from the graph (not hard-coded): compare with what ONNX Runtime reports
     sess = ort.InferenceSession(str(served_bundle.file("onnx/unet.onnx")), providers=["CPUExecutionProvider"])
@@ -148,6 +148,14 @@ def test_repository_layout_and_configs(served_bundle, repo, tmp_path):
     served = "unet,vae_encoder,vae_decoder,dino,dino_ads,ads_check"  # what the BLS loop may call
     assert f'key: "served_graphs" value: {{ string_value: "{served}" }}' in glad
     assert (repo / "tiny_line_glad" / "1" / "calibration.json").is_file()
+    # the in-flight model: the same contract, decoupled, its pool bounds as parameters, the shared BLS code beside
+    inflight = (repo / "tiny_line_glad_inflight" / "config.pbtxt").read_text()
+    assert glad[glad.index("input ["):glad.index("instance_group")] in inflight
+    assert "model_transaction_policy { decoupled: true }" in inflight and "dynamic_batching" not in inflight
+    assert 'key: "max_active" value: { string_value: "4" }' in inflight
+    assert 'key: "max_queue" value: { string_value: "16" }' in inflight
+    for entry in ("tiny_line_glad", "tiny_line_glad_inflight"):
+        assert (repo / entry / "1" / "glad_bls.py").is_file() and (repo / entry / "1" / "calibration.json").is_file()
     ens = (repo / "tiny_line_recon_features" / "config.pbtxt").read_text()
     assert 'platform: "ensemble"' in ens and ens.index("tiny_line_vae_decoder") < ens.index("tiny_line_resize") \
         < ens.index("tiny_line_dino\"")
@@ -161,7 +169,7 @@ def test_repository_layout_and_configs(served_bundle, repo, tmp_path):
     text = (gpu / "a_dino" / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in text and "kind: KIND_GPU" in text and "backend" not in text
     assert "max_batch_size: 4" in (gpu / "b_unet" / "config.pbtxt").read_text()
-    assert len(list(gpu.iterdir())) == 18  # 9 models per prefix
+    assert len(list(gpu.iterdir())) == 20  # 10 models per prefix
 
 
 def test_repository_refuses_unexported(tiny_bundle, tmp_path):

@@ -37,11 +37,13 @@ import shutil
 from pathlib import Path
 
 __all__ = ["write_deploy", "grafana_dashboard", "detect_prefixes", "detect_target", "GLAD_COUNTERS",
-           "GLAD_HISTOGRAMS", "TRITON_METRICS", "MODEL_SUFFIXES", "CONTAINER_REPOSITORY"]
+           "GLAD_GAUGES", "GLAD_HISTOGRAMS", "TRITON_METRICS", "MODEL_SUFFIXES", "CONTAINER_REPOSITORY"]
 
-#: GLAD metrics the BLS model exports (``triton_models/python/glad_model.py``, module docstring): counters ...
+#: GLAD metrics the entry models export (``triton_models/python/glad_bls.py``, module docstring): counters ...
 GLAD_COUNTERS = ("glad_images_total", "glad_errors_total", "glad_requests_abandoned_total",
-                 "glad_ads_decisions_total", "glad_ddim_steps_saved_total")
+                 "glad_ads_decisions_total", "glad_ddim_steps_saved_total", "glad_requests_rejected_total")
+#: ... gauges (the in-flight model's pool) ...
+GLAD_GAUGES = ("glad_inflight_images",)
 #: ... and histograms (exposed as ``<name>_bucket``, ``<name>_sum``, ``<name>_count``).
 GLAD_HISTOGRAMS = ("glad_adaptive_step", "glad_score", "glad_normalized_score")
 #: Triton's own per-model metrics the dashboard and the autoscaler use.
@@ -49,7 +51,7 @@ TRITON_METRICS = ("nv_inference_request_success", "nv_inference_request_duration
                   "nv_inference_compute_infer_duration_us", "nv_inference_pending_request_count")
 #: The model-name suffixes :func:`~triton_models.repository.generate_repository` writes under a prefix.
 MODEL_SUFFIXES = ("unet", "vae_encoder", "vae_decoder", "dino", "dino_ads", "ads_check", "resize", "recon_features",
-                  "glad")
+                  "glad", "glad_inflight")
 #: Where the image holds the model repository.
 CONTAINER_REPOSITORY = "/models"
 #: The site-packages folder the image installs the runtime into (first on the python backend's ``sys.path``).
@@ -597,7 +599,8 @@ def grafana_dashboard() -> dict:
     (anomalous / all scored), error rate and errors by type, abandoned requests by reason, ADS trigger rate and
     outcomes, adaptive-step, raw and normalised score quantiles (``histogram_quantile`` over the ``_bucket``
     series), DDIM steps saved, and Triton's request rate, average request / queue / compute latency, pending
-    requests. Every expression names only :data:`GLAD_COUNTERS`, :data:`GLAD_HISTOGRAMS` and :data:`TRITON_METRICS`.
+    requests, and the in-flight pool (images queued or in flight, requests refused by reason). Every expression
+    names only :data:`GLAD_COUNTERS`, :data:`GLAD_GAUGES`, :data:`GLAD_HISTOGRAMS` and :data:`TRITON_METRICS`.
     """
     m = '{model=~"$model"}'
     tm = '{model=~"$triton_model"}'
@@ -656,6 +659,13 @@ def grafana_dashboard() -> dict:
         _panel(14, "Triton pending requests by model",
                [(f"sum by (model) (nv_inference_pending_request_count{tm})", "{{model}}")], 12, 48, unit="short",
                description="The autoscaler's signal (k8s/glad-triton.yaml HorizontalPodAutoscaler)."),
+        _panel(15, "In-flight pool: images queued or in flight",
+               [(f"sum by (model) (glad_inflight_images{m})", "{{model}}")], 0, 56, unit="short",
+               description="<prefix>_glad_inflight: images in its step-level pool (bounded by max_active + "
+                           "max_queue)."),
+        _panel(16, "In-flight requests refused / s by reason",
+               [(rate("glad_requests_rejected_total", by="reason"), "{{reason}}")], 12, 56, unit="reqps",
+               description="pool_full: back-pressure (clients retry with backoff or fail over); closing: unload."),
     ]
     return {
         "title": "GLAD anomaly detection on Triton",

@@ -18,6 +18,9 @@ model                                   what
                                         every GLAD run: decode the final latents and extract their features).
 ``<p>_glad``                            python-backend BLS model: the whole ADS/SAFF loop server-side
                                         (``python/glad_model.py``), one request per batch of images.
+``<p>_glad_inflight``                   decoupled python-backend model (``python/glad_inflight_model.py``):
+                                        the same contract, requests joining one step-level in-flight pool
+                                        (``inflight=False``: not written).
 ======================================  ==========================================================================
 
 Files: the graph goes into the version directory as ``model.onnx`` (``model.plan``), as a **hard link** to the
@@ -144,11 +147,13 @@ def _graphs(bundle: Bundle) -> list[str]:
     return names
 
 
-def model_names(bundle: Bundle, prefix: str | None = None) -> list[str]:
-    """The model names :func:`generate_repository` writes for ``bundle`` (prefix default from its folder)."""
+def model_names(bundle: Bundle, prefix: str | None = None, inflight: bool = True) -> list[str]:
+    """The model names :func:`generate_repository` writes for ``bundle`` (prefix default from its folder;
+    ``inflight``: with ``<prefix>_glad_inflight``)."""
     p = prefix or default_model_prefix(bundle)
     cfg = bundle.config
-    extra = ["recon_features", "glad"] + (["resize"] if cfg.resolution != cfg.dino_resolution else [])
+    extra = ["recon_features", protocol.GLAD_MODEL] + (["resize"] if cfg.resolution != cfg.dino_resolution else [])
+    extra += [protocol.INFLIGHT_MODEL] if inflight else []
     return [f"{p}_{n}" for n in _graphs(bundle) + extra]
 
 
@@ -205,7 +210,9 @@ def _plan_for(bundle: Bundle, graph: str, precision: str, max_batch: int) -> Pat
 def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathLike, *, target: str = "cpu",
                         prefix: str | None = None, max_batch: int = 8, instances: int = 1, glad_instances: int = 1,
                         queue_delay_us: int = 500, precision: str = "fp32", version: int | None = None,
-                        intra_op_threads: int = 1, queue_timeout_us: int = 0, warmup: bool = True) -> list[str]:
+                        intra_op_threads: int = 1, queue_timeout_us: int = 0, warmup: bool = True,
+                        inflight: bool = True, inflight_max_active: int | None = None,
+                        inflight_max_queue: int | None = None) -> list[str]:
     """Write (or replace) the models of one bundle in a Triton model repository.
 
     Args:
@@ -224,6 +231,10 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
         queue_timeout_us: ``default_timeout_microseconds`` of every model's queue policy (:func:`queue_policy`):
             the timeout of requests that send none (0: none); a request's own timeout always applies.
         warmup: give the network models a ``model_warmup`` (zero inputs at batch 1 and the full batch).
+        inflight: also write ``<prefix>_glad_inflight`` (issue 17), with ``inflight_max_active`` images in flight
+            (default and upper bound ``max_batch``: an ADS check sends two images per undecided one to the
+            network models) and ``inflight_max_queue`` waiting (default ``4 * max_batch``); past both, requests
+            are refused at once (UNAVAILABLE, retryable).
     Returns:
         the model names written.
     Raises:
@@ -239,6 +250,11 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
         raise ValueError("max_batch must be >= 1")
     if queue_timeout_us < 0:
         raise ValueError("queue_timeout_us must be >= 0")
+    max_active = max_batch if inflight_max_active is None else int(inflight_max_active)
+    max_queue = 4 * max_batch if inflight_max_queue is None else int(inflight_max_queue)
+    if not 1 <= max_active <= max_batch or max_queue < 0:
+        raise ValueError(f"inflight_max_active must be in [1, max_batch={max_batch}] and inflight_max_queue >= 0, "
+                         f"got {max_active}, {max_queue}")
     cfg = b.config
     p = prefix or default_model_prefix(b)
     graphs = _graphs(b)
@@ -262,7 +278,7 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
               "preset": cfg.preset}
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
-    for name in model_names(b, p):  # keep the version before this one (still serving during a rollout)
+    for name in model_names(b, p, inflight):  # keep the version before this one (still serving during a rollout)
         for v in served_versions(repo, name):
             if v == version or v < version - 1:
                 shutil.rmtree(repo / name / str(v), ignore_errors=True)
@@ -342,23 +358,32 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
     (repo / name / "config.pbtxt").write_text(text)
     written.append(name)
 
-    # the BLS model: the whole loop server-side
-    name = protocol.model_name(p)
-    vdir = new_version_dir(name)
-    shutil.copy(PYTHON_MODELS / "glad_model.py", vdir / "model.py")
-    shutil.copy(b.file("config.json"), vdir / "config.json")
+    # the entry models: the whole loop server-side, per dynamic batch (BLS) and in flight (decoupled)
     cal = b.calibration()
-    if cal is not None:
-        shutil.copy(b.file("calibration.json"), vdir / "calibration.json")
     d, r = cfg.dino_resolution, cfg.resolution
     bls_params = dict(common, model_prefix=p, network_max_batch=net_batch, resolution=r, dino_resolution=d,
                       served_graphs=",".join(graphs),
                       calibrated="true" if cal is not None else "false",
                       threshold="" if cal is None else cal.image_threshold,
                       calibration=protocol.calibration_parameter(cal))
-    text = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
-            + _io("input", protocol.glad_inputs(r)) + _io("output", protocol.glad_outputs())
-            + _instances(glad_instances, "KIND_CPU") + _batching(max_batch, queue_delay_us, queue_timeout_us) + _params(bls_params))
-    (repo / name / "config.pbtxt").write_text(text)
-    written.append(name)
+    entries = [(protocol.GLAD_MODEL, "glad_model.py",
+                _instances(glad_instances, "KIND_CPU") + _batching(max_batch, queue_delay_us, queue_timeout_us),
+                {})]
+    if inflight:
+        entries.append((protocol.INFLIGHT_MODEL, "glad_inflight_model.py",
+                        "model_transaction_policy { decoupled: true }\n" + _instances(1, "KIND_CPU"),
+                        {"max_active": max_active, "max_queue": max_queue}))
+    for suffix, source, scheduling, extra in entries:
+        name = protocol.model_name(p, suffix)
+        vdir = new_version_dir(name)
+        shutil.copy(PYTHON_MODELS / source, vdir / "model.py")
+        shutil.copy(PYTHON_MODELS / "glad_bls.py", vdir / "glad_bls.py")
+        shutil.copy(b.file("config.json"), vdir / "config.json")
+        if cal is not None:
+            shutil.copy(b.file("calibration.json"), vdir / "calibration.json")
+        text = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+                + _io("input", protocol.glad_inputs(r)) + _io("output", protocol.glad_outputs())
+                + scheduling + _params(dict(bls_params, **extra)))
+        (repo / name / "config.pbtxt").write_text(text)
+        written.append(name)
     return written

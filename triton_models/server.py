@@ -30,6 +30,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from glad_runtime.errors import PortInUseError, ServerStartError  # noqa: F401 (re-exported)
+from glad_runtime.serving import protocol
 
 __all__ = ["TritonServer", "ServerStartError", "PortInUseError", "launch_server", "free_port", "port_holder",
            "check_ports", "load_model", "model_index", "rollout", "pytriton_root", "server_available",
@@ -196,7 +197,7 @@ class TritonServer:
     def drain(self, grace: float = 30.0) -> list[str]:
         """Stop taking new images and let the ones in flight finish (a rolling restart's first half).
 
-        In ``explicit`` mode every ``*_glad`` BLS model is unloaded: requests for it are refused at once with
+        In ``explicit`` mode every entry model (``*_glad`` and ``*_glad_inflight``) is unloaded: requests for it are refused at once with
         "model not found / no available versions" (clients fail over to another replica), while the loops in
         flight keep their network models and finish; Triton removes the model when the last one ends. Waits up
         to ``grace`` seconds for that. Other modes cannot unload: nothing is done (``stop`` then relies on
@@ -204,7 +205,7 @@ class TritonServer:
         """
         if self.model_control != "explicit" or not self.running():
             return []
-        names = sorted({m["name"] for m in self.model_index() if m.get("name", "").endswith("_glad")
+        names = sorted({m["name"] for m in self.model_index() if protocol.is_entry_model(m.get("name", ""))
                         and m.get("state") == "READY"})
         deadline = time.monotonic() + grace
         for name in names:
@@ -329,15 +330,16 @@ def rollout(http_urls: "str | list[str]", repo: str | os.PathLike, bundle, *, pr
     p = prefix or default_model_prefix(b)
     version = next_version(repo, p, b.checksum())
     names = generate_repository(b, repo, prefix=p, version=version, **generate_options)
-    glad = [n for n in names if n.endswith("_glad")]
+    glad = [n for n in names if protocol.is_entry_model(n)]  # <prefix>_glad first, then _glad_inflight
     ensembles = [n for n in names if n.endswith("_recon_features")]
     order = [n for n in names if n not in glad and n not in ensembles] + ensembles + glad
     for url in [http_urls] if isinstance(http_urls, str) else list(http_urls):
         for name in order:
             load_model(url, name, timeout)
         ready = {(m.get("name"), str(m.get("version"))) for m in model_index(url) if m.get("state") == "READY"}
-        if (glad[0], str(version)) not in ready:
-            raise ServerStartError(f"{url}: {glad[0]} version {version} is not ready after the rollout")
+        for name in glad:
+            if (name, str(version)) not in ready:
+                raise ServerStartError(f"{url}: {name} version {version} is not ready after the rollout")
     return version
 
 

@@ -25,6 +25,10 @@ from glad_cli.options import bundle_argument, engine_options, engine_settings, o
 @click.option("--map-format", type=click.Choice(["png16", "npy"]), default="png16", show_default=True,
               help="Anomaly map file: 16-bit PNG (value = png / map_png_scale in the JSON; calibrated, one scale "
                    "for the whole bundle, 65535 = clipped at the ceiling) or float32 .npy.")
+@click.option("--stream", is_flag=True,
+              help="With --server: send the images to the served in-flight model (P_glad_inflight: the whole loop "
+                   "on the server, each image joining the running denoising loop; results written as they "
+                   "finish) instead of running the loop here against the network models.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--threshold", type=float, default=None,
               help="Raw image threshold for this run, overriding the bundle's calibration (labels: score > X).")
@@ -32,7 +36,7 @@ from glad_cli.options import bundle_argument, engine_options, engine_settings, o
                  "bundle's thresholds were set with its own config: the summary then says so.")
 def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size: int, seed: int | None,
                backend: str, device: str, precision: str, provider: str, threads: int, server, model_prefix,
-               map_format: str, quiet: bool, threshold: float | None, overrides: dict) -> None:
+               map_format: str, stream: bool, quiet: bool, threshold: float | None, overrides: dict) -> None:
     """Score images (files or folders) with a model BUNDLE; maps come back at each image's original size.
 
     Any image Pillow reads is accepted: 8/16-bit grayscale, RGB, RGBA, palette, EXIF-rotated, any size. A file that
@@ -59,14 +63,25 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
     if not paths:
         raise click.BadParameter("no images found", param_hint="INPUTS")
     start = time.perf_counter()
-    engine = engine_settings(backend, device, precision, provider, threads, server, model_prefix)
     changes = dict(overrides) | ({} if seed is None else {"seed": seed})  # --seed wins over --set seed=
-    _, detector = open_detector(bundle, engine, batch_size, changes, calibration=calibration, threshold=threshold)
-    records = detect_files(detector, paths, out_dir, batch_size=batch_size, map_format=map_format,
-                           progress=not quiet)
+    if stream:
+        if not server:
+            raise click.BadParameter("needs --server HOST:GRPC_PORT (a `glad serve` server)", param_hint="--stream")
+        if changes:
+            raise click.BadParameter("the served bundle's config applies; --set / --seed cannot change it",
+                                     param_hint="--stream")
+        records = _detect_streamed(bundle, paths, out_dir, server, model_prefix, threshold, calibration,
+                                   window=2 * batch_size, map_format=map_format, progress=not quiet)
+        run_seed = Bundle(bundle).config.seed
+    else:
+        engine = engine_settings(backend, device, precision, provider, threads, server, model_prefix)
+        _, detector = open_detector(bundle, engine, batch_size, changes, calibration=calibration,
+                                    threshold=threshold)
+        records = detect_files(detector, paths, out_dir, batch_size=batch_size, map_format=map_format,
+                               progress=not quiet)
+        run_seed = detector.config.seed
     summary = summarize(records) | {"wall_s": round(time.perf_counter() - start, 2), "out": str(out_dir)}
     notes = [summary["note"]] if "note" in summary else []
-    run_seed = detector.config.seed
     if calibration is not None and run_seed != calibration.params.get("pipeline_seed", run_seed):
         notes.append(f"calibrated with seed {calibration.params['pipeline_seed']}, run with seed "
                      f"{run_seed}: scores shift with the noise seed")
@@ -87,3 +102,25 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
         if r.error:
             click.echo(f"error: {r.error}", err=True)
     sys.exit(1 if summary["failed"] else 0)
+
+
+def _detect_streamed(bundle: Path, paths: list[Path], out_dir: Path, server: str, model_prefix: str | None,
+                     threshold: float | None, calibration, *, window: int, map_format: str, progress: bool):
+    """``glad detect --server URL --stream``: :meth:`GladClient.stream` over the files (sent as they are), each
+    result written as it finishes (:func:`glad_runtime.detector.write_detections`); records in input order."""
+    from tqdm import tqdm
+
+    from glad_runtime.core.bundle import Bundle
+    from glad_runtime.detector import write_detections
+    from glad_runtime.engines.triton import default_model_prefix
+    from glad_runtime.render import MapScale
+    from glad_runtime.serving.client import GladClient
+
+    b = Bundle(bundle)
+    index = {str(p): i for i, p in enumerate(paths)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with GladClient(server, model_prefix or default_model_prefix(b), threshold=threshold) as client:
+        results = tqdm(client.stream([str(p) for p in paths], window=window), total=len(paths), desc="detect",
+                       disable=not progress)
+        return write_detections(((index[d.source], d, None) for d in results), paths, out_dir,
+                                MapScale.for_bundle(calibration, b.config), map_format)

@@ -34,6 +34,15 @@ import click
               help="Model version to write (default: a new version beside the served one for a different "
                    "bundle, the same version for the same bundle).")
 @click.option("--no-warmup", is_flag=True, help="Do not give the network models a model_warmup.")
+@click.option("--inflight/--no-inflight", default=True, show_default=True,
+              help="Also serve P_glad_inflight: requests join one step-level pool (in-flight batching; gRPC "
+                   "streams, GladClient.stream, glad detect --server --stream).")
+@click.option("--inflight-max-active", type=click.IntRange(1), default=None,
+              help="Images in flight in P_glad_inflight (one UNet call per tick for all; default and at most "
+                   "--max-batch).")
+@click.option("--inflight-max-queue", type=click.IntRange(0), default=None,
+              help="Images waiting for a slot in P_glad_inflight (default 4 x --max-batch); past it requests are "
+                   "refused at once with UNAVAILABLE (back-pressure; clients retry or fail over).")
 @click.option("--deploy", "deploy_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also write a container build context, Kubernetes / KServe manifests and a Grafana dashboard "
                    "for the repository into this folder (needs --image).")
@@ -61,7 +70,7 @@ import click
               help="--start: one more tritonserver flag, passed through (repeat), e.g. --server-arg=--log-verbose=1")
 def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instances: int, glad_instances: int,
               queue_delay_us: int, precision: str, threads: int, queue_timeout_us: int, model_version,
-              no_warmup: bool, deploy_dir, image, rollout_urls, start: bool, host: str, http_port: int, grpc_port: int,
+              no_warmup: bool, inflight: bool, inflight_max_active, inflight_max_queue, deploy_dir, image, rollout_urls, start: bool, host: str, http_port: int, grpc_port: int,
               metrics_port: int, server_binary, model_control: str, drain_grace: float, log_path,
               server_args) -> None:
     """Write a Triton model repository for exported BUNDLES (`glad export`) and optionally start the server.
@@ -73,6 +82,7 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
       P_recon_features   ensemble: latents -> decoder -> resize -> dino (reconstruction + its tokens)
       P_resize           the ensemble's resize step (only when resolution != dino_resolution)
       P_glad             BLS model: the whole ADS/SAFF loop, one request per batch (glad_runtime.serving.client)
+      P_glad_inflight    the same contract, decoupled: requests join one in-flight pool at the next DDIM step
     Clients: `glad detect BUNDLE --server HOST:GRPC_PORT` (loop here, networks there) or
     glad_runtime.serving.client.GladClient(URL, P) (loop on the server).
 
@@ -98,15 +108,16 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
     if len(set(names)) != len(names):
         raise click.BadParameter(f"two bundles get the same prefix {names}; pass --prefix per bundle",
                                  param_hint="--prefix")
+    options = dict(target=target, max_batch=max_batch, instances=instances, glad_instances=glad_instances,
+                   queue_delay_us=queue_delay_us, precision=precision, intra_op_threads=threads,
+                   queue_timeout_us=queue_timeout_us, warmup=not no_warmup, inflight=inflight,
+                   inflight_max_active=inflight_max_active, inflight_max_queue=inflight_max_queue)
     if rollout_urls:
         from triton_models.server import rollout
 
         for bpath, prefix in zip(bundles, names):
             try:
-                v = rollout(list(rollout_urls), repo, Bundle(bpath), prefix=prefix, target=target,
-                            max_batch=max_batch, instances=instances, glad_instances=glad_instances,
-                            queue_delay_us=queue_delay_us, precision=precision, intra_op_threads=threads,
-                            queue_timeout_us=queue_timeout_us, warmup=not no_warmup)
+                v = rollout(list(rollout_urls), repo, Bundle(bpath), prefix=prefix, **options)
             except ValueError as e:
                 if isinstance(e, GladError):
                     raise
@@ -116,11 +127,7 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
     for bpath, prefix in zip(bundles, names):
         b = Bundle(bpath)
         try:
-            models = generate_repository(b, repo, target=target, prefix=prefix, max_batch=max_batch,
-                                         instances=instances, glad_instances=glad_instances,
-                                         queue_delay_us=queue_delay_us, precision=precision,
-                                         intra_op_threads=threads, queue_timeout_us=queue_timeout_us,
-                                         version=model_version, warmup=not no_warmup)
+            models = generate_repository(b, repo, prefix=prefix, version=model_version, **options)
         except ValueError as e:
             if isinstance(e, GladError):
                 raise

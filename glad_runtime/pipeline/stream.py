@@ -102,6 +102,23 @@ class StepScheduler:
         self._queue.append(_Slot(key=key, image=img))
         return key
 
+    def cancel(self, keys: Iterable[Any]) -> int:
+        """Drop the queued or in-flight images with these keys (an abandoned request); returns how many were
+        dropped. The others are unaffected: a result does not depend on which images shared its ticks."""
+        drop = set(keys)
+        before = self.pending
+        self._queue = deque(s for s in self._queue if s.key not in drop)
+        self._active = [s for s in self._active if s.key not in drop]
+        return before - self.pending
+
+    def clear(self) -> list[Any]:
+        """Drop every queued and in-flight image; returns their keys (after a failed :meth:`tick`, whose images
+        are in an unknown state)."""
+        keys = [s.key for s in self._active] + [s.key for s in self._queue]
+        self._queue.clear()
+        self._active = []
+        return keys
+
     # ------------------------------------------------------------------ the tick
     def tick(self) -> list[Detection]:
         """One scheduling step (admit, one UNet call, one ADS check, finish); returns the images finished by it."""

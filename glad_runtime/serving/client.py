@@ -47,7 +47,7 @@ import os
 import threading
 import time
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -87,6 +87,8 @@ def classify_error(exc: Exception, url: str | None = None) -> ServingError:
 
 # ---------------------------------------------------------------------------------------------- inputs
 FILES, TENSOR = "files", "tensor"
+#: seconds past an image's deadline that :meth:`GladClient.stream` waits for the server's own "deadline exceeded"
+_ANSWER_GRACE_S = 1.0
 
 
 def _png(image: Any) -> bytes:
@@ -142,6 +144,65 @@ def _prepare(image: Any, index: int, resolution: int) -> tuple[str, str, Any]:
             raise BadInputError(f"{source}: cannot encode the image ({e})") from e
     raise BadInputError(f"{source}: unsupported input type {type(image).__name__}")
 
+
+
+class _Streams:
+    """One bidirectional gRPC stream (``ModelStreamInfer``) per replica for :meth:`GladClient.stream`; every
+    response lands in one queue as ``("response", url, token, ModelStreamInferResponse)``, and a stream that
+    ends as ``("broken", url, token, error)``. ``token`` tells a stream from the one that replaced it."""
+
+    def __init__(self, events):
+        self.events = events
+        self._open: dict[str, tuple] = {}  # url -> (token, channel, request queue, call)
+        self._tokens = 0
+
+    def send(self, url: str, request) -> int:
+        """Send ``request`` on the stream to ``url`` (opened on first use); returns the stream's token."""
+        if url not in self._open:
+            self._start(url)
+        token, _, requests, _ = self._open[url]
+        requests.put(request)
+        return token
+
+    def _start(self, url: str) -> None:
+        import queue
+
+        import grpc
+        from tritonclient.grpc import service_pb2_grpc
+
+        self._tokens += 1
+        token = self._tokens
+        channel = grpc.insecure_channel(url, options=GRPC_CHANNEL_ARGS)
+        requests: queue.Queue = queue.Queue()
+        call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests.get, None))
+
+        def read():
+            try:
+                for response in call:
+                    self.events.put(("response", url, token, response))
+                error: Exception = ServerUnavailableError(f"{url}: the stream ended", None, url)
+            except grpc.RpcError as e:
+                error = e
+            self.events.put(("broken", url, token, error))
+
+        threading.Thread(target=read, name=f"glad-stream-{url}", daemon=True).start()
+        self._open[url] = (token, channel, requests, call)
+
+    def forget(self, url: str, token: int) -> None:
+        """Close the stream to ``url`` if it is still the one with ``token`` (the next send opens a new one)."""
+        if url in self._open and self._open[url][0] == token:
+            self._close(self._open.pop(url))
+
+    @staticmethod
+    def _close(entry) -> None:
+        _, channel, requests, call = entry
+        requests.put(None)
+        call.cancel()
+        channel.close()
+
+    def close(self) -> None:
+        for url in list(self._open):
+            self._close(self._open.pop(url))
 
 
 class _Base:
@@ -438,6 +499,158 @@ class GladClient(_Base):
             for g, d in zip(chunk, dets):
                 slots[g[0]] = d
         return slots  # type: ignore[return-value]
+
+    def stream(self, images: Iterable[Any], *, window: int = 16, timeout: float | None = None
+               ) -> Iterator[Detection]:
+        """Score a stream of images on ``<prefix>_glad_inflight`` (in-flight batching, issue 17), yielding each
+        image's Detection as soon as the server has finished it.
+
+        One request per image over one gRPC stream per replica (``ModelStreamInfer``); on the server each image
+        joins the running denoising loop at its next DDIM step instead of waiting for a whole batch.
+
+        Args:
+            images: any iterable of what :meth:`detect` takes (an endless camera feed too); pulled only while
+                fewer than ``window`` images are outstanding, so memory stays bounded on both sides.
+            window: the most images sent (or waiting to be resent) and not yet answered.
+            timeout: seconds per image from when it is pulled, retries and failovers included (default: the
+                client's ``timeout``); sent with every attempt as Triton's request timeout.
+        Yields:
+            one :class:`Detection` per input, in completion order (``source`` names it: the path, or
+            ``#<index>`` in the input). An image that cannot be read or that the server refuses has ``error``
+            :class:`BadInputError`; one that no replica answered within its deadline and retries has
+            :class:`ServerUnavailableError` / :class:`DeadlineExceededError` / :class:`ModelNotFoundError`; the
+            stream goes on either way.
+
+        Failover as in :meth:`detect`, per image: a broken stream (replica killed or restarted), a missing model,
+        a full in-flight pool (``[UNAVAILABLE] in-flight pool full``: back-pressure) or a draining replica ejects
+        that replica for ``cooldown`` and the image is resent elsewhere, or after a backoff. Each attempt has its
+        own request id (``<index>.<attempt>``), so a late answer to an abandoned attempt is dropped: every image
+        is yielded exactly once.
+        """
+        import heapq
+        import itertools
+        import queue
+
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        budget = self.timeout if timeout is None else float(timeout)
+        res = self.metadata()["resolution"]
+        name = protocol.model_name(self.model_prefix, protocol.INFLIGHT_MODEL)
+        events: queue.Queue = queue.Queue()
+        streams = _Streams(events)
+        sent: dict[str, tuple] = {}  # attempt id -> (item, lease, stream token)
+        due: list = []  # heap of (time, seq, item): items to (re)send
+        seq = itertools.count()
+        source = iter(enumerate(images))
+        exhausted = False
+        outstanding = 0
+        try:
+            while True:
+                while not exhausted and outstanding < window:
+                    try:
+                        i, image = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    try:
+                        item = [i, *_prepare(image, i, res), self._attempts(f"{name} stream #{i}", budget)]
+                    except BadInputError as e:
+                        yield Detection(source=str(image) if isinstance(image, (str, os.PathLike)) else f"#{i}",
+                                        error=e)
+                        continue
+                    outstanding += 1
+                    heapq.heappush(due, (0.0, next(seq), item))
+                if not outstanding:
+                    return
+                now = self.pool.clock()
+                while due and due[0][0] <= now:  # (re)send what is due
+                    item = heapq.heappop(due)[2]
+                    att = item[4]
+                    step = att.next()
+                    if step.kind == "sleep":
+                        heapq.heappush(due, (now + step.seconds, next(seq), item))
+                    elif step.kind == "raise":
+                        self._count(att, step.error)
+                        outstanding -= 1
+                        yield Detection(source=item[1], error=step.error)
+                    else:
+                        rid = f"{item[0]}.{att.attempts}"
+                        token = streams.send(step.lease.url, self._stream_request(name, rid, item, step.remaining))
+                        sent[rid] = (item, step.lease, token)
+                for rid in [r for r, (it, _, _) in sent.items() if it[4].remaining() < -_ANSWER_GRACE_S]:
+                    item, lease, _ = sent.pop(rid)  # no answer well past the deadline: a hung replica
+                    err = DeadlineExceededError(f"{lease.url}: no answer for {name} #{item[0]} within "
+                                                f"{budget:g} s", None, lease.url)
+                    item[4].failed(lease, err)
+                    self._count(item[4], err)
+                    outstanding -= 1
+                    yield Detection(source=item[1], error=err)
+                wait = max(0.0, due[0][0] - self.pool.clock()) if due else 0.5
+                try:
+                    kind, url, token, payload = events.get(timeout=max(wait, 1e-3))
+                except queue.Empty:
+                    continue
+                if kind == "broken":  # the stream to url ended: every attempt on it failed
+                    streams.forget(url, token)
+                    failed = [rid for rid, (_, lease, tok) in sent.items() if tok == token]
+                    for rid in failed:
+                        item, lease, _ = sent.pop(rid)
+                        item[4].failed(lease, classify_error(payload, url))
+                        heapq.heappush(due, (0.0, next(seq), item))
+                    continue
+                rid = payload.infer_response.id
+                if rid not in sent:
+                    continue  # an answer to an attempt given up on (the image was resent): dropped
+                item, lease, _ = sent.pop(rid)
+                att = item[4]
+                if payload.error_message:
+                    status, message = protocol.stream_error_status(payload.error_message)
+                    cls, retryable = routing.classify(status, message)
+                    err = cls(f"{url}: {message}", status, url)
+                    err.retryable = retryable
+                    if isinstance(err, BadInputError):
+                        att.failed(lease, err)
+                        self._count(att, err)
+                        outstanding -= 1
+                        yield Detection(source=item[1], error=_refused(err, item[1]))
+                        continue
+                    att.failed(lease, err)
+                    heapq.heappush(due, (0.0, next(seq), item))
+                    continue
+                from tritonclient.grpc import InferResult
+
+                att.succeeded(lease)
+                self._count(att)
+                outstanding -= 1
+                yield self._results(InferResult(payload.infer_response), [item[1]], url)[0]
+        finally:
+            streams.close()
+
+    def _stream_request(self, model: str, rid: str, item: list, remaining: float):
+        """The ``ModelInferRequest`` of one stream attempt (one image; ``map_size`` working, the request
+        timeout in microseconds)."""
+        from tritonclient.grpc import service_pb2
+        from tritonclient.utils import serialize_byte_tensor
+
+        kind, payload = item[2], item[3]
+        r = service_pb2.ModelInferRequest(model_name=model, id=rid)
+        t = r.inputs.add()
+        if kind == FILES:
+            arr = np.array([payload], dtype=np.object_).reshape(1, 1)
+            t.name, t.datatype = protocol.GLAD_FILE_INPUT, "BYTES"
+            raw = serialize_byte_tensor(arr).item()
+        else:
+            arr = payload[None]
+            t.name, t.datatype = protocol.GLAD_INPUT, "FP32"
+            raw = arr.tobytes()
+        t.shape.extend(arr.shape)
+        r.raw_input_contents.append(raw)
+        for n in protocol.GLAD_OUTPUT_NAMES:
+            r.outputs.add().name = n
+        for k, v in self._request_parameters.items():
+            r.parameters[k].string_param = v
+        r.parameters["timeout"].int64_param = max(1, int(remaining * 1e6))
+        return r
 
     def close(self) -> None:
         """Close the gRPC channels."""

@@ -35,18 +35,25 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["TensorSpec", "GLAD_MODEL", "GLAD_INPUT", "GLAD_FILE_INPUT", "MAP_SIZE_PARAMETER", "MAP_SIZES",
+__all__ = ["TensorSpec", "GLAD_MODEL", "INFLIGHT_MODEL", "ENTRY_MODELS", "is_entry_model",
+           "tag_stream_error", "stream_error_status", "GLAD_INPUT", "GLAD_FILE_INPUT", "MAP_SIZE_PARAMETER", "MAP_SIZES",
            "GLAD_OUTPUTS", "GLAD_OUTPUT_NAMES", "NUMPY_DTYPES", "ADS_STATE_CODES", "model_name", "glad_inputs",
            "glad_outputs", "to_wire", "from_wire", "file_bytes", "glad_output_arrays", "detections_from_arrays",
            "calibration_parameter", "calibration_from_parameter", "contract_table"]
 
-#: The BLS model's name suffix: ``<prefix>_glad``.
+#: The BLS model's name suffix: ``<prefix>_glad`` (one pipeline call per dynamic batch of requests).
 GLAD_MODEL = "glad"
+#: The in-flight model's name suffix: ``<prefix>_glad_inflight`` (decoupled; requests join one step-level pool).
+#: Same inputs, parameters and outputs as ``<prefix>_glad``; answered over gRPC streams only.
+INFLIGHT_MODEL = "glad_inflight"
+#: The entry models a client calls (the others are the networks they call); drained first, rolled out last.
+ENTRY_MODELS = (GLAD_MODEL, INFLIGHT_MODEL)
 #: Preprocessed input: FP32 ``[B, 3, R, R]`` in [-1, 1].
 GLAD_INPUT = "images"
 #: Encoded-file input: BYTES ``[B, 1]``.
@@ -130,6 +137,32 @@ def contract_table() -> str:
 def model_name(prefix: str, graph: str = GLAD_MODEL) -> str:
     """``<prefix>_<graph>``: the served name of a bundle's model (``glad``, ``unet``, ``vae_encoder``, ...)."""
     return f"{prefix}_{graph}"
+
+
+#: Triton python-backend error codes -> the gRPC status names a client sees (KServe v2 over gRPC).
+_GRPC_STATUS = {"INVALID_ARG": "INVALID_ARGUMENT", "UNAVAILABLE": "UNAVAILABLE", "CANCELLED": "CANCELLED",
+                "INTERNAL": "INTERNAL", "NOT_FOUND": "NOT_FOUND", "UNSUPPORTED": "UNIMPLEMENTED"}
+_TAG = re.compile(r"^\[([A-Z_]+)\] ")
+
+
+def tag_stream_error(code: str, message: str) -> str:
+    """``"[<gRPC status>] <message>"``: how ``<prefix>_glad_inflight`` words its errors. A gRPC stream
+    (``ModelStreamInferResponse.error_message``) carries an error as text without a status code, so the status
+    leads the text: ``[INVALID_ARGUMENT]`` (bad input: never retry), ``[UNAVAILABLE]`` (pool full, closing, or
+    ``deadline exceeded``), ``[CANCELLED]``, ``[INTERNAL]``."""
+    return f"[{_GRPC_STATUS.get(code, code)}] {message}"
+
+
+def stream_error_status(message: str) -> tuple[str | None, str]:
+    """``(status or None, message without the tag)`` of a stream error (:func:`tag_stream_error`); None for
+    errors Triton itself sent (unknown model, server shutting down), which carry no tag."""
+    m = _TAG.match(message or "")
+    return (m.group(1), message[m.end():]) if m else (None, message or "")
+
+
+def is_entry_model(name: str) -> bool:
+    """True for a served name ending in one of :data:`ENTRY_MODELS` (``<prefix>_glad``, ``<prefix>_glad_inflight``)."""
+    return any(name.endswith("_" + m) for m in ENTRY_MODELS)
 
 
 def glad_inputs(resolution: int) -> list[TensorSpec]:

@@ -7,7 +7,7 @@
   schema written here from KServe's API types (serving.kserve.io v1alpha1 ServingRuntimeSpec, v1beta1
   PredictorSpec / ModelSpec / ComponentExtensionSpec), their embedded core/v1 Containers and ObjectMeta against
   the Kubernetes schemas;
-- the Grafana dashboard names only the GLAD metrics of glad_model.py's docstring (read here, so they cannot drift)
+- the Grafana dashboard names only the GLAD metrics of glad_bls.py's docstring (read here, so they cannot drift)
   and Triton's latency / queue metrics.
 The repository is a fake layout (config.pbtxt files and stub model files): the recipes only read its layout.
 """
@@ -31,7 +31,7 @@ import yaml
 from triton_models import deploy
 
 ROOT = Path(__file__).resolve().parents[2]
-GLAD_MODEL = ROOT / "triton_models" / "python" / "glad_model.py"
+GLAD_BLS = ROOT / "triton_models" / "python" / "glad_bls.py"
 IMAGE = "registry.example.com/glad/triton:0.1.0"
 K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 
@@ -401,9 +401,9 @@ def _metric_names(expr: str) -> set[str]:
 
 
 def _docstring_metrics() -> set[str]:
-    doc = ast.get_docstring(ast.parse(GLAD_MODEL.read_text()))
+    doc = ast.get_docstring(ast.parse(GLAD_BLS.read_text()))
     para = next((p for p in doc.split("\n\n") if p.startswith("Metrics")), None)
-    assert para is not None, f"{GLAD_MODEL}: its docstring has no 'Metrics' paragraph naming the exported metrics"
+    assert para is not None, f"{GLAD_BLS}: its docstring has no 'Metrics' paragraph naming the exported metrics"
     return set(re.findall(r"``(glad_[a-z_]+)``", para))
 
 
@@ -419,18 +419,18 @@ def _expressions(dash: dict) -> list[str]:
 
 def test_glad_metric_names_match_the_bls_model():
     documented = _docstring_metrics()
-    assert documented == set(deploy.GLAD_COUNTERS) | set(deploy.GLAD_HISTOGRAMS)
-    # Prometheus convention: counters end in _total, the others are the histograms
-    assert {n for n in documented if not n.endswith("_total")} == set(deploy.GLAD_HISTOGRAMS)
+    assert documented == set(deploy.GLAD_COUNTERS) | set(deploy.GLAD_GAUGES) | set(deploy.GLAD_HISTOGRAMS)
+    # Prometheus convention: counters end in _total, the others are the gauges and histograms
+    assert {n for n in documented if not n.endswith("_total")} == set(deploy.GLAD_HISTOGRAMS) | set(deploy.GLAD_GAUGES)
     # and the code registers exactly these (its help texts)
-    registered = set(re.findall(r'"(glad_[a-z_]+)":\s*"', GLAD_MODEL.read_text()))
+    registered = set(re.findall(r'"(glad_[a-z_]+)":\s*"', GLAD_BLS.read_text()))
     assert registered == documented
 
 
 def test_dashboard_names_only_exported_metrics_and_covers_them():
     dash = deploy.grafana_dashboard()
     hist = {f"{h}{s}" for h in deploy.GLAD_HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
-    allowed = set(deploy.GLAD_COUNTERS) | hist | set(deploy.TRITON_METRICS)
+    allowed = set(deploy.GLAD_COUNTERS) | set(deploy.GLAD_GAUGES) | hist | set(deploy.TRITON_METRICS)
     counters = set(deploy.GLAD_COUNTERS) | set(deploy.TRITON_METRICS)
     used = set()
     for expr in _expressions(dash):
@@ -441,7 +441,7 @@ def test_dashboard_names_only_exported_metrics_and_covers_them():
             if expr != counter:  # (a templating query names the bare series)
                 assert re.search(rf"(rate|increase)\({counter}\b", expr), (counter, expr)
         used |= names
-    assert set(deploy.GLAD_COUNTERS) <= used and set(deploy.TRITON_METRICS) <= used
+    assert set(deploy.GLAD_COUNTERS) | set(deploy.GLAD_GAUGES) <= used and set(deploy.TRITON_METRICS) <= used
     assert {f"{h}_bucket" for h in deploy.GLAD_HISTOGRAMS} <= used
     quantile_exprs = [e for e in _expressions(dash) if e.startswith("histogram_quantile(")]
     assert len(quantile_exprs) == 9 and all("sum by (le)" in e for e in quantile_exprs)
