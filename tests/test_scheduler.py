@@ -26,21 +26,22 @@ def _split_tau(engines, cfg, images) -> float:
     return float(np.median(probe.ads_scores))
 
 
-def _run(engines, cfg, images, max_active, order=None):
-    sched = StepScheduler(engines, cfg, max_active=max_active, max_queue=len(images))
+def _run(engines, cfg, images, max_active, order=None, overlap=False):
+    sched = StepScheduler(engines, cfg, max_active=max_active, max_queue=len(images), overlap=overlap)
     order = range(len(images)) if order is None else order
     results = {r.source: r for r in sched.stream((i, images[i]) for i in order)}
     return results, sched
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("num_seeds", [1, 2])
-def test_scheduler_equals_pipeline_on_stub(num_seeds):
+def test_scheduler_equals_pipeline_on_stub(num_seeds, overlap):
     images = _stub_images(7)
     cfg = stub_config(num_seeds=num_seeds)
     cfg = cfg.replace(tau=_split_tau(StubEngines(), cfg, images))
     ref = GladPipeline(StubEngines(), cfg)(images)
     assert len(set(ref.adaptive_steps.tolist())) > 1, "images should decide at different steps"
-    res, sched = _run(StubEngines(), cfg, images, max_active=3)
+    res, sched = _run(StubEngines(), cfg, images, max_active=3, overlap=overlap)
     np.testing.assert_allclose([res[i].score for i in range(7)], ref.scores, rtol=1e-5, atol=1e-7)
     assert [res[i].adaptive_step for i in range(7)] == ref.adaptive_steps.tolist()
     assert [res[i].saff_triggered for i in range(7)] == ref.saff_triggered.tolist()
@@ -172,3 +173,35 @@ def test_reuse_final_decode():
     assert s.timesteps[-1] == 1
     res, _ = _run(StubEngines(), reuse, images, max_active=4)
     np.testing.assert_allclose([res[i].score for i in range(6)], got.scores, rtol=1e-5, atol=1e-7)
+
+
+def test_overlap_runs_stages_concurrently_and_costs_one_tick_more():
+    """overlap=True: admission and finishing run in worker threads while the calling thread denoises (seen from
+    the engine calls' threads); each image takes its steps + 2 ticks (admitted, steps, finished) instead of
+    steps + 0, with the same results."""
+    import threading
+
+    class Recording(StubEngines):
+        def __init__(self):
+            super().__init__()
+            self.threads = {"encode": set(), "unet": set(), "decode": set()}
+
+        def encode(self, images):
+            self.threads["encode"].add(threading.current_thread().name)
+            return super().encode(images)
+
+        def unet(self, latents, timesteps):
+            self.threads["unet"].add(threading.current_thread().name)
+            return super().unet(latents, timesteps)
+
+    images = _stub_images(4)
+    cfg = stub_config()
+    plain, s0 = _run(StubEngines(), cfg, images, max_active=2)
+    eng = Recording()
+    over, s1 = _run(eng, cfg, images, max_active=2, overlap=True)
+    for i in range(4):
+        assert over[i].score == plain[i].score and over[i].adaptive_step == plain[i].adaptive_step
+    steps = len(s0.schedule.timesteps)
+    assert {d.ticks for d in plain.values()} == {steps} and {d.ticks for d in over.values()} == {steps + 2}
+    assert eng.threads["unet"] == {threading.current_thread().name}
+    assert all(n.startswith("glad-tick") for n in eng.threads["encode"])

@@ -212,7 +212,7 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
                         queue_delay_us: int = 500, precision: str = "fp32", version: int | None = None,
                         intra_op_threads: int = 1, queue_timeout_us: int = 0, warmup: bool = True,
                         inflight: bool = True, inflight_max_active: int | None = None,
-                        inflight_max_queue: int | None = None) -> list[str]:
+                        inflight_max_queue: int | None = None, inflight_overlap: bool = True) -> list[str]:
     """Write (or replace) the models of one bundle in a Triton model repository.
 
     Args:
@@ -234,7 +234,8 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
         inflight: also write ``<prefix>_glad_inflight`` (issue 17), with ``inflight_max_active`` images in flight
             (default and upper bound ``max_batch``: an ADS check sends two images per undecided one to the
             network models) and ``inflight_max_queue`` waiting (default ``4 * max_batch``); past both, requests
-            are refused at once (UNAVAILABLE, retryable).
+            are refused at once (UNAVAILABLE, retryable). ``inflight_overlap``: its ticks admit and finish images
+            beside the denoising step (``StepScheduler(overlap=True)``).
     Returns:
         the model names written.
     Raises:
@@ -372,7 +373,8 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
     if inflight:
         entries.append((protocol.INFLIGHT_MODEL, "glad_inflight_model.py",
                         "model_transaction_policy { decoupled: true }\n" + _instances(1, "KIND_CPU"),
-                        {"max_active": max_active, "max_queue": max_queue}))
+                        {"max_active": max_active, "max_queue": max_queue,
+                         "overlap": "true" if inflight_overlap else "false"}))
     for suffix, source, scheduling, extra in entries:
         name = protocol.model_name(p, suffix)
         vdir = new_version_dir(name)

@@ -7,6 +7,7 @@ undecided images, so an image's result does not depend on its batch mates (proje
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -83,6 +84,7 @@ class GladPipeline:
             num_train_timesteps=config.num_train_timesteps, noise_at=config.noise_at,
             noise_offset=config.noise_offset)
         self._timings: dict[str, float] = defaultdict(float)
+        self._timings_lock = threading.Lock()
         #: Optional ``() -> falsy | str`` checked before every DDIM step; a truthy answer (the reason) makes
         #: :meth:`reconstruct` raise :class:`~glad_runtime.errors.RequestCancelledError` (the served BLS model
         #: sets it from the request's cancellation and timeout, so abandoned work stops).
@@ -95,7 +97,8 @@ class GladPipeline:
         try:
             yield
         finally:
-            self._timings[stage] += time.perf_counter() - start
+            with self._timings_lock:  # the step scheduler may run stages in two threads (overlap)
+                self._timings[stage] += time.perf_counter() - start
 
     def _latent_shape(self, batch: int) -> tuple[int, int, int, int]:
         c = self.config

@@ -11,6 +11,13 @@ images, each at its own DDIM step, seed and ADS state. Each :meth:`~StepSchedule
 4. finishes the images that completed their last step (one batched decode, features and anomaly map), starting
    the next noise seed where ``num_seeds > 1``, and returns finished results.
 
+With ``overlap=True`` the three stages of one tick work on different images at once: the admission of new images
+and the finishing of images that ran their last step in an earlier tick run in worker threads while the UNet step
+and ADS check of the images in flight run in the calling thread. Where the networks run in other processes (the
+served in-flight model: each network model is its own python-backend process) or on another device, the stages
+then share the machine instead of queuing behind each other: a tick costs about the longest stage, not their sum.
+An image then takes one tick more (admitted, its steps, finished), each shorter.
+
 Per image the arithmetic is the pipeline's (same seeded noise, same schedule, same decision rule, same scoring), so
 results equal :class:`GladPipeline`'s within float tolerance and do not depend on which images shared a tick
 (tested). Back-pressure: the queue is bounded; :meth:`~StepScheduler.submit` raises :class:`QueueFullError`
@@ -20,6 +27,7 @@ instead of growing without bound, and :meth:`~StepScheduler.stream` pulls from i
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -66,11 +74,15 @@ class StepScheduler:
         config: the detector's :class:`GladConfig`.
         max_active: images in flight (the UNet batch of a full tick).
         max_queue: images waiting for a slot; :meth:`submit` beyond it raises :class:`QueueFullError`.
+        overlap: run a tick's admission and finishing in worker threads beside its denoising step (module
+            docstring); the engines must accept concurrent calls (ours do: ONNX Runtime sessions, BLS requests,
+            Triton clients). Results are unchanged.
     Raises:
         ValueError: ``max_active`` or ``max_queue`` < 1.
     """
 
-    def __init__(self, engines: Engines, config: GladConfig, *, max_active: int = 8, max_queue: int = 64):
+    def __init__(self, engines: Engines, config: GladConfig, *, max_active: int = 8, max_queue: int = 64,
+                 overlap: bool = False):
         if max_active < 1 or max_queue < 1:
             raise ValueError(f"max_active and max_queue must be >= 1, got {max_active}, {max_queue}")
         self.pipeline = GladPipeline(engines, config)  # the same helpers, noise and schedule as the batch pipeline
@@ -78,8 +90,11 @@ class StepScheduler:
         self.max_active, self.max_queue = int(max_active), int(max_queue)
         self._queue: deque[_Slot] = deque()
         self._active: list[_Slot] = []
+        self._done_slots: list[_Slot] = []  # slots _finish completed in this tick (removed by tick)
         self._count = 0
         self.stats = {"ticks": 0, "unet_calls": 0, "unet_images": 0, "check_calls": 0, "check_images": 0}
+        self.overlap = bool(overlap)
+        self._workers = ThreadPoolExecutor(2, thread_name_prefix="glad-tick") if self.overlap else None
 
     # ------------------------------------------------------------------ submission
     @property
@@ -116,7 +131,7 @@ class StepScheduler:
         are in an unknown state)."""
         keys = [s.key for s in self._active] + [s.key for s in self._queue]
         self._queue.clear()
-        self._active = []
+        self._active, self._done_slots = [], []
         return keys
 
     # ------------------------------------------------------------------ the tick
@@ -124,9 +139,29 @@ class StepScheduler:
         """One scheduling step (admit, one UNet call, one ADS check, finish); returns the images finished by it."""
         if not self._queue and not self._active:
             return []
-        self._admit()
-        self._denoise()
-        done = self._finish()
+        last = len(self.schedule.timesteps)
+        new = self._take()
+        if self.overlap:  # admission, denoising and finishing of three disjoint sets of images, at once
+            fin = [s for s in self._active if s.step >= last]
+            act = [s for s in self._active if s.step < last]
+            jobs = [self._workers.submit(self._admit, new) if new else None,
+                    self._workers.submit(self._finish, fin) if fin else None]
+            try:
+                self._denoise(act)
+            finally:
+                results = [None if j is None else j.exception() or j.result() for j in jobs]
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+            done = results[1] or []
+        else:
+            self._admit(new)
+            self._denoise([s for s in self._active + new if s.step < last])
+            done = self._finish([s for s in self._active + new if s.step >= last])
+        self._active.extend(new)
+        done_ids = {id(s) for s in self._done_slots}
+        self._active = [s for s in self._active if id(s) not in done_ids]
+        self._done_slots = []
         for s in self._active:
             s.ticks += 1
         self.stats["ticks"] += 1
@@ -157,10 +192,15 @@ class StepScheduler:
             yield from self.tick()
 
     # ------------------------------------------------------------------ stages
-    def _admit(self) -> None:
+    def _take(self) -> list[_Slot]:
+        """Queued images for the free pool slots (removed from the queue)."""
         new = []
-        while self._queue and len(self._active) < self.max_active:
+        while self._queue and len(self._active) + len(new) < self.max_active:
             new.append(self._queue.popleft())
+        return new
+
+    def _admit(self, new: list[_Slot]) -> None:
+        """One batched encode, reference decode and input features for ``new``; starts their first seed."""
         if not new:
             return
         c, p = self.config, self.pipeline
@@ -176,7 +216,6 @@ class StepScheduler:
             s.feats_in = [f[i] for f in feats_in]
             s.fg = None if fg is None else fg[i]
             self._start_seed(s, 0)
-        self._active.extend(new)
 
     def _start_seed(self, s: _Slot, k: int) -> None:
         sch = self.schedule
@@ -186,9 +225,10 @@ class StepScheduler:
         s.decided, s.adaptive_step, s.ads_score, s.triggered = False, -1, float("nan"), False
         s.reused = None
 
-    def _denoise(self) -> None:
+    def _denoise(self, act: list[_Slot]) -> None:
+        """One UNet call for ``act`` (each at its own step), one ADS check for its undecided images, the DDIM
+        update."""
         c, p, sch = self.config, self.pipeline, self.schedule
-        act = [s for s in self._active if s.step < len(sch.timesteps)]
         if not act:
             return
         t = np.array([int(sch.timesteps[s.step]) for s in act], dtype=np.int64)
@@ -222,9 +262,10 @@ class StepScheduler:
             s.x = x_next[i]
             s.step += 1
 
-    def _finish(self) -> list[Detection]:
+    def _finish(self, fin: list[_Slot]) -> list[Detection]:
+        """One batched decode, features and anomaly map for ``fin`` (images past their last step); returns the
+        finished Detections (their slots are recorded in ``_done_slots``) and restarts the others' next seed."""
         c, p = self.config, self.pipeline
-        fin = [s for s in self._active if s.step >= len(self.schedule.timesteps)]
         if not fin:
             return []
         d = (c.dino_resolution, c.dino_resolution)
@@ -249,7 +290,7 @@ class StepScheduler:
             amap = s.maps[0] if len(s.maps) == 1 else np.mean(s.maps, axis=0).astype(np.float32)
             if not np.isfinite(amap).all():
                 raise EngineError(f"anomaly map of {s.key!r} contains non-finite values")
-            self._active.remove(s)
+            self._done_slots.append(s)
             step, ads_score, trig = s.first
             done.append(Detection(source=s.key, score=float(topk_mean(amap[None], c.top_k)[0]), anomaly_map=amap,
                                   adaptive_step=step, ads_score=None if np.isnan(ads_score) else float(ads_score),

@@ -16,6 +16,10 @@ ticks). Decoupled models answer gRPC streams (``ModelStreamInfer``: :meth:`GladC
 ``tritonclient.grpc`` ``start_stream`` / ``async_stream_infer``); unary gRPC and HTTP ``infer`` are refused by
 Triton for decoupled models.
 
+Overlap (parameter ``overlap``, default true): a tick's admission of new images and finishing of done ones run in
+worker threads beside its UNet step and ADS check (``StepScheduler(overlap=True)``); the network models are
+separate processes, so the stages share the cores instead of queuing behind each other. Results are unchanged.
+
 Bounds (model ``parameters``): ``max_active`` images in flight (the UNet batch of a full tick; at most the network
 models' ``max_batch_size`` / 2, since an ADS check decodes two estimates per image) and ``max_queue`` images
 waiting for a slot. A request that would exceed ``max_active + max_queue`` pending images is refused at once with
@@ -84,7 +88,7 @@ class TritonPythonModel:
         self.capacity = self.max_active + int(p.get("max_queue", 32))
         # the scheduler's own queue bound is the pool's: execute() refuses before it could be exceeded
         self.scheduler = StepScheduler(self.served.engines, self.served.config, max_active=self.max_active,
-                                       max_queue=self.capacity)
+                                       max_queue=self.capacity, overlap=p.get("overlap", "true") == "true")
         self._cv = threading.Condition()
         self._intake = deque()  # requests checked by execute(), not yet in the scheduler
         self._pending = 0  # images in the intake or the scheduler
@@ -153,7 +157,8 @@ class TritonPythonModel:
                 self.scheduler.clear()
                 for rid in list(self._requests):
                     self.metrics.inc("glad_errors_total", type=type(e).__name__)
-                    self._finish(rid, pb_utils.InferenceResponse(error=error(f"{type(e).__name__}: {e}", "INTERNAL", True)))
+                    self._finish(rid, pb_utils.InferenceResponse(
+                        error=error(f"{type(e).__name__}: {e}", "INTERNAL", True)))
 
     def _tick(self, new):
         """Admit ``new`` requests, drop abandoned ones, run one scheduler tick, answer the finished requests."""
