@@ -11,12 +11,12 @@ images, each at its own DDIM step, seed and ADS state. Each :meth:`~StepSchedule
 4. finishes the images that completed their last step (one batched decode, features and anomaly map), starting
    the next noise seed where ``num_seeds > 1``, and returns finished results.
 
-With ``overlap=True`` the three stages of one tick work on different images at once: the admission of new images
-and the finishing of images that ran their last step in an earlier tick run in worker threads while the UNet step
-and ADS check of the images in flight run in the calling thread. Where the networks run in other processes (the
-served in-flight model: each network model is its own python-backend process) or on another device, the stages
-then share the machine instead of queuing behind each other: a tick costs about the longest stage, not their sum.
-An image then takes one tick more (admitted, its steps, finished), each shorter.
+With ``overlap=True`` a tick does the work that only the final scoring needs beside its denoising step: new images
+are encoded and join this tick's UNet call at once, while worker threads compute their reference decode and input
+features and finish the images that ran their last step in an earlier tick (decode, features, anomaly map). Where
+the networks run in other processes (the served in-flight model: each network model is its own python-backend
+process) or on another device, these then share the machine instead of queuing behind the loop: a tick costs about
+its longest part, not their sum. An image then takes one tick more (its steps, then finished), each shorter.
 
 Per image the arithmetic is the pipeline's (same seeded noise, same schedule, same decision rule, same scoring), so
 results equal :class:`GladPipeline`'s within float tolerance and do not depend on which images shared a tick
@@ -141,13 +141,13 @@ class StepScheduler:
             return []
         last = len(self.schedule.timesteps)
         new = self._take()
-        if self.overlap:  # admission, denoising and finishing of three disjoint sets of images, at once
+        if self.overlap:  # the scoring-only work of new and of finished images beside the denoising step
             fin = [s for s in self._active if s.step >= last]
-            act = [s for s in self._active if s.step < last]
-            jobs = [self._workers.submit(self._admit, new) if new else None,
+            self._admit_latents(new)
+            jobs = [self._workers.submit(self._admit_reference, new) if new else None,
                     self._workers.submit(self._finish, fin) if fin else None]
             try:
-                self._denoise(act)
+                self._denoise([s for s in self._active + new if s.step < last])
             finally:
                 results = [None if j is None else j.exception() or j.result() for j in jobs]
             for r in results:
@@ -200,22 +200,35 @@ class StepScheduler:
         return new
 
     def _admit(self, new: list[_Slot]) -> None:
-        """One batched encode, reference decode and input features for ``new``; starts their first seed."""
+        """Admission of ``new``: :meth:`_admit_latents` then :meth:`_admit_reference`."""
+        self._admit_latents(new)
+        self._admit_reference(new)
+
+    def _admit_latents(self, new: list[_Slot]) -> None:
+        """One batched encode of ``new`` and the start of their first seed: all the denoising loop needs."""
+        if not new:
+            return
+        latents = self.pipeline.encode(np.stack([s.image for s in new]))
+        for i, s in enumerate(new):
+            s.latents = latents[i]
+            self._start_seed(s, 0)
+
+    def _admit_reference(self, new: list[_Slot]) -> None:
+        """What only the final scoring needs: the reference decode (``vae_roundtrip``), its features at the scoring
+        size and the foreground mask of ``new`` (after :meth:`_admit_latents`)."""
         if not new:
             return
         c, p = self.config, self.pipeline
         images = np.stack([s.image for s in new])
-        latents = p.encode(images)
         d = (c.dino_resolution, c.dino_resolution)
-        reference = p.decode(latents) if c.score_reference == "vae_roundtrip" else images
+        reference = p.decode(np.stack([s.latents for s in new])) if c.score_reference == "vae_roundtrip" else images
         ref_small = resize_bilinear(reference, d)
         feats_in = p.features(ref_small)
         fg = None if c.foreground_mode == 3 else foreground_mask(images, c.foreground_mode, d)
         for i, s in enumerate(new):
-            s.latents, s.ref_small = latents[i], ref_small[i]
+            s.ref_small = ref_small[i]
             s.feats_in = [f[i] for f in feats_in]
             s.fg = None if fg is None else fg[i]
-            self._start_seed(s, 0)
 
     def _start_seed(self, s: _Slot, k: int) -> None:
         sch = self.schedule
