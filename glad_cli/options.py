@@ -35,10 +35,11 @@ def engine_options(fn: Callable) -> Callable:
     ``model_prefix``; :func:`engine_settings` gathers them for :func:`open_pipeline`.
     """
     opts = [
-        click.option("--engine", "backend", type=click.Choice(["torch", "ort", "openvino", "tensorrt", "triton"]),
+        click.option("--engine", "backend", type=click.Choice(["torch", "ort", "openvino", "mix", "tensorrt", "triton"]),
                      default="torch", show_default=True, help="torch: reference (needs torch); ort: ONNX Runtime on "
                      "the graphs of `glad export` (no torch); openvino: OpenVINO on the CPU, same graphs (no torch); "
-                     "tensorrt: engines of `glad build` (GPU); triton: the network models of a `glad serve` server "
+                     "mix: each graph on its fastest CPU configuration (ort / openvino f32 / bf16), measured on this "
+                     "machine by `python -m bench.cpu_mix BUNDLE`; tensorrt: engines of `glad build` (GPU); triton: the network models of a `glad serve` server "
                      "(--server)."),
         click.option("--device", default="cpu", show_default=True, help="torch: cpu, cuda, cuda:N or auto."),
         click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8", "bf16"]), default="fp32",
@@ -47,8 +48,9 @@ def engine_options(fn: Callable) -> Callable:
                      "engine precision."),
         click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
                      help="ort: execution provider (cuda/tensorrt need onnxruntime-gpu)."),
-        click.option("--threads", default=0, show_default=True, help="ort: intra-op threads (0 = ORT default); "
-                     "openvino: inference threads (0 = the cores this process may use)."),
+        click.option("--threads", default=0, show_default=True,
+                     help="ort: intra-op threads; openvino: inference threads. 0 = the cores this process may use "
+                          "(CPU affinity capped by the cgroup quota; GLAD_CPU_CORES overrides)."),
         click.option("--server", metavar="HOST:PORT", default=None,
                      help="Run the networks on this Triton server (gRPC URL of `glad serve --start`); implies "
                      "--engine triton. The ADS/SAFF loop stays here; results equal the in-process engines'."),

@@ -9,7 +9,6 @@ Runtime pipeline on real ELPV images (``tests/test_serving.py``'s reference) and
 
 from __future__ import annotations
 
-import io
 import json
 import queue
 import time
@@ -20,7 +19,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
-from test_serving import ATOL, images, reference, served_bundle  # noqa: E402,F401 (fixtures)
+from test_serving import ATOL, _png, images, reference, served_bundle  # noqa: E402,F401 (fixtures)
 from triton_models.server import launch_server, server_available  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not server_available(), reason="nvidia-pytriton (the tritonserver binary) not "
@@ -29,14 +28,6 @@ pytestmark = pytest.mark.skipif(not server_available(), reason="nvidia-pytriton 
 PREFIX = "tiny_line"
 MODEL = f"{PREFIX}_glad_inflight"
 CAPACITY = 4
-
-
-def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -206,3 +206,32 @@ def test_detect_runs_without_torch(bundle, tmp_path, elpv_images):
     precision = "bf16" if HAS_BF16 else "fp32"
     records = detect_without_torch(bundle.path, tmp_path, out, ['--engine', 'openvino', '--precision', precision])
     assert len(records) == 2 and all(np.isfinite(r["score"]) for r in records)
+
+
+def test_mixed_engines_route_each_graph_and_keep_the_results(bundle, engines, real_batch):
+    """MixedEngines (issue 19, item 2): graphs routed to OpenVINO f32 or ONNX Runtime per the plan give the ONNX
+    Runtime fp32 loop (f32 gates); the plan round-trips through the bundle and `load_engines(..., "mix")`, and a
+    plan of another CPU or no plan at all is refused with the command that measures one."""
+    from glad_runtime.core.bundle import BundleError
+    from glad_runtime.engines import load_engines
+    from glad_runtime.engines.mix import PLAN_FILE, MixedEngines, write_plan
+
+    plan = {"unet": "openvino-f32", "dino": "openvino-f32", "vae_encoder": "ort-fp32"}
+    mixed = MixedEngines(bundle, plan, max_batch=4)
+    assert mixed.choices["unet"] == "openvino-f32" and mixed.choices["vae_decoder"] == "ort-fp32"
+    assert set(mixed.engines) == {"ort", "openvino"}
+    ref = GladPipeline(engines["ort"], bundle.config)(real_batch)
+    out = GladPipeline(mixed, bundle.config)(real_batch)
+    assert out.adaptive_steps.tolist() == ref.adaptive_steps.tolist()
+    assert np.abs(out.scores - ref.scores).max() / np.abs(ref.scores).max() < SCORE_REL["f32"]
+    with pytest.raises(BundleError, match="bench.cpu_mix"):
+        load_engines(bundle, "mix")
+    write_plan(bundle, {g: {"choice": c} for g, c in plan.items()})
+    loaded = load_engines(bundle, "mix")
+    assert loaded.choices == mixed.choices
+    plan_file = bundle.file(PLAN_FILE)
+    plan_file.write_text(plan_file.read_text().replace('"cpu": "', '"cpu": "another CPU '))
+    with pytest.raises(BundleError, match="another CPU"):
+        load_engines(bundle, "mix")
+    with pytest.raises(ValueError, match="choices"):
+        MixedEngines(bundle, {"unet": "openvino-fp64"})

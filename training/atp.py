@@ -225,6 +225,9 @@ def _run_loop(name: str, module: nn.Module, lr: float, weight_decay: float, step
     """
     from tqdm import tqdm
 
+    from glad_runtime.core.cpus import usable_cores
+
+    torch.set_num_threads(usable_cores())  # the cores this process may use (affinity, cgroup quota), not the machine's
     acc = _accelerator(cfg.mixed_precision)
     gen = torch.Generator().manual_seed(cfg.seed + seed_offset + acc.process_index)
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)

@@ -7,7 +7,7 @@ the ``CPU`` device (the ``openvino`` extra: ``pip install -e '.[openvino]'``):
 * precision is OpenVINO's ``INFERENCE_PRECISION_HINT``: ``f32``, or ``bf16`` on CPUs whose
   ``OPTIMIZATION_CAPABILITIES`` list ``BF16`` (AVX-512 BF16, AMX); I/O stays float32 / int64 either way;
 * ``PERFORMANCE_HINT`` ``LATENCY`` (one stream) and ``INFERENCE_NUM_THREADS`` from the cores this process may use
-  (``os.sched_getaffinity``) unless given;
+  (affinity and cgroup quota, :mod:`glad_runtime.core.cpus`) unless given;
 * the batch dimension stays dynamic (one compiled model serves every batch size); ``static_batches`` adds models
   compiled for fixed batch sizes, used for calls of exactly that size (faster at small batches);
 * compiled models are cached (OpenVINO's ``CACHE_DIR``) in ``BUNDLE/engines/openvino/<openvino version>-<cpu key>/``,
@@ -34,23 +34,15 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from glad_runtime.core.bundle import Bundle, BundleError
+from glad_runtime.core.cpus import threads_for
 from glad_runtime.engines import EngineError, GraphEngines, network_graphs
 
-__all__ = ["OpenVinoEngines", "PRECISIONS", "cache_key", "default_threads"]
+__all__ = ["OpenVinoEngines", "PRECISIONS", "cache_key"]
 
 log = logging.getLogger("glad.openvino")
 
 #: precision setting -> OpenVINO ``INFERENCE_PRECISION_HINT`` (``fp32`` is accepted as the project's name for f32)
 PRECISIONS = {"f32": "f32", "fp32": "f32", "bf16": "bf16"}
-
-
-def default_threads() -> int:
-    """The number of cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` where the platform
-    has no affinity call), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def cache_key(core) -> str:
@@ -79,7 +71,7 @@ class OpenVinoEngines(GraphEngines):
             graphs are read whatever the precision).
         precision: ``"f32"`` (or ``"fp32"``), ``"bf16"``, or a mapping ``{graph: precision}`` (graphs not named run
             f32). What each graph runs is in :attr:`graph_precisions`.
-        num_threads: ``INFERENCE_NUM_THREADS`` per compiled model (0 = :func:`default_threads`, the cores this
+        num_threads: ``INFERENCE_NUM_THREADS`` per compiled model (0 = :func:`glad_runtime.core.cpus.usable_cores`, the cores this
             process may use).
         max_batch: calls are split into chunks of at most this many images (bounded memory).
         static_batches: batch sizes that also get a model compiled for that fixed size (calls of exactly that size
@@ -120,7 +112,7 @@ class OpenVinoEngines(GraphEngines):
         if any(int(b) < 1 for b in static_batches):
             raise ValueError(f"static_batches must be batch sizes >= 1, got {list(static_batches)}")
         self.precision, self.max_batch = precision, max(1, int(max_batch))
-        self.num_threads = int(num_threads) or default_threads()
+        self.num_threads = threads_for(1, int(num_threads))
         self.static_batches = sorted({int(b) for b in static_batches})
         self.core = core = openvino.Core()
         needed = network_graphs(self.config, dino_ads_present=self.bundle.file("onnx/dino_ads.onnx").is_file())

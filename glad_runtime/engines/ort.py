@@ -32,17 +32,21 @@ PROVIDERS = {
 }
 
 
-def session_options(intra_op_threads: int = 0, inter_op_threads: int = 0):
-    """``onnxruntime.SessionOptions`` with full graph optimisation and the given thread counts (0 = ORT default:
-    one intra-op thread per physical core)."""
+def session_options(intra_op_threads: int = 0, inter_op_threads: int = 0, spinning: bool = False):
+    """``onnxruntime.SessionOptions`` with full graph optimisation; ``intra_op_threads`` 0 = the cores this process
+    may use (:func:`glad_runtime.core.cpus.threads_for`: affinity and cgroup quota, where ONNX Runtime's own default
+    counts the machine's physical cores); ``inter_op_threads`` 0 = ONNX Runtime's default; threads do not spin
+    unless ``spinning`` (:func:`glad_runtime.core.cpus.ort_spinning`)."""
     import onnxruntime as ort
+
+    from glad_runtime.core.cpus import ort_spinning, threads_for
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = int(intra_op_threads)
+    opts.intra_op_num_threads = threads_for(1, int(intra_op_threads))
     opts.inter_op_num_threads = int(inter_op_threads)
     opts.log_severity_level = 3
-    return opts
+    return ort_spinning(opts, spinning)
 
 
 class OrtEngines(GraphEngines):
@@ -55,7 +59,9 @@ class OrtEngines(GraphEngines):
             fp32 for the other graphs: quantisation is per graph), or a mapping ``{graph: precision}`` (graphs not
             named run fp32). What each graph runs is in :attr:`graph_precisions` and logged (``glad.ort``).
         provider: ``"cpu"``, ``"cuda"`` or ``"tensorrt"`` (see :data:`PROVIDERS`).
-        intra_op_threads, inter_op_threads: ONNX Runtime thread pools (0 = its default).
+        intra_op_threads, inter_op_threads: ONNX Runtime thread pools (:func:`session_options`; intra 0 = the cores
+            this process may use, inter 0 = ONNX Runtime's default). spinning: let idle threads spin (off: they
+            sleep and leave the cores to others; measured in ``bench/cpu_share.py``).
         max_batch: calls are split into chunks of at most this many images (bounded memory).
         verify: check the graphs' sha256 against the bundle manifest before loading.
         fused_check: load the ``ads_check`` graph (the whole ADS check in one call, only the distance map returned)
@@ -70,7 +76,7 @@ class OrtEngines(GraphEngines):
 
     def __init__(self, bundle: Bundle | str | os.PathLike, precision: str = "fp32", provider: str = "cpu", *,
                  intra_op_threads: int = 0, inter_op_threads: int = 0, max_batch: int = 16, verify: bool = True,
-                 fused_check: bool | None = None):
+                 fused_check: bool | None = None, spinning: bool = False):
         import onnxruntime as ort
 
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
@@ -90,7 +96,7 @@ class OrtEngines(GraphEngines):
             raise ValueError(f"provider {provider!r} needs {missing}, not in this onnxruntime build (available: "
                              f"{available}); install onnxruntime-gpu instead of onnxruntime for cuda/tensorrt")
         self.precision, self.provider, self.max_batch = precision, provider, max(1, int(max_batch))
-        self.opts = session_options(intra_op_threads, inter_op_threads)
+        self.opts = session_options(intra_op_threads, inter_op_threads, spinning)
         self.sessions: dict[str, object] = {}
         # dino_ads: required with ADS on; loaded when present so ADS can be switched on later
         needed = network_graphs(self.config, dino_ads_present=any(

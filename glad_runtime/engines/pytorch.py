@@ -52,6 +52,10 @@ class TorchEngines:
 
     def __init__(self, modules, device: str = "cpu", dtype: torch.dtype | str | None = None, max_batch: int = 16):
         self.device = resolve_device(device)
+        if str(self.device) == "cpu":
+            from glad_runtime.core.cpus import usable_cores
+
+            torch.set_num_threads(usable_cores())  # affinity and cgroup quota, not the machine's core count
         if not isinstance(dtype, torch.dtype):
             if dtype not in _DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(k for k in _DTYPES if k)}, got {dtype!r}")

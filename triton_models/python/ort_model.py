@@ -2,7 +2,9 @@
 
 Copied by ``triton_models.repository`` as ``<prefix>_<graph>/<version>/model.py`` beside ``model.onnx`` (a hard link
 to the bundle's ``onnx/<graph>.onnx`` when the file system allows, else a copy). Parameters (config.pbtxt):
-``intra_op_threads`` (ONNX Runtime threads per instance). The requests of one dynamic batch are concatenated into
+``intra_op_threads`` (ONNX Runtime threads per instance; 0: the cores this process may use divided among the
+model's instances, :func:`glad_runtime.core.cpus.threads_for`; threads never spin, so the models sharing the
+cores leave them to each other when idle). The requests of one dynamic batch are concatenated into
 one ``InferenceSession.run`` and split back; if the joint run fails, each request runs alone so only the failing
 one gets an error.
 """
@@ -13,6 +15,9 @@ import os
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+from glad_runtime.core.cpus import threads_for
+from glad_runtime.engines.ort import session_options
 
 
 def _error(message, code="INTERNAL"):
@@ -25,12 +30,9 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        instances = sum(int(g.get("count", 1)) for g in cfg.get("instance_group", [])) or 1
+        threads = threads_for(instances, int(params.get("intra_op_threads", "1")))
+        self.session = ort.InferenceSession(path, session_options(threads, 1), providers=["CPUExecutionProvider"])
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
         self.name = cfg["name"]
