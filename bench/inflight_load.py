@@ -1,7 +1,8 @@
 """Latency under load: the per-batch model ``<prefix>_glad`` versus the in-flight model ``<prefix>_glad_inflight``
 (issue 17), same server, same bundle, same open-loop arrival stream, one run.
 
-    python -m bench.inflight_load BUNDLE [--loads 0.5,0.7,0.9] [--requests 120] [--clients 16] [--out DIR]
+    python -m bench.inflight_load BUNDLE [--loads 0.5,0.7,0.9] [--requests 120] [--clients 16] [--threads 0]
+        [--overlap auto|on|off] [--out DIR]
 
 1. Writes a model repository for the exported ``BUNDLE`` (``--max-batch`` images per ``_glad`` request, the
    in-flight pool ``--max-active`` / ``--max-queue``) and starts a real ``tritonserver`` on it.
@@ -188,7 +189,8 @@ def _id_from_error(error) -> str:
 def run_load_bench(bundle, out: Path, *, loads: Sequence[float] = (0.5, 0.7, 0.9), requests: int = 120,
                    clients: int = 16, seed: int = 0, max_batch: int = 8, max_active: int | None = None,
                    max_queue: int | None = None, capacity_requests: int = 64, images: int = 16,
-                   timeout_s: float = 600.0, overlap: bool = True, glad_instances: int = 1) -> dict:
+                   timeout_s: float = 600.0, overlap: bool | None = None, glad_instances: int = 1,
+                   threads: int = 0) -> dict:
     """Run the bench (module docstring) on an exported ``bundle``; returns the results dict."""
     from glad_runtime.core.bundle import Bundle
     from triton_models.repository import generate_repository
@@ -199,13 +201,15 @@ def run_load_bench(bundle, out: Path, *, loads: Sequence[float] = (0.5, 0.7, 0.9
     repo = out / "models"
     shutil.rmtree(repo, ignore_errors=True)
     generate_repository(b, repo, prefix="bench", max_batch=max_batch, inflight_max_active=max_active,
-                        inflight_max_queue=max_queue, inflight_overlap=overlap, glad_instances=glad_instances)
+                        inflight_max_queue=max_queue, inflight_overlap=overlap, glad_instances=glad_instances,
+                        intra_op_threads=threads)
     pngs = _elpv_pngs(images)
     res: dict = {"bundle": str(b.path), "preset": b.config.preset, "ads_enabled": b.config.ads_enabled,
                  "steps": b.config.num_inference_steps, "clients": clients, "requests": requests, "seed": seed,
                  "max_batch": max_batch, "max_active": max_active or max_batch,
-                 "max_queue": 4 * max_batch if max_queue is None else max_queue, "overlap": overlap,
-                 "glad_instances": glad_instances, "loads": {}}
+                 "max_queue": 4 * max_batch if max_queue is None else max_queue,
+                 "overlap": (threads == 1) if overlap is None else overlap,
+                 "glad_instances": glad_instances, "threads": threads, "loads": {}}
     with launch_server(repo, ready_timeout=300, log_path=out / "tritonserver.log") as srv:
         url = srv.grpc_url
         _capacity(url, "bench_glad", pngs, clients, 2 * max_batch)  # warm-up
@@ -242,7 +246,8 @@ def write_outputs(res: dict, out: Path) -> dict[str, Path]:
              f"images/s; {res['requests']} Poisson arrivals per load (seed {res['seed']}), {res['clients']} "
              f"open-loop clients; preset {res['preset']}, ADS {'on' if res['ads_enabled'] else 'off'}, "
              f"{res['steps']} DDIM steps; max_batch {res['max_batch']}, in-flight max_active {res['max_active']}, "
-             f"max_queue {res['max_queue']}, overlap {res['overlap']}; per-batch instances {res['glad_instances']}.",
+             f"max_queue {res['max_queue']}, overlap {res['overlap']}; per-batch instances {res['glad_instances']}; "
+             f"ONNX Runtime threads per network instance {res.get('threads', 1)} (0 = the server's cores).",
              "",
              "| load | model | offered /s | achieved /s | p50 s | p95 s | p99 s | max s | rejected | errors | "
              "p99 in-flight / per-batch | max score diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -293,15 +298,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--max-active", type=int, default=None)
     ap.add_argument("--max-queue", type=int, default=None)
     ap.add_argument("--capacity-requests", type=int, default=64)
-    ap.add_argument("--no-overlap", action="store_true", help="in-flight ticks without stage overlap")
+    ap.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                    help="in-flight ticks with stage overlap (auto: the repository's default)")
     ap.add_argument("--glad-instances", type=int, default=1, help="instances of the per-batch model")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per network model instance (0: "
+                    "the cores the server may use, divided among the model's instances)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/inflight"))
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     res = run_load_bench(a.bundle, a.out, loads=[float(x) for x in a.loads.split(",")], requests=a.requests,
                          clients=a.clients, seed=a.seed, max_batch=a.max_batch, max_active=a.max_active,
-                         max_queue=a.max_queue, capacity_requests=a.capacity_requests, overlap=not a.no_overlap,
-                         glad_instances=a.glad_instances)
+                         max_queue=a.max_queue, capacity_requests=a.capacity_requests,
+                         overlap={"auto": None, "on": True, "off": False}[a.overlap],
+                         glad_instances=a.glad_instances, threads=a.threads)
     paths = write_outputs(res, a.out)
     print((a.out / "results.md").read_text())
     print("wrote", ", ".join(str(p) for p in paths.values()))

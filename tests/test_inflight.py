@@ -4,7 +4,8 @@
 step-level pool (``StepScheduler``) over the network models. Every result is compared with the in-process ONNX
 Runtime pipeline on real ELPV images (``tests/test_serving.py``'s reference) and with the per-batch model
 ``<prefix>_glad`` of the same server, whatever arrived beside it. The repository here has a small pool
-(``max_active`` 2, ``max_queue`` 2: capacity 4 images) so back-pressure is reachable with a few requests.
+(``max_active`` 2, ``max_queue`` 2: capacity 4 images) so back-pressure is reachable with a few requests, and
+overlapped ticks (admission and finishing beside the denoising step).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def server(served_bundle, tmp_path_factory):
     from triton_models.repository import generate_repository
 
     path = tmp_path_factory.mktemp("inflight") / "models"
-    generate_repository(served_bundle, path, max_batch=4, inflight_max_active=2, inflight_max_queue=2)
+    generate_repository(served_bundle, path, max_batch=4, inflight_max_active=2, inflight_max_queue=2,
+                        inflight_overlap=True)  # the overlapped ticks (the default with one ORT thread per model)
     srv = launch_server(path, ready_timeout=240)
     yield srv
     srv.stop()

@@ -25,8 +25,9 @@ import click
 @click.option("--queue-delay-us", default=500, show_default=True, type=click.IntRange(0),
               help="Dynamic batcher max_queue_delay_microseconds.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(0),
-              help="cpu: ONNX Runtime intra-op threads per model instance.")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
+              help="cpu: ONNX Runtime intra-op threads per model instance; 0 = the cores the server may use "
+                   "(affinity, cgroup quota) divided among the model's instances.")
 @click.option("--queue-timeout-us", default=0, show_default=True, type=click.IntRange(0),
               help="Queue policy: requests still queued after this many microseconds are rejected (0: only a "
                    "request's own timeout, which clients send, applies).")
