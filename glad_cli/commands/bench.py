@@ -13,8 +13,9 @@ from glad_cli.options import bundle_argument
 @click.command("bench")
 @bundle_argument()
 @click.option("--engine", "engine_names", multiple=True,
-              help="Engines to compare (repeatable): torch, ort-fp32, ort-fp16, ort-int8, tensorrt-fp16, ... "
-                   "Default: all of those; unavailable ones are skipped with the reason.")
+              help="Engines to compare (repeatable): torch, ort-fp32, ort-fp16, ort-int8, tensorrt-fp16 (the "
+                   "default set; unavailable ones are skipped with the reason), openvino-fp32, openvino-bf16, mix "
+                   "(each graph on its measured fastest CPU configuration: python -m bench.cpu_mix BUNDLE first).")
 @click.option("--images", "image_dir", type=click.Path(exists=True, path_type=Path),
               help="Real images (folder or files); default ELPV mono cells (half defective).")
 @click.option("--num-images", default=16, show_default=True, type=click.IntRange(1))
