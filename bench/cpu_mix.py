@@ -37,8 +37,8 @@ MEAN_REL = 4e-2
 
 
 def cpu_peak_gflops(cores: int) -> dict:
-    """This CPU's nominal fp32 and bf16 peak (GFLOP/s) for ``cores`` cores, from ``/proc/cpuinfo``: clock (MHz as
-    reported) x FLOPs per cycle per core (fp32: 2 FMA units x lanes x 2, lanes 16 with AVX-512, 8 with AVX2; bf16:
+    """This CPU's nominal fp32 and bf16 peak (GFLOP/s) for ``cores`` cores, from ``/proc/cpuinfo``: clock (the
+    highest current "cpu MHz" reported, not the turbo clock) x FLOPs per cycle per core (fp32: 2 FMA units x lanes x 2, lanes 16 with AVX-512, 8 with AVX2; bf16:
     twice fp32 with AVX-512 BF16, 1024 x 2 per cycle with AMX). Nominal: turbo and the real FMA unit count vary."""
     try:
         text = open("/proc/cpuinfo").read()
@@ -92,7 +92,7 @@ def select_mix(bundle, images: np.ndarray, *, choices: Sequence[str] | None = No
     and the plan (written to the bundle when ``write``)."""
     from bench.flops import graph_flops
     from calib.quantize import RecordingEngines
-    from glad_runtime.core.cpus import usable_cores
+    from glad_runtime.core.cpus import threads_for
     from glad_runtime.engines.mix import CHOICES, write_plan
     from glad_runtime.pipeline.batch import GladPipeline
 
@@ -101,7 +101,7 @@ def select_mix(bundle, images: np.ndarray, *, choices: Sequence[str] | None = No
     ref = engines["ort-fp32"]
     rec = RecordingEngines(ref, bundle.config)
     GladPipeline(rec, bundle.config)(images)
-    peak = cpu_peak_gflops(usable_cores())
+    peak = cpu_peak_gflops(threads_for(1, threads))  # the cores the engines run on
     table: dict = {}
     for graph, calls in rec.calls.items():
         feeds = {name: np.concatenate([c[name] for c in calls]) for name in calls[0]}

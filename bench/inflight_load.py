@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import shutil
 import threading
@@ -153,10 +154,16 @@ def _open_loop(url: str, model: str, inflight: bool, pngs: list[bytes], arrivals
                 finished.set()
 
     conns = [grpcclient.InferenceServerClient(url) for _ in range(clients)]
+    error_ids = itertools.count(-1, -1)  # the stream names no request in an error: counted under negative ids
+
+    def on_stream(result, error):
+        with lock:
+            i = int(result.get_response().id) if result is not None else next(error_ids)
+        record(i, result, error)
+
     if inflight:
         for c in conns:
-            c.start_stream(callback=lambda result, error: record(
-                int((result.get_response().id if result is not None else _id_from_error(error))), result, error))
+            c.start_stream(callback=on_stream)
     t0[0] = time.monotonic()
     for i, at in enumerate(arrivals):
         delay = t0[0] + at - time.monotonic()
@@ -170,20 +177,13 @@ def _open_loop(url: str, model: str, inflight: bool, pngs: list[bytes], arrivals
             c.async_infer(model, inputs, callback=lambda result, error, i=i: record(i, result, error),
                           outputs=outputs, request_id=str(i))
     finished.wait(timeout_s)
-    duration = time.monotonic() - t0[0] - float(arrivals[0])
     for c in conns:
         if inflight:
             c.stop_stream()
         c.close()
-    with lock:
+    with lock:  # from the first arrival to the last answer
+        duration = max((t for t, _, _ in done.values()), default=0.0) - float(arrivals[0])
         return dict(done), duration
-
-
-def _id_from_error(error) -> str:
-    """The in-flight model names no request id in an error (a gRPC stream carries the text only): errors are
-    counted under negative ids."""
-    _id_from_error.k = getattr(_id_from_error, "k", 0) - 1
-    return str(_id_from_error.k)
 
 
 def run_load_bench(bundle, out: Path, *, loads: Sequence[float] = (0.5, 0.7, 0.9), requests: int = 120,

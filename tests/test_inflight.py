@@ -107,6 +107,21 @@ def test_stream_equals_per_batch_model_and_in_process(server, images, reference)
     assert stats["retries"] == 0
 
 
+def test_stopping_a_stream_early_releases_its_replicas(server, images):
+    """A caller that stops iterating (generator closed) leaves no attempt counted as outstanding on a replica, and
+    the server, whose stream was cancelled, still answers the next stream."""
+    from glad_runtime.serving.client import GladClient
+
+    with GladClient(server.grpc_url, PREFIX, timeout=120) as client:
+        gen = client.stream([_png(i) for i in images], window=3)
+        first = next(gen)
+        gen.close()
+        assert first.error is None
+        assert all(r["outstanding"] == 0 and r["state"] == "closed" for r in client.stats()["replicas"].values())
+        again = list(client.stream([_png(images[0])], window=1))
+    assert len(again) == 1 and again[0].error is None
+
+
 def test_staggered_arrivals_join_the_running_loop(server, images, reference):
     """Requests arriving while others are mid-loop (tritonclient's stream API, not the SDK): each answered once,
     each equal to the in-process result, and the last arrival does not wait for the first ones' whole loop."""

@@ -108,6 +108,8 @@ def _detect_streamed(bundle: Path, paths: list[Path], out_dir: Path, server: str
                      threshold: float | None, calibration, *, window: int, map_format: str, progress: bool):
     """``glad detect --server URL --stream``: :meth:`GladClient.stream` over the files (sent as they are), each
     result written as it finishes (:func:`glad_runtime.detector.write_detections`); records in input order."""
+    from collections import defaultdict, deque
+
     from tqdm import tqdm
 
     from glad_runtime.core.bundle import Bundle
@@ -117,10 +119,12 @@ def _detect_streamed(bundle: Path, paths: list[Path], out_dir: Path, server: str
     from glad_runtime.serving.client import GladClient
 
     b = Bundle(bundle)
-    index = {str(p): i for i, p in enumerate(paths)}
+    index: dict[str, deque] = defaultdict(deque)  # a path listed twice is sent twice, each result to one slot
+    for i, p in enumerate(paths):
+        index[str(p)].append(i)
     out_dir.mkdir(parents=True, exist_ok=True)
     with GladClient(server, model_prefix or default_model_prefix(b), threshold=threshold) as client:
         results = tqdm(client.stream([str(p) for p in paths], window=window), total=len(paths), desc="detect",
                        disable=not progress)
-        return write_detections(((index[d.source], d, None) for d in results), paths, out_dir,
+        return write_detections(((index[d.source].popleft(), d, None) for d in results), paths, out_dir,
                                 MapScale.for_bundle(calibration, b.config), map_format)

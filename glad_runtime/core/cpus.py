@@ -9,7 +9,8 @@ VAE step when another process took one of the two cores.
 
 The rule, used by the ONNX Runtime and OpenVINO engines, the served ONNX Runtime models and training:
 
-* :func:`usable_cores` = the affinity set's size, capped by the cgroup quota (rounded down, at least 1);
+* :func:`usable_cores` = the affinity set's size, capped by the tightest cgroup quota over the process's cgroup
+  and its ancestors (rounded down, at least 1);
 * a pool of ``instances`` concurrent users gets ``max(1, usable_cores() // instances)`` threads
   (:func:`threads_for`);
 * ONNX Runtime threads do not spin (``session.intra_op.allow_spinning = 0``): they sleep when idle, so another pool
@@ -33,27 +34,66 @@ def affinity_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
-    """The cgroup CPU quota in cores (``quota / period``), or None when there is none.
-
-    Reads cgroup v2 ``<root>/cpu.max`` (``"max 100000"`` = none, ``"150000 100000"`` = 1.5 cores), else cgroup v1
-    ``<root>/cpu/cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` (quota -1 = none). Unreadable files count as none.
-    """
-    root = Path(root)
+def _quota_v2(folder: Path) -> float | None:
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
-        pass
+        return None
+
+
+def _quota_v1(folder: Path) -> float | None:
     try:
-        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+        period_us = int((folder / "cpu.cfs_period_us").read_text())
         return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
     except (OSError, ValueError):
         return None
 
 
-def usable_cores(root: str | os.PathLike = "/sys/fs/cgroup") -> int:
+def _own_paths(proc_cgroup: str | os.PathLike) -> tuple[str, str]:
+    """``(v2 path, v1 cpu path)`` of this process's cgroups from ``/proc/self/cgroup`` (``"/"`` when unknown)."""
+    v2 = v1 = "/"
+    try:
+        for line in Path(proc_cgroup).read_text().splitlines():
+            hid, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+            if hid == "0" and controllers == "":
+                v2 = path or "/"
+            elif "cpu" in controllers.split(","):
+                v1 = path or "/"
+    except OSError:
+        pass
+    return v2, v1
+
+
+def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup",
+                     proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> float | None:
+    """The tightest cgroup CPU quota over this process's cgroup and its ancestors, in cores (``quota / period``),
+    or None when there is none.
+
+    cgroup v2: ``cpu.max`` (``"max 100000"`` = none, ``"150000 100000"`` = 1.5 cores) in ``<root>/<own path>`` and
+    each parent up to ``<root>``; cgroup v1: ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1 = none) in
+    ``<root>/cpu[,cpuacct]/<own path>`` and its parents. The own paths come from ``proc_cgroup``; inside a
+    container with its own cgroup namespace they are ``/``. Unreadable files count as no quota.
+    """
+    root = Path(root)
+    v2, v1 = _own_paths(proc_cgroup)
+    limits = []
+    for base, own, read in ((root, v2, _quota_v2), (root / "cpu", v1, _quota_v1), (root / "cpu,cpuacct", v1,
+                                                                                      _quota_v1)):
+        folder = base / own.strip("/")
+        while True:
+            q = read(folder)
+            if q is not None:
+                limits.append(q)
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return min(limits) if limits else None
+
+
+def usable_cores(root: str | os.PathLike = "/sys/fs/cgroup", proc_cgroup: str | os.PathLike = "/proc/self/cgroup"
+                 ) -> int:
     """Cores this process may use: :func:`affinity_cores` capped by :func:`cgroup_cpu_limit` (rounded down; at
     least 1). ``GLAD_CPU_CORES`` (a positive integer) overrides both."""
     env = os.environ.get("GLAD_CPU_CORES", "").strip()
@@ -64,7 +104,7 @@ def usable_cores(root: str | os.PathLike = "/sys/fs/cgroup") -> int:
         except ValueError:
             pass
     cores = affinity_cores()
-    limit = cgroup_cpu_limit(root)
+    limit = cgroup_cpu_limit(root, proc_cgroup)
     if limit is not None:
         cores = min(cores, max(1, int(limit)))
     return cores

@@ -16,7 +16,8 @@ are encoded and join this tick's UNet call at once, while worker threads compute
 features and finish the images that ran their last step in an earlier tick (decode, features, anomaly map). Where
 the networks run in other processes (the served in-flight model: each network model is its own python-backend
 process) or on another device, these then share the machine instead of queuing behind the loop: a tick costs about
-its longest part, not their sum. An image then takes one tick more (its steps, then finished), each shorter.
+its longest part, not their sum. An image then takes one tick more per seed (its steps, then finished), each
+shorter.
 
 Per image the arithmetic is the pipeline's (same seeded noise, same schedule, same decision rule, same scoring), so
 results equal :class:`GladPipeline`'s within float tolerance and do not depend on which images shared a tick
@@ -128,7 +129,8 @@ class StepScheduler:
 
     def clear(self) -> list[Any]:
         """Drop every queued and in-flight image; returns their keys (after a failed :meth:`tick`, whose images
-        are in an unknown state)."""
+        are in an unknown state; images that tick had taken from the queue are dropped too, and not among the
+        keys: callers track their own requests)."""
         keys = [s.key for s in self._active] + [s.key for s in self._queue]
         self._queue.clear()
         self._active, self._done_slots = [], []
@@ -144,10 +146,11 @@ class StepScheduler:
         if self.overlap:  # the scoring-only work of new and of finished images beside the denoising step
             fin = [s for s in self._active if s.step >= last]
             self._admit_latents(new)
+            act = [s for s in self._active + new if s.step < last]  # before _finish may restart a seed (step 0)
             jobs = [self._workers.submit(self._admit_reference, new) if new else None,
                     self._workers.submit(self._finish, fin) if fin else None]
             try:
-                self._denoise([s for s in self._active + new if s.step < last])
+                self._denoise(act)
             finally:
                 results = [None if j is None else j.exception() or j.result() for j in jobs]
             for r in results:

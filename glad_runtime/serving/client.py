@@ -577,7 +577,9 @@ class GladClient(_Base):
                         rid = f"{item[0]}.{att.attempts}"
                         token = streams.send(step.lease.url, self._stream_request(name, rid, item, step.remaining))
                         sent[rid] = (item, step.lease, token)
-                for rid in [r for r, (it, _, _) in sent.items() if it[4].remaining() < -_ANSWER_GRACE_S]:
+                hung = [r for r, (it, _, _) in sent.items() if it[4].remaining() < -_ANSWER_GRACE_S] \
+                    if events.empty() else []  # answers waiting (a slow consumer) are read first
+                for rid in hung:
                     item, lease, _ = sent.pop(rid)  # no answer well past the deadline: a hung replica
                     err = DeadlineExceededError(f"{lease.url}: no answer for {name} #{item[0]} within "
                                                 f"{budget:g} s", None, lease.url)
@@ -623,7 +625,9 @@ class GladClient(_Base):
                 self._count(att)
                 outstanding -= 1
                 yield self._results(InferResult(payload.infer_response), [item[1]], url)[0]
-        finally:
+        finally:  # also when the caller stops early: no lease stays counted as outstanding (or probing)
+            for _, lease, _ in sent.values():
+                self.pool.release(lease, "neutral")
             streams.close()
 
     def _stream_request(self, model: str, rid: str, item: list, remaining: float):

@@ -32,6 +32,7 @@ def test_cgroup_quota_v2_v1_and_none(tmp_path):
     (tmp_path / "d").mkdir()
     assert cpus.cgroup_cpu_limit(_v1(tmp_path / "d", -1, 100000)) is None
     assert cpus.cgroup_cpu_limit(tmp_path / "missing") is None
+    assert cpus.cgroup_cpu_limit(tmp_path / "a", tmp_path / "no-proc-file") == pytest.approx(1.5)
 
 
 def test_usable_cores_is_affinity_capped_by_the_quota(tmp_path, monkeypatch):
@@ -71,3 +72,25 @@ def test_ort_sessions_use_the_rule_and_do_not_spin(monkeypatch):
     opts = session_options(2, spinning=True)
     assert opts.intra_op_num_threads == 2 and opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert isinstance(opts, ort.SessionOptions)
+
+
+def test_quota_of_the_own_cgroup_and_its_ancestors(tmp_path):
+    """A systemd slice or a container sharing the host's cgroup namespace: the quota sits in the process's own
+    cgroup (from /proc/self/cgroup) or a parent, not at the root; the tightest one counts."""
+    root = tmp_path / "cg"
+    (root / "system.slice" / "line.service").mkdir(parents=True)
+    (root / "cpu.max").write_text("max 100000\n")
+    (root / "system.slice" / "cpu.max").write_text("300000 100000\n")
+    (root / "system.slice" / "line.service" / "cpu.max").write_text("max 100000\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/system.slice/line.service\n")
+    assert cpus.cgroup_cpu_limit(root, proc) == pytest.approx(3.0)
+    (root / "system.slice" / "line.service" / "cpu.max").write_text("50000 100000\n")
+    assert cpus.cgroup_cpu_limit(root, proc) == pytest.approx(0.5)
+    v1 = tmp_path / "v1"
+    (v1 / "cpu" / "docker" / "abc").mkdir(parents=True)
+    (v1 / "cpu" / "docker" / "abc" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "docker" / "abc" / "cpu.cfs_period_us").write_text("100000\n")
+    proc.write_text("4:memory:/docker/abc\n1:cpu,cpuacct:/docker/abc\n0::/\n")
+    assert cpus.cgroup_cpu_limit(v1, proc) == pytest.approx(2.0)
+    assert cpus.cgroup_cpu_limit(v1, tmp_path / "no-such-file") is None

@@ -256,6 +256,8 @@ class Served:
         if tensors is not None:
             batch = self.detector.pipeline.validate_batch(np.array(tensors.as_numpy(), copy=True))
             return list(batch), [None] * len(batch), map_size
+        if files.as_numpy().size == 0:
+            raise InvalidInputError(f"{protocol.GLAD_FILE_INPUT} holds no image")
         arrays, images = [], []
         for k, element in enumerate(files.as_numpy().reshape(-1)):
             try:

@@ -16,7 +16,8 @@ ticks). Decoupled models answer gRPC streams (``ModelStreamInfer``: :meth:`GladC
 ``tritonclient.grpc`` ``start_stream`` / ``async_stream_infer``); unary gRPC and HTTP ``infer`` are refused by
 Triton for decoupled models.
 
-Overlap (parameter ``overlap``, default true): a tick's admission of new images and finishing of done ones run in
+Overlap (parameter ``overlap``; the repository writes true only with one ONNX Runtime thread per network model): a
+tick's admission of new images and finishing of done ones run in
 worker threads beside its UNet step and ADS check (``StepScheduler(overlap=True)``); the network models are
 separate processes, so the stages share the cores instead of queuing behind each other. Results are unchanged.
 
@@ -31,8 +32,8 @@ starts empty.
 Deadlines and cancellation (as in ``<prefix>_glad``): before every tick, a request whose client cancelled it or
 whose Triton request timeout (counted from its arrival) passed is dropped from the pool (its images stop at once)
 and answered ``CANCELLED`` / ``UNAVAILABLE`` "deadline exceeded"; the others go on. On unload the model stops
-taking requests (``UNAVAILABLE`` "closing", so clients fail over), finishes the ones in flight within 30 s and
-refuses what is left.
+taking requests (``UNAVAILABLE`` "closing", so clients fail over), finishes the ones in flight within 30 s, then
+the loop refuses what is left after its current tick and exits.
 
 Metrics: the GLAD metrics of ``glad_bls.py``, including ``glad_requests_rejected_total`` and the gauge
 ``glad_inflight_images``.
@@ -93,6 +94,7 @@ class TritonPythonModel:
         self._intake = deque()  # requests checked by execute(), not yet in the scheduler
         self._pending = 0  # images in the intake or the scheduler
         self._closing = False
+        self._abort = False  # set by finalize after the grace: the loop refuses what is left and exits
         self._requests = {}  # id -> _Request in the scheduler (the loop thread's)
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="glad-inflight", daemon=True)
@@ -136,9 +138,12 @@ class TritonPythonModel:
                     message = None
                     self._intake.append(_Request(r, sender, arrays, images, map_size, arrived))
                     self._pending += len(arrays)
+                    pending = self._pending
                     self._cv.notify()
             if message:
                 self._refuse(sender, "pool_full", message)
+            else:
+                self.metrics.set("glad_inflight_images", pending)
         return None
 
     # ------------------------------------------------------------------ the loop (its own thread)
@@ -151,6 +156,16 @@ class TritonPythonModel:
                     return
                 new = list(self._intake)
                 self._intake.clear()
+                abort = self._abort
+            if abort:  # finalize's grace is over: refuse what is left (from this thread: one FINAL each)
+                self.scheduler.clear()
+                for req in new:
+                    self._refuse(req.sender, "closing", "model unloaded before this request finished; retry")
+                for rid in list(self._requests):
+                    self.metrics.inc("glad_requests_rejected_total", reason="closing")
+                    self._finish(rid, pb_utils.InferenceResponse(error=error(
+                        "model unloaded before this request finished; retry", "UNAVAILABLE", True)))
+                return
             try:
                 self._tick(new)
             except Exception as e:  # a network model failed (or a bug): the pool's state is unknown
@@ -204,9 +219,8 @@ class TritonPythonModel:
             self._closing = True
             self._cv.notify()
         self._thread.join(DRAIN_GRACE_S)
-        if self._thread.is_alive():  # still busy after the grace: refuse what is left (the thread is a daemon)
+        if self._thread.is_alive():  # still busy after the grace: the loop refuses the rest after its tick
             with self._cv:
-                left = list(self._intake) + list(self._requests.values())
-                self._intake.clear()
-            for req in left:
-                self._refuse(req.sender, "closing", "model unloaded before this request finished; retry")
+                self._abort = True
+                self._cv.notify()
+            self._thread.join(DRAIN_GRACE_S)
