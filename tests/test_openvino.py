@@ -220,6 +220,9 @@ def test_mixed_engines_route_each_graph_and_keep_the_results(bundle, engines, re
     mixed = MixedEngines(bundle, plan, max_batch=4)
     assert mixed.choices["unet"] == "openvino-f32" and mixed.choices["vae_decoder"] == "ort-fp32"
     assert set(mixed.engines) == {"ort", "openvino"}
+    # each engine loaded only its own graphs
+    assert set(mixed.engines["openvino"].graph_precisions) == {"unet", "dino"}
+    assert "unet" not in mixed.engines["ort"].sessions and "vae_decoder" in mixed.engines["ort"].sessions
     ref = GladPipeline(engines["ort"], bundle.config)(real_batch)
     out = GladPipeline(mixed, bundle.config)(real_batch)
     assert out.adaptive_steps.tolist() == ref.adaptive_steps.tolist()

@@ -104,16 +104,17 @@ class MixedEngines(GraphEngines):
         graphs = network_graphs(self.config, dino_ads_present=self.bundle.file("onnx/dino_ads.onnx").is_file())
         self.choices = {g: plan.get(g, "ort-fp32") for g in graphs}
         self.engines: dict[str, GraphEngines] = {}
-        if any(c == "ort-fp32" for c in self.choices.values()):
+        ort = [g for g, c in self.choices.items() if c == "ort-fp32"]
+        if ort:  # each engine loads only its own graphs
             from glad_runtime.engines.ort import OrtEngines
 
-            self.engines["ort"] = OrtEngines(self.bundle, intra_op_threads=threads, max_batch=max_batch)
+            self.engines["ort"] = OrtEngines(self.bundle, intra_op_threads=threads, max_batch=max_batch, graphs=ort)
         ov = {g: c.split("-")[1] for g, c in self.choices.items() if c.startswith("openvino")}
         if ov:
             from glad_runtime.engines.openvino import OpenVinoEngines
 
             self.engines["openvino"] = OpenVinoEngines(self.bundle, precision=ov, num_threads=threads,
-                                                       max_batch=max_batch)
+                                                       max_batch=max_batch, graphs=list(ov))
         self._route = {g: self.engines[c.split("-")[0]] for g, c in self.choices.items()}
         self._init_feature_graphs(self._route)
 

@@ -97,7 +97,8 @@ class OpenVinoEngines(GraphEngines):
 
     def __init__(self, bundle: Bundle | str | os.PathLike, precision: str | Mapping[str, str] = "f32", *,
                  num_threads: int = 0, max_batch: int = 16, static_batches: Sequence[int] = (),
-                 cache_dir: str | os.PathLike | bool | None = None, verify: bool = True, fused_check: bool = False):
+                 cache_dir: str | os.PathLike | bool | None = None, verify: bool = True, fused_check: bool = False,
+                 graphs: Sequence[str] | None = None):
         import openvino
 
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
@@ -118,6 +119,8 @@ class OpenVinoEngines(GraphEngines):
         needed = network_graphs(self.config, dino_ads_present=self.bundle.file("onnx/dino_ads.onnx").is_file())
         if fused_check and self.bundle.file("onnx/ads_check.onnx").is_file():
             needed.append("ads_check")
+        if graphs is not None:  # a part of the networks (MixedEngines routes the others elsewhere)
+            needed = [g for g in needed if g in set(graphs)]
         if isinstance(precision, str):
             self.graph_precisions = {g: PRECISIONS[precision] for g in needed}
         else:

@@ -9,6 +9,8 @@ fallback: ``cpu`` (``CPUExecutionProvider``), ``cuda`` (``CUDAExecutionProvider`
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import logging
 import os
 from pathlib import Path
@@ -61,7 +63,8 @@ class OrtEngines(GraphEngines):
         provider: ``"cpu"``, ``"cuda"`` or ``"tensorrt"`` (see :data:`PROVIDERS`).
         intra_op_threads, inter_op_threads: ONNX Runtime thread pools (:func:`session_options`; intra 0 = the cores
             this process may use, inter 0 = ONNX Runtime's default). spinning: let idle threads spin (off: they
-            sleep and leave the cores to others; measured in ``bench/cpu_share.py``).
+            sleep and leave the cores to others; measured in ``bench/cpu_share.py``). graphs: load only these
+            (default: every graph the config needs).
         max_batch: calls are split into chunks of at most this many images (bounded memory).
         verify: check the graphs' sha256 against the bundle manifest before loading.
         fused_check: load the ``ads_check`` graph (the whole ADS check in one call, only the distance map returned)
@@ -76,7 +79,7 @@ class OrtEngines(GraphEngines):
 
     def __init__(self, bundle: Bundle | str | os.PathLike, precision: str = "fp32", provider: str = "cpu", *,
                  intra_op_threads: int = 0, inter_op_threads: int = 0, max_batch: int = 16, verify: bool = True,
-                 fused_check: bool | None = None, spinning: bool = False):
+                 fused_check: bool | None = None, spinning: bool = False, graphs: Sequence[str] | None = None):
         import onnxruntime as ort
 
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
@@ -105,11 +108,13 @@ class OrtEngines(GraphEngines):
             fused_check = provider != "cpu"
         if fused_check and any(self.bundle.file(f"onnx/ads_check{sfx}.onnx").is_file() for sfx in _SUFFIX.values()):
             needed.append("ads_check")  # optional: bundles exported before it run the check on the host
+        if graphs is not None:  # a part of the networks (MixedEngines routes the others elsewhere)
+            needed = [g for g in needed if g in set(graphs)]
         #: the precision each loaded graph runs at (``int8`` falls back to fp32 per graph, see above)
         self.graph_precisions = self._resolve(precision, needed)
         gp = self.graph_precisions
         ads_feats = "dino_ads" if "dino_ads" in gp else "dino"
-        if "ads_check" in gp and not gp["ads_check"] == gp["vae_decoder"] == gp[ads_feats]:
+        if "ads_check" in gp and not gp["ads_check"] == gp.get("vae_decoder") == gp.get(ads_feats):
             del gp["ads_check"]  # the fused check would bypass a quantised decoder / ADS feature graph
         paths = {name: self.bundle.file(f"onnx/{name}{_SUFFIX[p]}.onnx") for name, p in self.graph_precisions.items()}
         absent = [p.name for p in paths.values() if not p.is_file()]
