@@ -65,6 +65,7 @@ class _Slot:
     maps: list = field(default_factory=list)
     reused: np.ndarray | None = None  # last-step check decode used as the reconstruction (ads_reuse_final_decode)
     ticks: int = 0
+    finished: bool = False  # set by _finish on the last seed; tick then drops the slot from the pool
 
 
 class StepScheduler:
@@ -91,7 +92,6 @@ class StepScheduler:
         self.max_active, self.max_queue = int(max_active), int(max_queue)
         self._queue: deque[_Slot] = deque()
         self._active: list[_Slot] = []
-        self._done_slots: list[_Slot] = []  # slots _finish completed in this tick (removed by tick)
         self._count = 0
         self.stats = {"ticks": 0, "unet_calls": 0, "unet_images": 0, "check_calls": 0, "check_images": 0}
         self.overlap = bool(overlap)
@@ -133,7 +133,7 @@ class StepScheduler:
         keys: callers track their own requests)."""
         keys = [s.key for s in self._active] + [s.key for s in self._queue]
         self._queue.clear()
-        self._active, self._done_slots = [], []
+        self._active = []
         return keys
 
     # ------------------------------------------------------------------ the tick
@@ -162,9 +162,7 @@ class StepScheduler:
             self._denoise([s for s in self._active + new if s.step < last])
             done = self._finish([s for s in self._active + new if s.step >= last])
         self._active.extend(new)
-        done_ids = {id(s) for s in self._done_slots}
-        self._active = [s for s in self._active if id(s) not in done_ids]
-        self._done_slots = []
+        self._active = [s for s in self._active if not s.finished]
         for s in self._active:
             s.ticks += 1
         self.stats["ticks"] += 1
@@ -280,7 +278,7 @@ class StepScheduler:
 
     def _finish(self, fin: list[_Slot]) -> list[Detection]:
         """One batched decode, features and anomaly map for ``fin`` (images past their last step); returns the
-        finished Detections (their slots are recorded in ``_done_slots``) and restarts the others' next seed."""
+        finished Detections (their slots marked ``finished``) and restarts the others' next seed."""
         c, p = self.config, self.pipeline
         if not fin:
             return []
@@ -306,7 +304,7 @@ class StepScheduler:
             amap = s.maps[0] if len(s.maps) == 1 else np.mean(s.maps, axis=0).astype(np.float32)
             if not np.isfinite(amap).all():
                 raise EngineError(f"anomaly map of {s.key!r} contains non-finite values")
-            self._done_slots.append(s)
+            s.finished = True
             step, ads_score, trig = s.first
             done.append(Detection(source=s.key, score=float(topk_mean(amap[None], c.top_k)[0]), anomaly_map=amap,
                                   adaptive_step=step, ads_score=None if np.isnan(ads_score) else float(ads_score),

@@ -47,6 +47,7 @@ import os
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -110,17 +111,21 @@ def _refused(err: BadInputError, source: str) -> BadInputError:
     return out
 
 
+def _source(image: Any, index: int) -> str:
+    """How a Detection names an input: its path, else ``#<index>``."""
+    return str(image) if isinstance(image, (str, os.PathLike)) else f"#{index}"
+
+
 def _prepare(image: Any, index: int, resolution: int) -> tuple[str, str, Any]:
     """One input -> ``(source, kind, payload)``: ``FILES`` with the encoded bytes, or ``TENSOR`` with float32
     ``[3, R, R]``. Raises BadInputError (unreadable path, unsupported type, shape or dtype, NaN)."""
+    source = _source(image, index)
     if isinstance(image, (str, os.PathLike)):
-        source = str(image)
         try:
             with open(image, "rb") as f:
                 return source, FILES, f.read()
         except OSError as e:
             raise BadInputError(f"{source}: cannot open ({e.strerror or e})") from e
-    source = f"#{index}"
     if isinstance(image, (bytes, bytearray, memoryview)):
         return source, FILES, bytes(image)
     if isinstance(image, np.ndarray):
@@ -144,6 +149,18 @@ def _prepare(image: Any, index: int, resolution: int) -> tuple[str, str, Any]:
             raise BadInputError(f"{source}: cannot encode the image ({e})") from e
     raise BadInputError(f"{source}: unsupported input type {type(image).__name__}")
 
+
+
+@dataclass
+class _StreamItem:
+    """One image of :meth:`GladClient.stream`: its index in the input, ``source``, what is sent (``kind``,
+    ``payload``, as :func:`_prepare` returns them) and its retry state machine."""
+
+    index: int
+    source: str
+    kind: str
+    payload: Any
+    attempts: routing.Attempts
 
 
 class _Streams:
@@ -343,8 +360,7 @@ class _Base:
             try:
                 source, kind, payload = _prepare(image, i, res)
             except BadInputError as e:
-                slots.append(Detection(source=str(image) if isinstance(image, (str, os.PathLike)) else f"#{i}",
-                                       error=e))
+                slots.append(Detection(source=_source(image, i), error=e))
                 continue
             slots.append(None)
             good.append((i, source, kind, payload))
@@ -553,10 +569,9 @@ class GladClient(_Base):
                         exhausted = True
                         break
                     try:
-                        item = [i, *_prepare(image, i, res), self._attempts(f"{name} stream #{i}", budget)]
+                        item = _StreamItem(i, *_prepare(image, i, res), self._attempts(f"{name} stream #{i}", budget))
                     except BadInputError as e:
-                        yield Detection(source=str(image) if isinstance(image, (str, os.PathLike)) else f"#{i}",
-                                        error=e)
+                        yield Detection(source=_source(image, i), error=e)
                         continue
                     outstanding += 1
                     heapq.heappush(due, (0.0, next(seq), item))
@@ -565,28 +580,28 @@ class GladClient(_Base):
                 now = self.pool.clock()
                 while due and due[0][0] <= now:  # (re)send what is due
                     item = heapq.heappop(due)[2]
-                    att = item[4]
+                    att = item.attempts
                     step = att.next()
                     if step.kind == "sleep":
                         heapq.heappush(due, (now + step.seconds, next(seq), item))
                     elif step.kind == "raise":
                         self._count(att, step.error)
                         outstanding -= 1
-                        yield Detection(source=item[1], error=step.error)
+                        yield Detection(source=item.source, error=step.error)
                     else:
-                        rid = f"{item[0]}.{att.attempts}"
+                        rid = f"{item.index}.{att.attempts}"
                         token = streams.send(step.lease.url, self._stream_request(name, rid, item, step.remaining))
                         sent[rid] = (item, step.lease, token)
-                hung = [r for r, (it, _, _) in sent.items() if it[4].remaining() < -_ANSWER_GRACE_S] \
+                hung = [r for r, (it, _, _) in sent.items() if it.attempts.remaining() < -_ANSWER_GRACE_S] \
                     if events.empty() else []  # answers waiting (a slow consumer) are read first
                 for rid in hung:
                     item, lease, _ = sent.pop(rid)  # no answer well past the deadline: a hung replica
-                    err = DeadlineExceededError(f"{lease.url}: no answer for {name} #{item[0]} within "
+                    err = DeadlineExceededError(f"{lease.url}: no answer for {name} #{item.index} within "
                                                 f"{budget:g} s", None, lease.url)
-                    item[4].failed(lease, err)
-                    self._count(item[4], err)
+                    item.attempts.failed(lease, err)
+                    self._count(item.attempts, err)
                     outstanding -= 1
-                    yield Detection(source=item[1], error=err)
+                    yield Detection(source=item.source, error=err)
                 wait = max(0.0, due[0][0] - self.pool.clock()) if due else 0.5
                 try:
                     kind, url, token, payload = events.get(timeout=max(wait, 1e-3))
@@ -597,24 +612,21 @@ class GladClient(_Base):
                     failed = [rid for rid, (_, lease, tok) in sent.items() if tok == token]
                     for rid in failed:
                         item, lease, _ = sent.pop(rid)
-                        item[4].failed(lease, classify_error(payload, url))
+                        item.attempts.failed(lease, classify_error(payload, url))
                         heapq.heappush(due, (0.0, next(seq), item))
                     continue
                 rid = payload.infer_response.id
                 if rid not in sent:
                     continue  # an answer to an attempt given up on (the image was resent): dropped
                 item, lease, _ = sent.pop(rid)
-                att = item[4]
+                att = item.attempts
                 if payload.error_message:
-                    status, message = protocol.stream_error_status(payload.error_message)
-                    cls, retryable = routing.classify(status, message)
-                    err = cls(f"{url}: {message}", status, url)
-                    err.retryable = retryable
+                    err = routing.error_for(*protocol.stream_error_status(payload.error_message), url)
                     if isinstance(err, BadInputError):
                         att.failed(lease, err)
                         self._count(att, err)
                         outstanding -= 1
-                        yield Detection(source=item[1], error=_refused(err, item[1]))
+                        yield Detection(source=item.source, error=_refused(err, item.source))
                         continue
                     att.failed(lease, err)
                     heapq.heappush(due, (0.0, next(seq), item))
@@ -624,19 +636,19 @@ class GladClient(_Base):
                 att.succeeded(lease)
                 self._count(att)
                 outstanding -= 1
-                yield self._results(InferResult(payload.infer_response), [item[1]], url)[0]
+                yield self._results(InferResult(payload.infer_response), [item.source], url)[0]
         finally:  # also when the caller stops early: no lease stays counted as outstanding (or probing)
             for _, lease, _ in sent.values():
                 self.pool.release(lease, "neutral")
             streams.close()
 
-    def _stream_request(self, model: str, rid: str, item: list, remaining: float):
+    def _stream_request(self, model: str, rid: str, item: "_StreamItem", remaining: float):
         """The ``ModelInferRequest`` of one stream attempt (one image; ``map_size`` working, the request
         timeout in microseconds)."""
         from tritonclient.grpc import service_pb2
         from tritonclient.utils import serialize_byte_tensor
 
-        kind, payload = item[2], item[3]
+        kind, payload = item.kind, item.payload
         r = service_pb2.ModelInferRequest(model_name=model, id=rid)
         t = r.inputs.add()
         if kind == FILES:

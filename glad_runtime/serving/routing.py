@@ -43,8 +43,8 @@ from typing import Callable, Iterable, Sequence
 from glad_runtime.errors import (BadInputError, DeadlineExceededError, ModelNotFoundError, ServerUnavailableError,
                                  ServingError)
 
-__all__ = ["classify", "classify_error", "is_retryable", "backoff_delay", "Pool", "Lease", "Attempts", "Step",
-           "CLOSED", "OPEN", "HALF_OPEN"]
+__all__ = ["classify", "classify_error", "error_for", "is_retryable", "backoff_delay", "Pool", "Lease", "Attempts",
+           "Step", "CLOSED", "OPEN", "HALF_OPEN"]
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
@@ -110,10 +110,18 @@ def classify_error(exc: BaseException, url: str | None = None) -> ServingError:
             msg = None
     msg = str(msg if msg is not None else exc)
     status = (str(status).replace("StatusCode.", "") if status else None) or None
-    cls, retryable = classify(status, msg)
-    err = cls(f"{url}: {msg}" if url else msg, status, url)
-    err.retryable = retryable
+    err = error_for(status, msg, url)
     err.__cause__ = exc if isinstance(exc, Exception) else None
+    return err
+
+
+def error_for(status: str | None, message: str, url: str | None = None) -> ServingError:
+    """The typed :class:`ServingError` (:func:`classify`) for a failure's status name and message, ``retryable``
+    set, the message prefixed with ``url``. Used for exceptions (:func:`classify_error`) and for the error text of
+    a gRPC stream response (``GladClient.stream``)."""
+    cls, retryable = classify(status, message)
+    err = cls(f"{url}: {message}" if url else message, status, url)
+    err.retryable = retryable
     return err
 
 

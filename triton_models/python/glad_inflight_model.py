@@ -161,19 +161,20 @@ class TritonPythonModel:
                 self.scheduler.clear()
                 for req in new:
                     self._refuse(req.sender, "closing", "model unloaded before this request finished; retry")
-                for rid in list(self._requests):
-                    self.metrics.inc("glad_requests_rejected_total", reason="closing")
-                    self._finish(rid, pb_utils.InferenceResponse(error=error(
-                        "model unloaded before this request finished; retry", "UNAVAILABLE", True)))
+                self._fail_all("model unloaded before this request finished; retry", "UNAVAILABLE",
+                               "glad_requests_rejected_total", reason="closing")
                 return
             try:
                 self._tick(new)
             except Exception as e:  # a network model failed (or a bug): the pool's state is unknown
                 self.scheduler.clear()
-                for rid in list(self._requests):
-                    self.metrics.inc("glad_errors_total", type=type(e).__name__)
-                    self._finish(rid, pb_utils.InferenceResponse(
-                        error=error(f"{type(e).__name__}: {e}", "INTERNAL", True)))
+                self._fail_all(f"{type(e).__name__}: {e}", "INTERNAL", "glad_errors_total", type=type(e).__name__)
+
+    def _fail_all(self, message, code, metric, **labels):
+        """Answer every request in the pool with the same error (counted in ``metric`` with ``labels``)."""
+        for rid in list(self._requests):
+            self.metrics.inc(metric, **labels)
+            self._finish(rid, pb_utils.InferenceResponse(error=error(message, code, True)))
 
     def _tick(self, new):
         """Admit ``new`` requests, drop abandoned ones, run one scheduler tick, answer the finished requests."""
