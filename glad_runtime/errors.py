@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __all__ = [
     "GladError", "UsageError", "ConfigError", "UnknownPresetError", "InvalidInputError", "ImageLoadError", "UnsupportedImageError",
+    "ImageTooLargeError",
     "BundleError", "EngineError", "EngineMismatchError", "TensorRTUnavailable", "CalibrationError",
     "CalibrationWarning", "QueueFullError", "ServingError", "BadInputError", "ServerUnavailableError",
     "DeadlineExceededError", "ModelNotFoundError", "ExportError", "RefitError", "QuantizationError",
@@ -53,6 +54,16 @@ class ImageLoadError(GladError, ValueError):
 
 class UnsupportedImageError(ImageLoadError):
     """The image decoded but its pixel format is not supported (e.g. 32-bit float)."""
+
+
+class ImageTooLargeError(ImageLoadError):
+    """The image's header declares more pixels than the limit (``max_image_pixels``: bundle config, ``glad serve
+    --max-image-pixels``, ``glad detect --max-image-pixels``); refused before decoding, so a decompression bomb
+    costs nothing. Never retryable: the same bytes are refused everywhere. ``pixels`` and ``limit`` are set."""
+
+    def __init__(self, message: str, pixels: int | None = None, limit: int | None = None):
+        super().__init__(message)
+        self.pixels, self.limit = pixels, limit
 
 
 # ---------------------------------------------------------------------------------------------- bundle and engines

@@ -41,7 +41,8 @@ __all__ = ["write_deploy", "grafana_dashboard", "detect_prefixes", "detect_targe
 
 #: GLAD metrics the entry models export (``triton_models/python/glad_bls.py``, module docstring): counters ...
 GLAD_COUNTERS = ("glad_images_total", "glad_errors_total", "glad_requests_abandoned_total",
-                 "glad_ads_decisions_total", "glad_ddim_steps_saved_total", "glad_requests_rejected_total")
+                 "glad_ads_decisions_total", "glad_ddim_steps_saved_total", "glad_requests_rejected_total",
+                 "glad_requests_malformed_total")
 #: ... gauges (the in-flight model's pool) ...
 GLAD_GAUGES = ("glad_inflight_images",)
 #: ... and histograms (exposed as ``<name>_bucket``, ``<name>_sum``, ``<name>_count``).
@@ -599,8 +600,9 @@ def grafana_dashboard() -> dict:
     (anomalous / all scored), error rate and errors by type, abandoned requests by reason, ADS trigger rate and
     outcomes, adaptive-step, raw and normalised score quantiles (``histogram_quantile`` over the ``_bucket``
     series), DDIM steps saved, and Triton's request rate, average request / queue / compute latency, pending
-    requests, and the in-flight pool (images queued or in flight, requests refused by reason). Every expression
-    names only :data:`GLAD_COUNTERS`, :data:`GLAD_GAUGES`, :data:`GLAD_HISTOGRAMS` and :data:`TRITON_METRICS`.
+    requests, the in-flight pool (images queued or in flight, requests refused by reason), and refused input
+    (malformed requests by reason, oversized images). Every expression names only :data:`GLAD_COUNTERS`,
+    :data:`GLAD_GAUGES`, :data:`GLAD_HISTOGRAMS` and :data:`TRITON_METRICS`.
     """
     m = '{model=~"$model"}'
     tm = '{model=~"$triton_model"}'
@@ -666,6 +668,13 @@ def grafana_dashboard() -> dict:
         _panel(16, "In-flight requests refused / s by reason",
                [(rate("glad_requests_rejected_total", by="reason"), "{{reason}}")], 12, 56, unit="reqps",
                description="pool_full: back-pressure (clients retry with backoff or fail over); closing: unload."),
+        _panel(17, "Refused input / s: malformed requests by reason, oversized images",
+               [(rate("glad_requests_malformed_total", by="reason"), "malformed: {{reason}}"),
+                (rate("glad_errors_total", sel_with('type="ImageTooLargeError"')), "image too large")],
+               0, 64, unit="reqps",
+               description="Client bugs, not server faults (answered INVALID_ARG): a request refused whole "
+                           "(glad_requests_malformed_total) or one image over the size limit "
+                           "(glad_errors_total{type=\"ImageTooLargeError\"})."),
     ]
     return {
         "title": "GLAD anomaly detection on Triton",

@@ -162,8 +162,8 @@ def _params(d: dict[str, object]) -> str:
     return "parameters [\n" + ",\n".join(items) + "\n]\n"
 
 
-def _io(kind: str, specs: list[TensorSpec]) -> str:
-    return f"{kind} [\n" + ",\n".join("  " + s.pbtxt() for s in specs) + "\n]\n"
+def _io(kind: str, specs: list[TensorSpec], batched: bool = True) -> str:
+    return f"{kind} [\n" + ",\n".join("  " + s.pbtxt(batched) for s in specs) + "\n]\n"
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -208,11 +208,12 @@ def _plan_for(bundle: Bundle, graph: str, precision: str, max_batch: int) -> Pat
 
 
 def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathLike, *, target: str = "cpu",
-                        prefix: str | None = None, max_batch: int = 8, instances: int = 1, glad_instances: int = 1,
+                        prefix: str | None = None, max_batch: int = 8, instances: int = 1, glad_instances: int = 2,
                         queue_delay_us: int = 500, precision: str = "fp32", version: int | None = None,
                         intra_op_threads: int = 0, queue_timeout_us: int = 0, warmup: bool = True,
                         inflight: bool = True, inflight_max_active: int | None = None,
-                        inflight_max_queue: int | None = None, inflight_overlap: bool | None = None) -> list[str]:
+                        inflight_max_queue: int | None = None, inflight_overlap: bool | None = None,
+                        max_image_pixels: int | None = None) -> list[str]:
     """Write (or replace) the models of one bundle in a Triton model repository.
 
     Args:
@@ -221,8 +222,11 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
         target: ``"cpu"`` (python backend + ONNX Runtime, runs with the ``nvidia-pytriton`` server) or ``"gpu"``
             (native ``onnxruntime_onnx`` / ``tensorrt_plan`` models, for a full Triton install).
         prefix: model-name prefix (default from the bundle folder name).
-        max_batch: images per ``<prefix>_glad`` request (network models take twice as many).
-        instances: instances per network model; glad_instances: instances of the BLS model.
+        max_batch: images per entry-model request (the ``max_images`` parameter: more is refused whole); the
+            network models take twice as many per call.
+        instances: instances per network model; glad_instances: instances of the BLS model (default 2: each
+            request is one execution, so two requests run side by side and their network calls batch together).
+        max_image_pixels: the entry models' pixel limit per image (default the bundle's ``max_image_pixels``).
         queue_delay_us: dynamic batcher ``max_queue_delay_microseconds`` of every model.
         precision: ``fp32`` or ``fp16`` graphs (``onnx/<g>.fp16.onnx``; fp32 I/O either way).
         version: the model version directory (also in ``parameters``); None (default): :func:`next_version`,
@@ -373,9 +377,12 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
                       served_graphs=",".join(graphs),
                       calibrated="true" if cal is not None else "false",
                       threshold="" if cal is None else cal.image_threshold,
-                      calibration=protocol.calibration_parameter(cal))
+                      calibration=protocol.calibration_parameter(cal), max_images=max_batch,
+                      max_image_pixels=max_image_pixels or cfg.max_image_pixels)
+    # max_batch_size 0 (issue 27): a batching python-backend model crashes the server on a request of zero images
+    # (see glad_model.py); each request is one execution, its images one pipeline call (up to max_images)
     entries = [(protocol.GLAD_MODEL, "glad_model.py",
-                _instances(glad_instances, "KIND_CPU") + _batching(max_batch, queue_delay_us, queue_timeout_us),
+                _instances(glad_instances, "KIND_CPU") + "dynamic_batching {\n" + queue_policy(queue_timeout_us) + "}\n",
                 {})]
     if inflight:
         entries.append((protocol.INFLIGHT_MODEL, "glad_inflight_model.py",
@@ -390,8 +397,8 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
         shutil.copy(b.file("config.json"), vdir / "config.json")
         if cal is not None:
             shutil.copy(b.file("calibration.json"), vdir / "calibration.json")
-        text = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
-                + _io("input", protocol.glad_inputs(r)) + _io("output", protocol.glad_outputs())
+        text = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+                + _io("input", protocol.glad_inputs(r), False) + _io("output", protocol.glad_outputs(), False)
                 + scheduling + _params(dict(bls_params, **extra)))
         (repo / name / "config.pbtxt").write_text(text)
         written.append(name)

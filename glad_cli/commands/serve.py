@@ -54,9 +54,12 @@ import click
 @click.option("--start", is_flag=True, help="Then run tritonserver on the repository until Ctrl-C / SIGTERM "
               "(which drains: new images are refused so clients fail over, those in flight finish).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="--start: listen address.")
-@click.option("--http-port", default=8000, show_default=True, help="--start: 0 = a free port.")
-@click.option("--grpc-port", default=8001, show_default=True)
-@click.option("--metrics-port", default=8002, show_default=True)
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="--start: 0 = a free port.")
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(0, 65535),
+              help="--start: 0 = a free port.")
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(0, 65535),
+              help="--start: 0 = a free port.")
 @click.option("--server-binary", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="--start: tritonserver of a full install (default: the one in nvidia-pytriton, CPU).")
 @click.option("--model-control", type=click.Choice(["explicit", "none", "poll"]), default="explicit",

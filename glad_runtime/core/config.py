@@ -103,6 +103,12 @@ class GladConfig:
             test; None (single-class) prepares straight at ``resolution``.
         class_name: the category (``"carpet"``, ``"pcb1"`` ...) when the preset is for one class; selects the
             training foreground mode (:func:`training_foreground_mode`); None for dataset-level presets.
+        max_image_pixels: the pixel limit per image (width x height read from the file's header before decoding;
+            :func:`glad_runtime.core.images.load_image`): a larger image is refused with ``ImageTooLargeError``
+            and costs nothing (decompression bombs). Default 100 MP (10000 x 10000): one image at the limit peaks
+            near 1.7 GB in ``glad detect`` (measured; README), so the default batch fits a 24 GB machine.
+            ``glad detect`` / ``glad serve --max-image-pixels`` override it. A deployment setting: it does not
+            change any result of an image within it.
     """
 
     preset: str = "sd14-dino-vitb8"
@@ -144,6 +150,7 @@ class GladConfig:
     conditioning: dict[str, str] = field(default_factory=lambda: {"prompt": "a photo of sks", "negative": ""})
     load_resolution: int | None = None
     class_name: str | None = None
+    max_image_pixels: int = 100_000_000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_layers", tuple(int(x) for x in self.feature_layers))
@@ -177,6 +184,7 @@ class GladConfig:
         need(self.ads_check_every >= 1, "ads_check_every must be >= 1")
         need(self.load_resolution is None or 0 < self.load_resolution <= self.resolution,
              "load_resolution must be None or in (0, resolution]")
+        need(self.max_image_pixels >= 1, "max_image_pixels must be >= 1")
 
     # ------------------------------------------------------------------ derived
     @property

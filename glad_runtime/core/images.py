@@ -27,43 +27,75 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from glad_runtime.errors import ImageLoadError, UnsupportedImageError  # noqa: F401 (re-exported)
+from glad_runtime.errors import ImageLoadError, ImageTooLargeError, UnsupportedImageError  # noqa: F401 (re-exported)
 
-__all__ = ["ImageLoadError", "UnsupportedImageError", "LoadedImage", "load_image", "to_unit_rgb",
-           "to_rgb_pixels", "preprocess", "prepare", "upsample_align_corners", "resize_map", "IMAGE_EXTENSIONS"]
+__all__ = ["ImageLoadError", "UnsupportedImageError", "ImageTooLargeError", "LoadedImage", "load_image",
+           "check_pixels", "to_pixels", "to_unit_rgb", "to_rgb_pixels", "preprocess", "prepare", "upsample_align_corners", "resize_map", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+#: Pillow's own decompression-bomb check is replaced by the toolkit's pixel limit (``max_image_pixels``, checked
+#: from the header in :func:`load_image`, with a typed error); Pillow's would raise an untyped error at 179 MP and
+#: warn from 89 MP whatever the bundle allows.
+Image.MAX_IMAGE_PIXELS = None
+
+
 @dataclass
 class LoadedImage:
-    """An image converted to RGB at its upright original size.
+    """An image decoded at its upright original size, in its most compact exact form.
 
     Attributes:
-        pixels: uint8 ``[H, W, 3]`` for 8-bit sources (``L``, ``RGB``, palette, alpha composited onto black ...),
-            float32 ``[H, W, 3]`` in [0, 1] for 16-bit grayscale sources. :func:`preprocess` resizes each kind
-            as the official code would (8-bit image, then / 255; float for 16-bit).
+        pixels: uint8 ``[H, W, 3]`` for 8-bit colour sources (``RGB``, palette, alpha composited onto black ...),
+            uint8 ``[H, W]`` for 8-bit grayscale (``L``), float32 ``[H, W]`` in [0, 1] for 16-bit grayscale; a
+            grayscale image is one channel replicated to RGB wherever RGB is needed (:attr:`rgb`, :func:`preprocess`
+            gives the same result as for its 3-channel form), so an 81 MP grey file holds 81 MB, not 243 MB.
+            None once released (the served models keep only the size and mode after preprocessing).
         original_size: ``(H, W)`` after EXIF orientation.
         mode: the Pillow mode of the file (``L``, ``I;16``, ``RGBA``, ``P`` ...).
         source: the path or a label.
     """
 
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     original_size: tuple[int, int]
     mode: str
     source: str
 
     @property
     def rgb(self) -> np.ndarray:
-        """float32 ``[H, W, 3]`` in [0, 1] (8-bit pixels / 255; 16-bit sources are already float)."""
-        if self.pixels.dtype == np.uint8:
-            return self.pixels.astype(np.float32) / 255.0
-        return self.pixels
+        """float32 ``[H, W, 3]`` in [0, 1] at the original size (8-bit pixels / 255; 12 bytes per pixel: for
+        pictures of large images use :meth:`display_rgb`)."""
+        return _expand_rgb(self.pixels.astype(np.float32) / np.float32(255.0) if self.pixels.dtype == np.uint8
+                           else self.pixels)
+
+    def display_rgb(self, max_side: int) -> tuple[np.ndarray, float]:
+        """``(float32 [h, w, 3] in [0, 1], factor)``: the image for a picture, shrunk (Pillow bilinear) so its
+        longer side is at most ``max_side``; ``factor`` = h / H (1.0 when no shrink was needed)."""
+        h, w = self.original_size
+        f = min(1.0, float(max_side) / max(h, w))
+        if f >= 1.0:
+            return self.rgb, 1.0
+        size = (max(1, round(w * f)), max(1, round(h * f)))
+        px = self.pixels
+        if px.dtype == np.uint8:
+            small = np.asarray(Image.fromarray(px).resize(size, Image.BILINEAR), np.float32) / np.float32(255.0)
+        else:
+            small = np.asarray(Image.fromarray(np.ascontiguousarray(px, np.float32)).resize(size, Image.BILINEAR))
+        return _expand_rgb(small), size[1] / h
+
+    def released(self) -> "LoadedImage":
+        """The same record without its pixels (size, mode and source kept)."""
+        return LoadedImage(None, self.original_size, self.mode, self.source)
 
 
-def to_rgb_pixels(img: Image.Image) -> np.ndarray:
-    """Convert a decoded, upright Pillow image to RGB pixels (rules in the module doc): uint8 ``[H, W, 3]`` for
-    8-bit sources, float32 ``[H, W, 3]`` in [0, 1] for 16-bit grayscale.
+def _expand_rgb(px: np.ndarray) -> np.ndarray:
+    return np.repeat(px[..., None], 3, axis=2) if px.ndim == 2 else px
+
+
+def to_pixels(img: Image.Image) -> np.ndarray:
+    """A decoded, upright Pillow image in its compact exact form (rules in the module doc): uint8 ``[H, W, 3]``
+    for 8-bit colour, uint8 ``[H, W]`` for 8-bit grayscale, float32 ``[H, W]`` in [0, 1] for 16-bit grayscale.
+    At most one full-size copy beyond Pillow's buffer is made (16-bit: the float conversion, divided in place).
 
     Raises:
         UnsupportedImageError: unsupported mode or out-of-range 32-bit integer data.
@@ -73,10 +105,9 @@ def to_rgb_pixels(img: Image.Image) -> np.ndarray:
         arr = np.asarray(img).astype(np.float32)
         if mode == "I" and (arr.min() < 0 or arr.max() > 65535):
             raise UnsupportedImageError(f"32-bit integer image with values outside [0, 65535] (mode {mode})")
-        gray = arr / 65535.0
-        return np.repeat(gray[..., None], 3, axis=2)
+        return np.divide(arr, np.float32(65535.0), out=arr)
     if mode == "L":
-        return np.repeat(np.asarray(img, dtype=np.uint8)[..., None], 3, axis=2)
+        return np.asarray(img, dtype=np.uint8)
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         mode = img.mode
@@ -84,12 +115,22 @@ def to_rgb_pixels(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(black, rgba).convert("RGB")
-    elif mode in ("RGB", "CMYK", "YCbCr", "1", "HSV", "LAB"):
+    elif mode in ("CMYK", "YCbCr", "1", "HSV", "LAB"):
         img = img.convert("RGB")
     elif mode != "RGB":
         raise UnsupportedImageError(f"unsupported image mode {mode!r} (supported: L, I;16, RGB, RGBA, LA, P, "
                                     "CMYK, YCbCr, 1)")
     return np.asarray(img, dtype=np.uint8)
+
+
+def to_rgb_pixels(img: Image.Image) -> np.ndarray:
+    """:func:`to_pixels` with grayscale replicated to 3 channels: uint8 ``[H, W, 3]`` for 8-bit sources, float32
+    ``[H, W, 3]`` in [0, 1] for 16-bit grayscale.
+
+    Raises:
+        UnsupportedImageError: unsupported mode or out-of-range 32-bit integer data.
+    """
+    return _expand_rgb(to_pixels(img))
 
 
 def to_unit_rgb(img: Image.Image) -> np.ndarray:
@@ -98,29 +139,58 @@ def to_unit_rgb(img: Image.Image) -> np.ndarray:
     return px.astype(np.float32) / 255.0 if px.dtype == np.uint8 else px
 
 
-def load_image(source: str | os.PathLike | bytes) -> LoadedImage:
+def check_pixels(size: tuple[int, int], max_pixels: int | None, label: str) -> None:
+    """Refuse an image whose declared ``size`` ``(W, H)`` exceeds ``max_pixels`` (None: no limit).
+
+    Raises:
+        ImageTooLargeError: naming the size, the megapixels and the limit (never a server path: ``label`` is what
+            the caller named the image).
+    """
+    w, h = int(size[0]), int(size[1])
+    if max_pixels is not None and w * h > int(max_pixels):
+        raise ImageTooLargeError(f"{label}: {w}x{h} = {w * h:,} pixels exceeds the limit of {int(max_pixels):,} "
+                                 "pixels per image (max_image_pixels); refused before decoding", pixels=w * h,
+                                 limit=int(max_pixels))
+
+
+def load_image(source: str | os.PathLike | bytes, max_pixels: int | None = None,
+               label: str | None = None) -> LoadedImage:
     """Read and convert one image file (or encoded bytes).
 
+    The header is read first: an image declaring more than ``max_pixels`` (width x height) is refused before
+    anything is decoded, so a decompression bomb (a small file declaring a huge image) costs nothing.
+
+    Args:
+        source: a path, or the encoded bytes of a file.
+        max_pixels: the pixel limit (``GladConfig.max_image_pixels``); None: no limit.
+        label: how errors name the image (default: the path, or ``<bytes>``).
     Returns:
-        :class:`LoadedImage` at its upright original size (uint8 pixels for 8-bit sources).
+        :class:`LoadedImage` at its upright original size (:func:`to_pixels`).
     Raises:
+        ImageTooLargeError: over ``max_pixels``.
         ImageLoadError: missing, unreadable, truncated or non-image data (the message names the file).
         UnsupportedImageError: an unsupported pixel format.
     """
-    label = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    if label is None:
+        label = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
     try:
-        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else open(source, "rb")
     except OSError as e:
         raise ImageLoadError(f"{label}: cannot open ({e.strerror or e})") from e
     try:
         with fp, Image.open(fp) as img:
+            check_pixels(img.size, max_pixels, label)
             img.load()  # force full decode: truncated files fail here, not later
-            upright = ImageOps.exif_transpose(img)
-            pixels = to_rgb_pixels(upright)
+            upright = ImageOps.exif_transpose(img, in_place=True) or img
             mode = img.mode
+            pixels = to_pixels(upright)
+    except ImageTooLargeError:
+        raise
     except UnsupportedImageError as e:
         raise UnsupportedImageError(f"{label}: {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(f"{label}: not a readable image (unknown or corrupt image format)") from e
+    except Exception as e:  # any decoder failure on these bytes (hostile input raises all kinds) is this image's
         raise ImageLoadError(f"{label}: not a readable image ({type(e).__name__}: {e})") from e
     return LoadedImage(pixels=pixels, original_size=(pixels.shape[0], pixels.shape[1]), mode=mode, source=label)
 
@@ -136,24 +206,30 @@ def preprocess(rgb: np.ndarray, resolution: int, load_resolution: int | None = N
     * ``load_resolution`` (multi-class presets, ``main_multi.py``): resize to ``load_resolution`` as above, then
       upsample bilinearly with ``align_corners=True`` to ``resolution``.
 
+    * grayscale ``[H, W]`` (:class:`LoadedImage` keeps grey sources as one channel): resized once and replicated;
+      the same result as resizing its 3-channel form (Pillow filters each band alike), a third of the memory.
+
     Args:
-        rgb: uint8 ``[H, W, 3]``, or float ``[H, W, 3]`` in [0, 1].
+        rgb: uint8 ``[H, W, 3]`` or ``[H, W]``, or float ``[H, W, 3]`` or ``[H, W]`` in [0, 1].
         resolution: output side in pixels.
         load_resolution: optional intermediate side (see above); None or equal to ``resolution`` skips it.
     Returns:
         float32 ``[3, resolution, resolution]`` in [-1, 1].
     Raises:
-        ValueError: not an ``[H, W, 3]`` array.
+        ValueError: not an ``[H, W, 3]`` or ``[H, W]`` array.
     """
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected [H, W, 3] RGB, got {rgb.shape}")
+    if not (rgb.ndim == 2 or (rgb.ndim == 3 and rgb.shape[2] == 3)):
+        raise ValueError(f"expected [H, W, 3] RGB or [H, W] grayscale, got {rgb.shape}")
     size = load_resolution or resolution
     if rgb.dtype == np.uint8:
-        x = np.asarray(Image.fromarray(np.ascontiguousarray(rgb), "RGB").resize((size, size), Image.BILINEAR),
-                       dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+        x = np.asarray(Image.fromarray(np.ascontiguousarray(rgb), "RGB" if rgb.ndim == 3 else "L")
+                       .resize((size, size), Image.BILINEAR), dtype=np.float32) / np.float32(255.0)
+        x = x.transpose(2, 0, 1) if x.ndim == 3 else np.broadcast_to(x, (3, size, size))
     else:
-        x = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., k], dtype=np.float32))
-                                 .resize((size, size), Image.BILINEAR)) for k in range(3)]).clip(0.0, 1.0)
+        channels = [rgb] if rgb.ndim == 2 else [rgb[..., k] for k in range(3)]
+        x = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(c, dtype=np.float32))
+                                 .resize((size, size), Image.BILINEAR)) for c in channels]).clip(0.0, 1.0)
+        x = np.broadcast_to(x, (3, size, size))
     x = (x * 2.0 - 1.0).astype(np.float32)
     if size != resolution:
         x = upsample_align_corners(x, resolution)

@@ -92,12 +92,16 @@ def find_regions(amap: np.ndarray, pixel_threshold: float, *, max_regions: int =
     mask = defect_mask(amap, pixel_threshold)
     if not mask.any():
         return mask, []
-    a = np.asarray(amap, dtype=np.float64)
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    # statistics over the defect pixels only (the same values as over the whole map, whose other pixels carry
+    # label 0): memory grows with the defect area, not the image (issue 27: maps of 80+ MP images)
+    lab = labels[mask]
+    a = np.asarray(amap)[mask].astype(np.float64)
     index = np.arange(1, n + 1)
-    areas = ndimage.sum_labels(np.ones_like(a), labels, index)
-    peaks = ndimage.maximum(a, labels, index)
-    means = ndimage.mean(a, labels, index)
+    areas = np.bincount(lab, minlength=n + 1)[1:]
+    peaks = ndimage.maximum(a, lab, index)
+    means = ndimage.mean(a, lab, index)
+    del lab, a
     regions = []
     for k, sl in enumerate(ndimage.find_objects(labels)):
         rows, cols = sl

@@ -43,6 +43,8 @@ import numpy as np
 
 __all__ = ["TensorSpec", "GLAD_MODEL", "INFLIGHT_MODEL", "ENTRY_MODELS", "is_entry_model",
            "tag_stream_error", "stream_error_status", "GLAD_INPUT", "GLAD_FILE_INPUT", "MAP_SIZE_PARAMETER", "MAP_SIZES",
+           "DEFAULT_MAP_SIZE", "ERRORS_OUTPUT", "DEFAULT_MAX_REQUEST_IMAGES",
+           "image_error_text", "parse_image_error", "error_status",
            "GLAD_OUTPUTS", "GLAD_OUTPUT_NAMES", "NUMPY_DTYPES", "ADS_STATE_CODES", "model_name", "glad_inputs",
            "glad_outputs", "to_wire", "from_wire", "file_bytes", "glad_output_arrays", "detections_from_arrays",
            "calibration_parameter", "calibration_from_parameter", "contract_table"]
@@ -61,6 +63,13 @@ GLAD_FILE_INPUT = "image_files"
 #: Request parameter choosing the size of the returned maps and masks (:data:`MAP_SIZES`).
 MAP_SIZE_PARAMETER = "map_size"
 MAP_SIZES = ("original", "working")
+#: The served default of ``map_size``: ``"working"`` (``D x D`` per image, bounded whatever the image's size);
+#: ``"original"`` only on request (then bounded by the pixel limit).
+DEFAULT_MAP_SIZE = "working"
+#: Per-image error output (BYTES ``[B, 1]``): ``b""`` for a scored image, else :func:`image_error_text`.
+ERRORS_OUTPUT = "errors"
+#: Default images per request of an entry model (the ``max_images`` parameter); more is refused whole.
+DEFAULT_MAX_REQUEST_IMAGES = 64
 
 #: Triton data types -> numpy dtypes (the ones this project's models use; BYTES elements are Python bytes).
 NUMPY_DTYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64, "TYPE_INT64": np.int64,
@@ -88,9 +97,16 @@ class TensorSpec:
         """The numpy dtype of ``data_type``."""
         return np.dtype(NUMPY_DTYPES[self.data_type])
 
-    def pbtxt(self) -> str:
-        """The ``config.pbtxt`` entry (``{ name: ... data_type: ... dims: [...] reshape: ... optional: ... }``)."""
+    def pbtxt(self, batched: bool = True) -> str:
+        """The ``config.pbtxt`` entry (``{ name: ... data_type: ... dims: [...] reshape: ... optional: ... }``).
+
+        ``batched`` False: for a model with ``max_batch_size: 0`` (the entry models): the batch dimension is
+        declared (``-1``) and per-sample scalars are ``[-1, 1]`` without a reshape; the wire shapes are the same.
+        """
         dims = list(self.dims) if self.dims else [1]
+        if not batched:
+            return (f'{{ name: "{self.name}" data_type: {self.data_type} dims: {[-1] + dims}'
+                    + (" optional: true" if self.optional else "") + " }")
         s = f'{{ name: "{self.name}" data_type: {self.data_type} dims: {dims}'
         if self.reshape or not self.dims:
             s += " reshape: { shape: [ ] }"
@@ -118,6 +134,9 @@ GLAD_OUTPUTS = (
     ("defect_masks", "TYPE_UINT8", (-1, -1), "1 where anomaly_maps > pixel_thresholds, else 0; at map_size"),
     ("regions", "TYPE_STRING", (), "JSON text: a list of {x, y, width, height, area, peak, mean} in original-image "
                                    "pixels, highest peak first ([] none found); null without a pixel threshold"),
+    ("errors", "TYPE_STRING", (), "empty when the image was scored; else `[STATUS] ErrorType: message` (STATUS a "
+                                  "gRPC status name: INVALID_ARGUMENT never retry, UNAVAILABLE retry) and every "
+                                  "other output of that image holds its failure sentinel (score -1, size 0 x 0)"),
 )
 GLAD_OUTPUT_NAMES = tuple(o[0] for o in GLAD_OUTPUTS)
 
@@ -158,6 +177,40 @@ def stream_error_status(message: str) -> tuple[str | None, str]:
     errors Triton itself sent (unknown model, server shutting down), which carry no tag."""
     m = _TAG.match(message or "")
     return (m.group(1), message[m.end():]) if m else (None, message or "")
+
+
+def error_status(err: BaseException) -> str:
+    """The gRPC status name a per-image error is reported with: ``INVALID_ARGUMENT`` for the caller's input (any
+    ``ValueError``: unreadable, unsupported or oversized image, bad tensor; never retry), ``CANCELLED`` for an
+    abandoned request, the error's own ``status`` for a serving error, else ``INTERNAL``."""
+    from glad_runtime.errors import RequestCancelledError
+
+    if isinstance(err, RequestCancelledError):
+        return "CANCELLED"
+    status = getattr(err, "status", None)
+    if isinstance(status, str) and status:
+        return status
+    return "INVALID_ARGUMENT" if isinstance(err, ValueError) else "INTERNAL"
+
+
+def image_error_text(err: BaseException) -> str:
+    """One image's ``errors`` element: ``"[STATUS] ErrorType: message"`` (:func:`error_status`). The message never
+    holds a server path: images sent as bytes are named ``image_files[k]``."""
+    return f"[{error_status(err)}] {type(err).__name__}: {err}"
+
+
+_IMAGE_ERROR = re.compile(r"^\[([A-Z_]+)\] ([A-Za-z_][A-Za-z0-9_]*): (.*)$", re.S)
+
+
+def parse_image_error(text: str | bytes) -> tuple[str, str, str] | None:
+    """Inverse of :func:`image_error_text`: ``(status, error type name, message)``, or None for ``""`` (the image
+    was scored). Text in another form is ``("INTERNAL", "ServingError", text)``."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "replace")
+    if not text:
+        return None
+    m = _IMAGE_ERROR.match(text)
+    return (m.group(1), m.group(2), m.group(3)) if m else ("INTERNAL", "ServingError", text)
 
 
 def is_entry_model(name: str) -> bool:
@@ -225,7 +278,9 @@ def glad_output_arrays(detections: Sequence, map_size: str = "original") -> dict
     (:meth:`glad_runtime.detector.Detector.locate` already applied, so ``original_size`` and ``regions`` are set).
 
     Args:
-        detections: the request's B Detections, all ``ok``, each with its ``anomaly_map [D, D]``.
+        detections: the request's B Detections, each scored one with its ``anomaly_map [D, D]``; a failed one
+            (``error`` set) gets its :func:`image_error_text` in ``errors`` and sentinels elsewhere (score -1,
+            size ``[0, 0]``, an all-zero map and mask, regions ``null``, ``ads_states`` 3).
         map_size: ``"original"`` or ``"working"`` (:data:`MAP_SIZES`).
     Returns:
         ``{name: array}`` in :data:`GLAD_OUTPUT_NAMES` order; no NaN anywhere (sentinels per :data:`GLAD_OUTPUTS`).
@@ -236,35 +291,42 @@ def glad_output_arrays(detections: Sequence, map_size: str = "original") -> dict
 
     if map_size not in MAP_SIZES:
         raise ValueError(f"{MAP_SIZE_PARAMETER} must be one of {MAP_SIZES}, got {map_size!r}")
-    maps = [d.map_at_original_size() if map_size == "original" else d.anomaly_map for d in detections]
+    empty = np.zeros((0, 0), np.float32)
+    maps = [empty if not d.ok else d.map_at_original_size() if map_size == "original" else d.anomaly_map
+            for d in detections]
     if any(m is None for m in maps):
-        raise ValueError("every detection needs its anomaly map")
+        raise ValueError("every scored detection needs its anomaly map")
     h = max(m.shape[0] for m in maps)
     w = max(m.shape[1] for m in maps)
     padded = np.zeros((len(maps), h, w), np.float32)
     masks = np.zeros((len(maps), h, w), np.uint8)
     for k, (d, m) in enumerate(zip(detections, maps)):
         padded[k, :m.shape[0], :m.shape[1]] = m
-        if d.pixel_threshold is not None:
+        if d.ok and d.pixel_threshold is not None:
             masks[k, :m.shape[0], :m.shape[1]] = defect_mask(m, d.pixel_threshold)
+    good = [d.ok for d in detections]
     arrays = {
-        "scores": np.array([d.score for d in detections], np.float32),
+        "scores": np.array([d.score if d.ok else -1.0 for d in detections], np.float32),
         "calibrated": np.array([d.label is not None for d in detections], bool),
         "labels": np.array([-1 if d.label is None else int(d.label == "anomalous") for d in detections], np.int8),
         "thresholds": np.array([_sentinel(d.threshold) for d in detections], np.float32),
         "normalized_scores": np.array([_sentinel(d.normalized_score) for d in detections], np.float32),
-        "ads_states": np.array([ADS_STATE_CODES[d.ads_state] for d in detections], np.int8),
+        "ads_states": np.array([ADS_STATE_CODES[d.ads_state] if d.ok else ADS_STATE_CODES["undecided"]
+                                for d in detections], np.int8),
         "adaptive_steps": np.array([d.adaptive_step if d.ads_state in ("triggered", "forced") else -1
                                     for d in detections], np.int64),
         "ads_scores": np.array([_sentinel(d.ads_score) if d.ads_state in ("triggered", "forced") else -1.0
                                 for d in detections], np.float32),
         "saff_triggered": np.array([d.ads_state == "triggered" for d in detections], bool),
-        "image_sizes": np.array([list(d.original_size) for d in detections], np.int32),
+        "image_sizes": np.array([list(d.original_size) if d.ok else [0, 0] for d in detections], np.int32)
+        .reshape(len(detections), 2),
         "anomaly_maps": padded,
         "pixel_thresholds": np.array([_sentinel(d.pixel_threshold) for d in detections], np.float32),
         "defect_masks": masks,
         "regions": np.array([json.dumps(None if d.regions is None else [r.to_dict() for r in d.regions],
                                         allow_nan=False).encode() for d in detections], dtype=np.object_),
+        ERRORS_OUTPUT: np.array([b"" if ok else image_error_text(d.error).encode() for d, ok in zip(detections, good)],
+                                dtype=np.object_),
     }
     assert tuple(arrays) == GLAD_OUTPUT_NAMES
     return {k: np.ascontiguousarray(v) if v.dtype != np.object_ else v for k, v in arrays.items()}
@@ -272,13 +334,16 @@ def glad_output_arrays(detections: Sequence, map_size: str = "original") -> dict
 
 def detections_from_arrays(arrays: Mapping[str, np.ndarray], sources: Sequence[str], calibration=None,
                            threshold: float | None = None, server: str | None = None,
-                           map_size: str = "working") -> list:
+                           map_size: str = "working", error_for=None) -> list:
     """Client side: the received tensors of one ``<prefix>_glad`` response -> one ``Detection`` per image.
 
     The label and normalised score are recomputed with :func:`glad_runtime.core.calibration.label` from the raw
     score and the served calibration (:func:`calibration_from_parameter`), so a client ``threshold`` override
     behaves exactly as ``glad detect --threshold`` (label and the 0.5 point of ``normalized_score`` move together).
     Maps are cut to their valid part; ``map_size`` says what the request asked for (``"working"``: ``D x D``).
+    An image with a non-empty ``errors`` element becomes a failed Detection whose ``error`` is
+    ``error_for(status, message)`` (default: a :class:`~glad_runtime.errors.ServingError` with ``status``); the
+    ``errors`` output may be absent (servers before it), then every image was scored.
 
     Raises:
         ValueError: a tensor whose size does not fit the batch.
@@ -286,12 +351,21 @@ def detections_from_arrays(arrays: Mapping[str, np.ndarray], sources: Sequence[s
     from glad_runtime.core.calibration import label
     from glad_runtime.core.detection import ADS_STATES, Detection
     from glad_runtime.core.regions import Region
+    from glad_runtime.errors import ServingError
 
     n = len(sources)
     specs = {s.name: s for s in glad_outputs()}
-    o = {name: from_wire(arrays[name], n, specs[name]) for name in GLAD_OUTPUT_NAMES}
+    o = {name: from_wire(arrays[name], n, specs[name]) for name in GLAD_OUTPUT_NAMES
+         if name != ERRORS_OUTPUT or arrays.get(name) is not None}
     dets = []
     for k, source in enumerate(sources):
+        failed = parse_image_error(o[ERRORS_OUTPUT][k]) if ERRORS_OUTPUT in o else None
+        if failed is not None:
+            status, kind, message = failed
+            text = f"{source}: {kind}: {message}"
+            err = error_for(status, text) if error_for is not None else ServingError(text, status)
+            dets.append(Detection(source=source, error=err, server=server))
+            continue
         score = float(o["scores"][k])
         v = label(score, calibration, threshold)
         state = ADS_STATES[int(o["ads_states"][k])]

@@ -25,8 +25,10 @@ Bounds (model ``parameters``): ``max_active`` images in flight (the UNet batch o
 models' ``max_batch_size`` / 2, since an ADS check decodes two estimates per image) and ``max_queue`` images
 waiting for a slot. A request that would exceed ``max_active + max_queue`` pending images is refused at once with
 ``UNAVAILABLE`` "in-flight pool full" (back-pressure: retry later or on another replica; the client SDK does),
-never queued without bound. Bad input is refused alone with ``INVALID_ARG`` (naming the image index); a failed
-tick (a network model error) fails the requests in flight then with ``INTERNAL`` naming the error, and the pool
+never queued without bound. A malformed request is refused alone with ``INVALID_ARG``; an unusable image gets its
+error in the ``errors`` output at intake (it never joins the pool) and its request mates are scored (see
+``glad_model.py``; ``max_batch_size: 0`` for the same reason: an empty stream request used to crash the server); a
+failed tick (a network model error) fails the requests in flight then with ``INTERNAL`` naming the error, and the pool
 starts empty.
 
 Deadlines and cancellation (as in ``<prefix>_glad``): before every tick, a request whose client cancelled it or
@@ -47,6 +49,7 @@ from collections import deque
 import triton_python_backend_utils as pb_utils
 
 from glad_bls import Served, Watch, error
+from glad_runtime.core.detection import Detection
 from glad_runtime.errors import InvalidInputError
 from glad_runtime.pipeline.stream import StepScheduler
 
@@ -58,15 +61,19 @@ DRAIN_GRACE_S = 30.0
 class _Request:
     """One request in the pool: its sender, images, per-image results and abandonment check."""
 
-    def __init__(self, request, sender, arrays, images, map_size, arrived):
+    def __init__(self, request, sender, items, map_size, arrived, legacy=False):
         self.request, self.sender = request, sender
-        self.arrays, self.images, self.map_size = arrays, images, map_size
+        self.arrays = {k: arr for k, (arr, _, err) in enumerate(items) if err is None}  # the images to score
+        self.images = [img for _, img, _ in items]
+        self.map_size, self.legacy = map_size, legacy
         self.watch = Watch([request], arrived, tagged=True)
-        self.results = {}
+        # failed images are finished at intake, with their error
+        self.results = {k: Detection(source=f"#{k}", error=err) for k, (_, _, err) in enumerate(items)
+                        if err is not None}
 
     @property
     def n(self):
-        return len(self.arrays)
+        return len(self.images)
 
     def abandoned(self):
         """``None`` (live), ``"cancelled"`` or ``"deadline"``."""
@@ -82,7 +89,7 @@ class _Request:
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.served = Served(args)
+        self.served = Served(args, inflight=True)
         self.detector, self.metrics = self.served.detector, self.served.metrics
         p = self.served.params
         self.max_active = int(p.get("max_active", 8))
@@ -126,18 +133,27 @@ class TritonPythonModel:
                              if refusal == "closing" else self._full(1))
                 continue
             try:
-                arrays, images, map_size = self.served.request_inputs(r)
-            except InvalidInputError as e:
-                self.metrics.inc("glad_errors_total", type=type(e).__name__)
+                items, map_size = self.served.request_inputs(r)
+            except InvalidInputError as e:  # malformed as a whole
                 self._send(sender, pb_utils.InferenceResponse(error=error(str(e), "INVALID_ARG", True)))
                 continue
+            except Exception as e:  # a bug: this request alone
+                self.metrics.inc("glad_errors_total", type=type(e).__name__)
+                self._send(sender, pb_utils.InferenceResponse(error=error(f"{type(e).__name__}: {e}", "INTERNAL",
+                                                                          True)))
+                continue
+            req = _Request(r, sender, items, map_size, arrived, self.served.legacy(r))
+            if not req.arrays:  # every image failed at intake: answer now, nothing joins the pool
+                self._send(sender, self.served.response([req.results[k] for k in range(req.n)], map_size, True,
+                                                        req.legacy))
+                continue
             with self._cv:
-                if self._pending + len(arrays) > self.capacity:
-                    message = self._full(len(arrays))
+                if self._pending + req.n > self.capacity:
+                    message = self._full(req.n)
                 else:
                     message = None
-                    self._intake.append(_Request(r, sender, arrays, images, map_size, arrived))
-                    self._pending += len(arrays)
+                    self._intake.append(req)
+                    self._pending += req.n
                     pending = self._pending
                     self._cv.notify()
             if message:
@@ -168,7 +184,8 @@ class TritonPythonModel:
                 self._tick(new)
             except Exception as e:  # a network model failed (or a bug): the pool's state is unknown
                 self.scheduler.clear()
-                self._fail_all(f"{type(e).__name__}: {e}", "INTERNAL", "glad_errors_total", type=type(e).__name__)
+                code = "UNAVAILABLE" if getattr(e, "status", None) == "UNAVAILABLE" else "INTERNAL"
+                self._fail_all(f"{type(e).__name__}: {e}", code, "glad_errors_total", type=type(e).__name__)
 
     def _fail_all(self, message, code, metric, **labels):
         """Answer every request in the pool with the same error (counted in ``metric`` with ``labels``)."""
@@ -181,7 +198,7 @@ class TritonPythonModel:
         for req in new:
             rid = next(self._ids)
             self._requests[rid] = req
-            for k, image in enumerate(req.arrays):
+            for k, image in req.arrays.items():
                 self.scheduler.submit(image, key=(rid, k))
         self._drop_abandoned()
         if not self._requests:
@@ -194,14 +211,15 @@ class TritonPythonModel:
             d.source = f"#{k}"
             req.results[k] = self.detector.locate(self.detector.labelled(d), req.images[k])
             if len(req.results) == req.n:
-                self._finish(rid, self.served.response([req.results[j] for j in range(req.n)], req.map_size, True))
+                self._finish(rid, self.served.response([req.results[j] for j in range(req.n)], req.map_size, True,
+                                                       req.legacy))
 
     def _drop_abandoned(self):
         for rid, req in list(self._requests.items()):
             state = req.abandoned()
             if state is None:
                 continue
-            self.scheduler.cancel([(rid, k) for k in range(req.n)])
+            self.scheduler.cancel([(rid, k) for k in req.arrays])
             self.metrics.inc("glad_requests_abandoned_total", reason=state)
             detail = f"stopped with {len(req.results)} of {req.n} images finished"
             self._finish(rid, req.watch.error(0, detail) if req.watch.state(0) else pb_utils.InferenceResponse(
