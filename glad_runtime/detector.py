@@ -12,6 +12,7 @@ per-run override when given, else the calibration's; ``normalized_score`` centre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -177,7 +178,7 @@ class Detector:
                 loaded: list[tuple[int, LoadedImage]] = []
                 for i in chunk:
                     try:
-                        loaded.append((i, load_image(items[i])))
+                        loaded.append((i, load_image(items[i], self.config.max_image_pixels, sources[i])))
                     except GladError as e:
                         slots[i] = (Detection(source=sources[i], error=e), None)
                 if loaded:
@@ -236,21 +237,24 @@ def detect_files(detector: Detector, paths: Iterable[str | Path], out_dir: str |
     paths = [Path(p) for p in paths]
     scale = MapScale.for_bundle(detector.calibration, detector.config)
     pairs = enumerate(detector.detect(paths, batch_size=batch_size, progress=progress))
-    return write_detections(((i, rec, img) for i, (rec, img) in pairs), paths, out, scale, map_format)
+    return write_detections(((i, rec, img) for i, (rec, img) in pairs), paths, out, scale, map_format,
+                            max_pixels=detector.config.max_image_pixels)
 
 
 def write_detections(results: Iterable[tuple[int, Detection, LoadedImage | None]], paths: Sequence[Path],
-                     out: Path, scale: MapScale, map_format: str = "png16") -> list[Detection]:
+                     out: Path, scale: MapScale, map_format: str = "png16",
+                     max_pixels: int | None = None) -> list[Detection]:
     """Write ``glad detect``'s files (:func:`write_outputs`, ``<name>.json``, ``results.jsonl``) for results that
     arrive in any order: ``(index in paths, Detection, decoded image or None)``; the image is decoded here when
-    None (a served result). Returns the Detections in ``paths`` order (maps dropped after writing)."""
+    None (a served result; ``max_pixels`` its limit). Returns the Detections in ``paths`` order (maps dropped
+    after writing)."""
     names = _unique_names(list(paths))
     records: list[Detection | None] = [None] * len(paths)
     for i, rec, img in results:
         if rec.ok:
             if img is None:
-                img = load_image(paths[i])
-            write_outputs(rec, resize_map(rec.anomaly_map, img.original_size), img.rgb, out, names[i], map_format,
+                img = load_image(paths[i], max_pixels)
+            write_outputs(rec, resize_map(rec.anomaly_map, img.original_size), img, out, names[i], map_format,
                           scale)
             rec.anomaly_map = None
         (out / f"{names[i]}.json").write_text(json.dumps(rec.to_dict(), indent=2))
@@ -275,13 +279,20 @@ def _unique_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def write_outputs(rec: Detection, amap: np.ndarray, rgb: np.ndarray, out: Path, name: str,
+#: Longer side of an overlay picture at most (pixels): a person reads a 2048 px overlay of a 9000 px image as well
+#: as a full-size one, and it costs 20x less memory (issue 27). Maps and masks stay at the original size.
+OVERLAY_MAX_SIDE = 2048
+
+
+def write_outputs(rec: Detection, amap: np.ndarray, image: LoadedImage | np.ndarray, out: Path, name: str,
                   map_format: str, scale: MapScale | None = None) -> None:
-    """Write one record's pictures at the image's original size and fill the record's file fields.
+    """Write one record's pictures and fill the record's file fields: the map and mask at the image's original
+    size, the overlay at most :data:`OVERLAY_MAX_SIDE` on its longer side (regions drawn scaled).
 
     Args:
         rec: the scored Detection (``map_file``, ``map_png_scale``, ``overlay_file``, ``mask_file`` are set).
-        amap: float32 ``[H, W]`` raw map at the original size. rgb: float32 ``[H, W, 3]`` in [0, 1].
+        amap: float32 ``[H, W]`` raw map at the original size. image: the decoded :class:`LoadedImage`, or float32
+            ``[H, W, 3]`` in [0, 1] at the original size.
         out, name: folder and file stem. map_format: ``"png16"`` or ``"npy"``.
         scale: the bundle's :class:`~glad_runtime.render.MapScale` (default: the per-image fallback).
 
@@ -303,7 +314,17 @@ def write_outputs(rec: Detection, amap: np.ndarray, rgb: np.ndarray, out: Path, 
         rec.map_file, rec.map_png_scale = f"{name}_map.png", scale.png_scale_for(amap)
         Image.fromarray(map_to_png16(amap, rec.map_png_scale)).save(out / rec.map_file)
     rec.overlay_file = f"{name}_overlay.png"
-    render_detection(rec, rgb, scale, amap=amap).save(out / rec.overlay_file)
+    if isinstance(image, LoadedImage):
+        rgb, f = image.display_rgb(OVERLAY_MAX_SIDE)
+    else:
+        rgb, f = image, 1.0
+    if f < 1.0:  # draw on the shrunk picture: map resized to it, boxes scaled
+        shown = dataclasses.replace(rec, regions=None if rec.regions is None else [
+            dataclasses.replace(r, x=int(r.x * f), y=int(r.y * f), width=max(1, round(r.width * f)),
+                                height=max(1, round(r.height * f))) for r in rec.regions])
+        render_detection(shown, rgb, scale, amap=resize_map(amap, rgb.shape[:2])).save(out / rec.overlay_file)
+    else:
+        render_detection(rec, rgb, scale, amap=amap).save(out / rec.overlay_file)
     if rec.pixel_threshold is not None:
         rec.mask_file = f"{name}_mask.png"
         Image.fromarray(defect_mask(amap, rec.pixel_threshold).astype(np.uint8) * 255).save(out / rec.mask_file)

@@ -309,6 +309,9 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
         vdir = new_version_dir(name)
         ins, outs = io[g]
         params = dict(common, graph=g, precision=precision, sha256=sha256_file(sources[g]))
+        data_file = sources[g].with_name(sources[g].name + ".data")
+        if data_file.is_file():
+            params["sha256_data"] = sha256_file(data_file)
         plan = _plan_for(b, g, precision, net_batch) if target == "gpu" else None
         if target == "cpu":
             head = f'name: "{name}"\nbackend: "python"\n'

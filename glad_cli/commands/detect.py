@@ -30,13 +30,18 @@ from glad_cli.options import bundle_argument, engine_options, engine_settings, o
                    "on the server, each image joining the running denoising loop; results written as they "
                    "finish) instead of running the loop here against the network models.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--max-image-pixels", type=click.IntRange(1), default=None,
+              help="Pixel limit per image (width x height from the header, checked before decoding; default the "
+                   "bundle's max_image_pixels, 100000000): a larger file gets ImageTooLargeError in its record and "
+                   "the others complete.")
 @click.option("--threshold", type=float, default=None,
               help="Raw image threshold for this run, overriding the bundle's calibration (labels: score > X).")
 @set_option(help="Override a config field for this run, e.g. --set ads_enabled=true (repeatable). A calibrated "
                  "bundle's thresholds were set with its own config: the summary then says so.")
 def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size: int, seed: int | None,
                backend: str, device: str, precision: str, provider: str, threads: int, server, model_prefix,
-               map_format: str, stream: bool, quiet: bool, threshold: float | None, overrides: dict) -> None:
+               map_format: str, stream: bool, quiet: bool, max_image_pixels: int | None, threshold: float | None,
+               overrides: dict) -> None:
     """Score images (files or folders) with a model BUNDLE; maps come back at each image's original size.
 
     Any image Pillow reads is accepted: 8/16-bit grayscale, RGB, RGBA, palette, EXIF-rotated, any size. A file that
@@ -64,10 +69,12 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
         raise click.BadParameter("no images found", param_hint="INPUTS")
     start = time.perf_counter()
     changes = dict(overrides) | ({} if seed is None else {"seed": seed})  # --seed wins over --set seed=
+    if max_image_pixels is not None:  # a deployment limit: changes no result, so no recalibration note
+        changes["max_image_pixels"] = max_image_pixels
     if stream:
         if not server:
             raise click.BadParameter("needs --server HOST:GRPC_PORT (a `glad serve` server)", param_hint="--stream")
-        if changes:
+        if set(changes) - {"max_image_pixels"}:  # the server applies its own pixel limit
             raise click.BadParameter("the served bundle's config applies; --set / --seed cannot change it",
                                      param_hint="--stream")
         records = _detect_streamed(bundle, paths, out_dir, server, model_prefix, threshold, calibration,
@@ -85,7 +92,7 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
     if calibration is not None and run_seed != calibration.params.get("pipeline_seed", run_seed):
         notes.append(f"calibrated with seed {calibration.params['pipeline_seed']}, run with seed "
                      f"{run_seed}: scores shift with the noise seed")
-    changed = sorted(k for k in overrides if k != "seed")
+    changed = sorted(k for k in overrides if k not in ("seed", "max_image_pixels"))
     if calibration is not None and threshold is None and changed:
         notes.append(f"calibrated with the bundle's config, run with --set {', '.join(changed)}: the thresholds "
                      "may not apply (recalibrate, or pass --threshold)")

@@ -18,10 +18,15 @@ import click
 @click.option("--prefix", "prefixes", multiple=True, metavar="PREFIX",
               help="Model-name prefix per bundle, in order (default: from each bundle folder name).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
-              help="Images per <prefix>_glad request; the network models take twice as many.")
+              help="Images per entry-model request (more is refused whole); the network models take twice as "
+                   "many per call.")
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(1), help="Instances per network.")
-@click.option("--glad-instances", default=1, show_default=True, type=click.IntRange(1),
-              help="Instances of the BLS model (concurrent server-side loops).")
+@click.option("--glad-instances", default=2, show_default=True, type=click.IntRange(1),
+              help="Instances of the BLS model (concurrent server-side loops; each request is one execution, and "
+                   "the instances' network calls batch together).")
+@click.option("--max-image-pixels", type=click.IntRange(1), default=None,
+              help="Pixel limit per image (width x height from the header, checked before decoding; default the "
+                   "bundle's max_image_pixels, 100000000): a larger image gets ImageTooLargeError (400).")
 @click.option("--queue-delay-us", default=500, show_default=True, type=click.IntRange(0),
               help="Dynamic batcher max_queue_delay_microseconds.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
@@ -73,7 +78,7 @@ import click
 @click.option("--server-arg", "server_args", multiple=True, metavar="FLAG",
               help="--start: one more tritonserver flag, passed through (repeat), e.g. --server-arg=--log-verbose=1")
 def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instances: int, glad_instances: int,
-              queue_delay_us: int, precision: str, threads: int, queue_timeout_us: int, model_version,
+              max_image_pixels, queue_delay_us: int, precision: str, threads: int, queue_timeout_us: int, model_version,
               no_warmup: bool, inflight: bool, inflight_max_active, inflight_max_queue, deploy_dir, image, rollout_urls, start: bool, host: str, http_port: int, grpc_port: int,
               metrics_port: int, server_binary, model_control: str, drain_grace: float, log_path,
               server_args) -> None:
@@ -115,7 +120,8 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
     options = dict(target=target, max_batch=max_batch, instances=instances, glad_instances=glad_instances,
                    queue_delay_us=queue_delay_us, precision=precision, intra_op_threads=threads,
                    queue_timeout_us=queue_timeout_us, warmup=not no_warmup, inflight=inflight,
-                   inflight_max_active=inflight_max_active, inflight_max_queue=inflight_max_queue)
+                   inflight_max_active=inflight_max_active, inflight_max_queue=inflight_max_queue,
+                   max_image_pixels=max_image_pixels)
     if rollout_urls:
         from triton_models.server import rollout
 

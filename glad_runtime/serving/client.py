@@ -5,20 +5,38 @@ no onnxruntime: ``pip install glad-toolkit[client]``). The whole ADS/SAFF loop r
 ``<prefix>_glad`` BLS model (``triton_models``). Files and encoded bytes are sent as they are (``image_files``:
 the server decodes them with the code ``glad detect`` runs, so nothing is decoded on the line PC); uint8/uint16
 arrays and PIL images are sent as lossless PNG; preprocessed float32 ``[3, R, R]`` tensors in [-1, 1] as ``images``.
-One request per batch of up to the model's ``max_batch_size`` images of one kind.
+One request per batch of up to the model's ``max_images`` parameter (older servers: ``max_batch_size``) images of
+one kind.
 
-Reliability over one or several replicas (issue 16; the rules live in :mod:`glad_runtime.serving.routing`):
+Reliability over one or several replicas (issues 16 and 27; the rules live in :mod:`glad_runtime.serving.routing`):
 
-* **Deadline.** ``timeout`` seconds bound a whole call (``detect``, ``metadata``), retries and sleeps included.
-  Every attempt carries the remaining budget twice: as the gRPC deadline (``client_timeout``) and as Triton's
-  request timeout (``infer(..., timeout=<microseconds>)``), so the server drops work whose caller gave up (queued
-  requests are rejected by the queue policy; the BLS loop stops between DDIM steps) instead of finishing it.
-* **Failover.** A replica-local or transient failure (``UNAVAILABLE``, shutting down, ``CANCELLED`` by a draining
-  server, the model unknown / not ready / "has no available versions" there, ``INTERNAL`` "not ready" from a BLS
-  sub-request to an unloaded network model) is retried on another replica at once; after every replica failed,
-  the next round starts after an exponential backoff with jitter (``backoff * 2**round``, capped at
-  ``max_backoff``, never past the deadline), at most ``retries`` extra rounds. A detection is pure, so resending
-  is safe; each image is answered exactly once (one successful attempt per request, no hedging).
+* **Deadline.** ``timeout`` seconds bound a whole call (``detect``, ``metadata``; for :meth:`GladClient.stream`,
+  each image), retries and sleeps included. Every attempt carries the remaining budget twice: as the gRPC deadline
+  (``client_timeout``) and as Triton's request timeout (``infer(..., timeout=<microseconds>)``), so the server drops
+  work whose caller gave up (queued requests are rejected by the queue policy; the BLS loop stops between DDIM
+  steps) instead of finishing it.
+* **Retries until the deadline.** A replica-local or transient failure (``UNAVAILABLE``: connection refused or
+  lost, a restarting or shutting-down server, ``[UNAVAILABLE] in-flight pool full`` back-pressure; ``CANCELLED`` by
+  a draining server; the model unknown / not ready / "has no available versions" there; ``INTERNAL`` "not ready"
+  from a BLS sub-request to an unloaded network model) is retried on another replica at once; once every replica
+  failed, the next round starts after an exponential backoff with jitter (``backoff * 2**round`` capped at
+  ``max_backoff``, drawn in its upper half), and rounds go on **until the deadline** runs out (``retries=None``,
+  the default; an int caps the extra rounds instead, the rule before issue 27). No sleep reaches past the
+  deadline: the last one is shortened to leave time for one more attempt, and the call gives up when less than
+  that is left. A detection is pure, so resending is safe; each image is answered exactly once (one successful
+  attempt per request, no hedging).
+* **Never retried:** a final failure ends the call at once and is not resent to any replica: ``INVALID_ARGUMENT``
+  / HTTP 400 (the request or an image is refused), a request Triton's own parser cannot read (``INTERNAL`` / HTTP
+  500 "failed to parse the request JSON buffer", "Unable to parse 'data'", "unexpected shape for input", ...), a
+  deadline, and any other server error.
+* **Per-image errors** (servers whose ``<prefix>_glad`` declares the ``errors`` output, issue 27): an image the
+  server could not score (unreadable, over the pixel limit: ``ImageTooLargeError``, a failed reconstruction) comes
+  back in an answered request as that image's Detection with ``error`` (:class:`BadInputError` for
+  ``INVALID_ARGUMENT``, :class:`ServerUnavailableError` for ``UNAVAILABLE``, ...; the message names the image's
+  source and the server's error type); its batch mates are scored, nothing is raised and nothing is resent. The
+  client asks only for the outputs the model's config declares, so it also works against servers without
+  ``errors`` (then every returned image counts as scored, and an image refused there fails its whole request:
+  that request is resent one image at a time to find it, as before).
 * **Balancing and ejection.** Attempts go to the healthy replica with the fewest outstanding requests of this
   client (ties round robin). A replica that fails is ejected for ``cooldown`` seconds (circuit breaker: closed ->
   open -> half-open, where one probe request, or a :meth:`GladClient.health` check, decides: success closes it,
@@ -111,9 +129,36 @@ def _refused(err: BadInputError, source: str) -> BadInputError:
     return out
 
 
+def _refused_all(chunk: list, err: BadInputError) -> list[Detection]:
+    """A request refused whole: the same refusal on the Detection of each of its images (``(index, source, kind,
+    payload)``), named by that image's source; nothing is resent."""
+    return [Detection(source=g[1], error=_refused(err, g[1])) for g in chunk]
+
+
 def _source(image: Any, index: int) -> str:
     """How a Detection names an input: its path, else ``#<index>``."""
     return str(image) if isinstance(image, (str, os.PathLike)) else f"#{index}"
+
+
+def requested_outputs(config: dict) -> tuple[tuple[str, ...], list[str]]:
+    """``(outputs to request, required outputs missing)`` for an entry model's config (``get_model_config(...,
+    as_json=True)["config"]``): the contract outputs (:data:`protocol.GLAD_OUTPUT_NAMES`) the config declares, in
+    contract order. ``errors`` is requested only where declared (servers before issue 27 have none: a request
+    naming an undeclared output is refused); every other contract output is required."""
+    declared = {o.get("name") for o in config.get("output", None) or []}
+    outputs = tuple(n for n in protocol.GLAD_OUTPUT_NAMES if n in declared)
+    missing = [n for n in protocol.GLAD_OUTPUT_NAMES if n not in declared and n != protocol.ERRORS_OUTPUT]
+    return outputs, missing
+
+
+def _image_error(status: str | None, text: str, url: str | None) -> ServingError:
+    """The typed error of one image the server failed (its ``errors`` element, already ``"<source>: <ErrorType>:
+    <message>"``): :func:`routing.error_for` by status (``INVALID_ARGUMENT``: :class:`BadInputError`), ``url``
+    kept. It is given to the caller on that image's Detection and never resent; ``retryable`` says whether
+    sending the image again may help (``UNAVAILABLE``)."""
+    err = routing.error_for(status, text)
+    err.url = url
+    return err
 
 
 def _prepare(image: Any, index: int, resolution: int) -> tuple[str, str, Any]:
@@ -225,9 +270,9 @@ class _Streams:
 class _Base:
     """Shared settings, routing, request building and response parsing of the sync and asyncio clients."""
 
-    def __init__(self, urls: str | Sequence[str], model_prefix: str, *, timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 0.2, max_backoff: float = 5.0, threshold: float | None = None,
-                 cooldown: float = 1.0, failure_threshold: int = 1):
+    def __init__(self, urls: str | Sequence[str], model_prefix: str, *, timeout: float = 60.0,
+                 retries: int | None = None, backoff: float = 0.2, max_backoff: float = 5.0,
+                 threshold: float | None = None, cooldown: float = 1.0, failure_threshold: int = 1):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("at least one server URL is needed")
@@ -235,7 +280,8 @@ class _Base:
             raise ValueError(f"server URLs must be distinct: {self.urls}")
         self.model_prefix = model_prefix
         self.model_name = protocol.model_name(model_prefix)
-        self.timeout, self.retries = float(timeout), max(0, int(retries))
+        self.timeout = float(timeout)
+        self.retries = None if retries is None else max(0, int(retries))  # None: retry rounds until the deadline
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
         self.threshold = threshold
         self.pool = routing.Pool(self.urls, cooldown=cooldown, failure_threshold=failure_threshold)
@@ -277,6 +323,7 @@ class _Base:
                                 backoff=self.backoff, max_backoff=self.max_backoff, what=what, balance=balance)
 
     def _count(self, att: routing.Attempts, raised: BaseException | None = None) -> None:
+        """One finished call (its attempts, retries, failed attempts and the error it raised, if any)."""
         with self._lock:
             self._counts["calls"] += 1
             self._counts["attempts"] += att.attempts
@@ -286,12 +333,22 @@ class _Base:
             if raised is not None:
                 self._raised[type(raised).__name__] += 1
 
+    def _count_images(self, dets: Sequence[Detection]) -> None:
+        """The per-image errors of one answered attempt (the ``errors`` output), each once: as a refused attempt
+        and as an error given to the caller, as a whole request refused for that image would count."""
+        with self._lock:
+            for d in dets:
+                if d.error is not None:
+                    self._attempt_errors[type(d.error).__name__] += 1
+                    self._raised[type(d.error).__name__] += 1
+
     def stats(self) -> dict:
         """Counters since the client was made: ``calls`` (RPC calls through the retry loop: one per request of
-        ``detect`` plus ``metadata``), ``attempts``, ``retries`` (attempts beyond each call's first),
-        ``attempt_errors`` (failed attempts by error class), ``raised`` (errors raised to the caller by class) and
-        ``replicas`` (per URL: breaker ``state``, ``outstanding``, ``requests``, ``successes``, ``failures``,
-        ``ejections``, ``probes``)."""
+        ``detect`` plus ``metadata``, one per image of ``stream``), ``attempts``, ``retries`` (attempts beyond each
+        call's first), ``attempt_errors`` (failed attempts, and images an answered request refused, by error
+        class), ``raised`` (errors given to the caller, raised or on a Detection, by class; an image's error counts
+        once, however many images shared its request) and ``replicas`` (per URL: breaker ``state``,
+        ``outstanding``, ``requests``, ``successes``, ``failures``, ``ejections``, ``probes``)."""
         with self._lock:
             out = {k: int(self._counts[k]) for k in ("calls", "attempts", "retries")}
             out["attempt_errors"] = dict(self._attempt_errors)
@@ -300,15 +357,51 @@ class _Base:
         return out
 
     def _parse_config(self, cfg: dict) -> dict:
+        """The entry model's config (``get_model_config(as_json=True)["config"]``) -> :meth:`GladClient.metadata`.
+
+        ``outputs`` are the contract outputs the model declares, in contract order: what every request asks for
+        (:func:`requested_outputs`); ``errors`` is True when ``errors`` is among them (per-image errors)."""
         params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
         names = {i["name"] for i in cfg["input"]}
         if protocol.GLAD_FILE_INPUT not in names:
             raise ServingError(f"{self.model_name} has no {protocol.GLAD_FILE_INPUT!r} input: the repository was "
                                "generated by an older glad-toolkit; regenerate it with `glad serve`")
+        outputs, missing = requested_outputs(cfg)
+        if missing:
+            raise ServingError(f"{self.model_name} does not declare the outputs {missing}: the repository was "
+                               "generated by another glad-toolkit; regenerate it with `glad serve`")
         dims = [int(d) for i in cfg["input"] if i["name"] == protocol.GLAD_INPUT for d in i["dims"]]
-        return {"resolution": dims[-1], "max_batch": int(cfg.get("max_batch_size", 1)) or 1, "parameters": params,
+        max_images = int(params.get("max_images") or cfg.get("max_batch_size", 1) or 1)  # entry models: mbs 0
+        return {"resolution": dims[-1], "max_batch": max_images, "parameters": params,
                 "dino_resolution": int(params.get("dino_resolution") or dims[-1]),
-                "calibration": protocol.calibration_from_parameter(params.get("calibration"))}
+                "calibration": protocol.calibration_from_parameter(params.get("calibration")),
+                "outputs": outputs, "errors": protocol.ERRORS_OUTPUT in outputs}
+
+    def _network_models(self, cfg: dict) -> list[tuple[str, str]]:
+        """``(model name, version)`` of each network model the entry model calls, from its config's
+        ``served_graphs`` (``<prefix>_<graph>``) at its ``model_version`` (an entry model of version N calls the
+        networks of version N; "" where the config does not say). Empty for configs without ``served_graphs``."""
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        prefix = params.get("model_prefix") or self.model_prefix
+        version = str(params.get("model_version") or "")
+        graphs = [g.strip() for g in (params.get("served_graphs") or "").split(",") if g.strip()]
+        return [(protocol.model_name(prefix, g), version) for g in graphs]
+
+    def _health_verdict(self, down: list[tuple[str, str]], index: dict) -> tuple[bool, str]:
+        """``(healthy, why not)`` of a replica whose entry model is READY: ``down`` are the network models it calls
+        that are not ready (``(name, version)``), ``index`` its repository index (:meth:`_required_ready`)."""
+        names = [f"{n} (version {v})" if v else n for n, v in down]
+        _, others = self._required_ready(index)
+        names += [n for n in others if n not in {m for m, _ in down}]
+        return not names, "" if not names else f"not ready: {', '.join(names)}"
+
+    @staticmethod
+    def _ready_or_false(check) -> bool:
+        """``check()`` (a readiness call), False where it raises (an unknown model may be an error, not False)."""
+        try:
+            return bool(check())
+        except Exception:
+            return False
 
     def _required_ready(self, index: dict) -> tuple[bool, list[str]]:
         """``(ready, not ready names)`` from a repository index (``get_model_repository_index(as_json=True)``):
@@ -333,7 +426,7 @@ class _Base:
             batch = np.stack(payloads)
             inp = module.InferInput(protocol.GLAD_INPUT, list(batch.shape), "FP32")
             inp.set_data_from_numpy(batch)
-        return [inp], [module.InferRequestedOutput(n) for n in protocol.GLAD_OUTPUT_NAMES]
+        return [inp], [module.InferRequestedOutput(n) for n in self._meta["outputs"]]
 
     #: maps come back at the working size (D x D, small); ``Detection.map_at_original_size`` resizes them with
     #: the same Pillow code as ``glad detect``; regions are in original-image pixels either way.
@@ -346,9 +439,22 @@ class _Base:
                     parameters=self._request_parameters)
 
     def _results(self, result, sources: list[str], url: str) -> list[Detection]:
-        arrays = {n: result.as_numpy(n) for n in protocol.GLAD_OUTPUT_NAMES}
-        return protocol.detections_from_arrays(arrays, sources, self._meta["calibration"], self.threshold, url,
-                                               map_size="working")
+        """One answered request -> one Detection per image; an image the server failed (``errors``) gets its typed
+        error (:func:`_image_error`), counted once (:meth:`_count_images`) and never resent."""
+        arrays = {n: result.as_numpy(n) for n in self._meta["outputs"]}
+        dets = protocol.detections_from_arrays(arrays, sources, self._meta["calibration"], self.threshold, url,
+                                               map_size="working",
+                                               error_for=lambda status, text: _image_error(status, text, url))
+        if protocol.ERRORS_OUTPUT not in arrays or arrays[protocol.ERRORS_OUTPUT] is None:
+            # no error texts (the model declared none, or another replica's model answered): a failed image is
+            # still known by its sentinel score (-1; a real score is >= 0)
+            dets = [d if not d.ok or d.score is None or d.score >= 0 else
+                    Detection(source=d.source, server=url, error=_image_error(
+                        "INTERNAL", f"{d.source}: the server could not score this image (failure sentinel; no "
+                                    f"error text: {protocol.ERRORS_OUTPUT!r} was not requested or not returned)",
+                        url)) for d in dets]
+        self._count_images(dets)
+        return dets
 
     def _prepare_all(self, images: Iterable[Any]) -> tuple[list[Detection | None], list]:
         """``(slots, good)``: a failed Detection or None per input, and ``(index, source, kind, payload)`` of the
@@ -366,8 +472,16 @@ class _Base:
             good.append((i, source, kind, payload))
         return slots, good
 
+    def _isolate(self, chunk: list) -> bool:
+        """Whether a request refused whole (``INVALID_ARGUMENT``) is resent one image at a time to find the refused
+        image: only against a model without the ``errors`` output (before issue 27 a bad image failed its whole
+        request). Where ``errors`` is served a bad image fails alone inside an answered request, so a refusal of the
+        whole request is about the request itself: every image gets it and nothing is resent (resending refused
+        images made the server count each twice in ``glad_errors_total``)."""
+        return len(chunk) > 1 and not self._meta["errors"]
+
     def _chunks(self, good: list) -> list[list]:
-        """Requests: runs of one input kind, at most ``max_batch_size`` images each, in input order."""
+        """Requests: runs of one input kind, at most ``max_images`` images each, in input order."""
         n = self._meta["max_batch"]
         chunks: list[list] = []
         for g in good:
@@ -387,10 +501,14 @@ class GladClient(_Base):
             robin in this order; a failing one is ejected and failed over).
         model_prefix: the bundle's model prefix on the server (``glad serve`` prints it; models are
             ``<prefix>_glad``, ``<prefix>_unet``, ...).
-        timeout: deadline in seconds of each call (``detect``, ``metadata``), retries and sleeps included; each
-            attempt sends the remaining budget as gRPC ``client_timeout`` and as Triton's request timeout.
-        retries: extra rounds over the replicas once every replica failed (backoff ``backoff * 2**round`` seconds
-            with jitter, capped at ``max_backoff``, within the deadline).
+        timeout: deadline in seconds of each call (``detect``, ``metadata``; each image of ``stream``), retries and
+            sleeps included; each attempt sends the remaining budget as gRPC ``client_timeout`` and as Triton's
+            request timeout.
+        retries: None (default): retryable failures are retried until the deadline, in rounds over the replicas
+            with a backoff of ``backoff * 2**round`` seconds between rounds (jittered, capped at ``max_backoff``,
+            never past the deadline). An int caps the extra rounds once every replica failed (the rule before
+            issue 27: the call may then give up before its deadline).
+        backoff, max_backoff: base and cap of that backoff, in seconds.
         threshold: raw-score threshold overriding the server's calibration for this client's labels.
         cooldown: seconds a failed replica is ejected before one probe request may go to it.
         failure_threshold: consecutive replica-local failures that eject a replica (default: the first).
@@ -421,9 +539,11 @@ class GladClient(_Base):
             return out
 
     def metadata(self) -> dict:
-        """``{"resolution", "max_batch", "parameters", "dino_resolution", "calibration"}`` of the
-        ``<prefix>_glad`` model (bundle checksum, version, calibrated, threshold), from the first replica that
-        answers. Raises ModelNotFoundError (no replica serves it) / ServerUnavailableError / DeadlineExceededError.
+        """``{"resolution", "max_batch", "parameters", "dino_resolution", "calibration", "outputs", "errors"}`` of
+        the ``<prefix>_glad`` model (bundle checksum, version, calibrated, threshold; the outputs it declares, which
+        every request asks for, and whether ``errors`` is among them), from the first replica that answers. Raises
+        ModelNotFoundError (no replica serves it) / ServerUnavailableError / DeadlineExceededError, or
+        ServingError for a model without the contract's inputs or outputs.
         """
         if self._meta is None:
             cfg = self._call(lambda c, u, t: c.get_model_config(self.model_name, as_json=True, client_timeout=t),
@@ -432,21 +552,28 @@ class GladClient(_Base):
         return self._meta
 
     def _health_one(self, url: str) -> tuple[bool, str]:
+        t = self.timeout
         try:
             c = self._client(url)
-            if not c.is_server_live(client_timeout=self.timeout):
+            if not c.is_server_live(client_timeout=t):
                 return False, "server not live"
-            ok, missing = self._required_ready(
-                c.get_model_repository_index(as_json=True, client_timeout=self.timeout))
-            return ok, "" if ok else f"not ready: {', '.join(missing)}"
+            if not c.is_model_ready(self.model_name, client_timeout=t):
+                return False, f"not ready: {self.model_name}"
+            cfg = c.get_model_config(self.model_name, as_json=True, client_timeout=t)["config"]
+            down = [(n, v) for n, v in self._network_models(cfg)
+                    if not self._ready_or_false(lambda: c.is_model_ready(n, v, client_timeout=t))]
+            return self._health_verdict(down, c.get_model_repository_index(as_json=True, client_timeout=t))
         except Exception as e:
             self._forget(url)
             return False, str(classify_error(e, url))
 
     def health(self) -> dict[str, bool]:
-        """Per URL: True when the server is live and every model of the bundle (``<prefix>_glad`` and each
-        ``<prefix>_*`` network model in its repository index) is READY there (never raises). The result also feeds
-        the replica's circuit breaker (ready closes it, not ready ejects it)."""
+        """Per URL: True when the server is live and the bundle can answer there (never raises): ``<prefix>_glad``
+        is READY, so is each network model it calls (its config's ``served_graphs``, at the entry model's own
+        version, through Triton's model readiness API: an entry model READY beside an unloaded or failed
+        ``<prefix>_unet`` is not healthy), and every other ``<prefix>_*`` model of the repository index has a
+        READY version. The result also feeds the replica's circuit breaker (ready closes it, not ready ejects
+        it)."""
         out = {}
         for url in self.urls:
             ok, why = self._health_one(url)
@@ -479,7 +606,7 @@ class GladClient(_Base):
         return self._call(call, f"{self.model_name} infer", deadline - self.pool.clock())
 
     def detect(self, images: Iterable[Any], timeout: float | None = None) -> list[Detection]:
-        """Score images on the server, one request per batch of up to the model's ``max_batch_size``.
+        """Score images on the server, one request per batch of up to the model's ``max_images``.
 
         Args:
             images: file paths or encoded bytes (sent as they are), PIL images, uint8/uint16 arrays ``[H,W]`` /
@@ -488,10 +615,14 @@ class GladClient(_Base):
                 retries and failovers.
         Returns:
             one :class:`Detection` per input, in order. An input that cannot be read or that the server refuses
-            gets ``error`` (:class:`BadInputError`) and the others complete.
+            or fails (the ``errors`` output) gets ``error`` (:class:`BadInputError` for ``INVALID_ARGUMENT``, the
+            :mod:`routing` class of its status otherwise) and the others complete; such an image is not resent.
+            A request the server refuses whole (``INVALID_ARGUMENT``: malformed as a whole) gives each of its
+            images that error; against a server without ``errors`` it is resent one image at a time to find the
+            refused one.
         Raises:
-            ServerUnavailableError: no replica answered within the retries and the deadline (no partial results
-                are returned: rerun).
+            ServerUnavailableError: no replica answered before the deadline (or within ``retries`` rounds; no
+                partial results are returned: rerun).
             ModelNotFoundError: no replica serves the bundle (or every one lacks one of its models).
             DeadlineExceededError: the deadline passed during a request.
             ServingError: another server error (not retried).
@@ -506,12 +637,15 @@ class GladClient(_Base):
             try:
                 dets = self._infer(chunk, deadline)
             except BadInputError as e:
-                dets = [Detection(source=chunk[0][1], error=_refused(e, chunk[0][1]))] if len(chunk) == 1 else []
-                for g in (chunk if len(chunk) > 1 else []):  # isolate: one by one, so only the refused image fails
-                    try:
-                        dets += self._infer([g], deadline)
-                    except BadInputError as e1:
-                        dets.append(Detection(source=g[1], error=_refused(e1, g[1])))
+                if not self._isolate(chunk):
+                    dets = _refused_all(chunk, e)
+                else:  # a server without per-image errors: one by one, so only the refused image fails
+                    dets = []
+                    for g in chunk:
+                        try:
+                            dets += self._infer([g], deadline)
+                        except BadInputError as e1:
+                            dets.append(Detection(source=g[1], error=_refused(e1, g[1])))
             for g, d in zip(chunk, dets):
                 slots[g[0]] = d
         return slots  # type: ignore[return-value]
@@ -532,16 +666,17 @@ class GladClient(_Base):
                 client's ``timeout``); sent with every attempt as Triton's request timeout.
         Yields:
             one :class:`Detection` per input, in completion order (``source`` names it: the path, or
-            ``#<index>`` in the input). An image that cannot be read or that the server refuses has ``error``
-            :class:`BadInputError`; one that no replica answered within its deadline and retries has
+            ``#<index>`` in the input). An image that cannot be read or that the server refuses or fails has
+            ``error`` (:class:`BadInputError` for ``INVALID_ARGUMENT``; from the ``errors`` output where the model
+            serves it, never resent); one that no replica answered before its deadline has
             :class:`ServerUnavailableError` / :class:`DeadlineExceededError` / :class:`ModelNotFoundError`; the
             stream goes on either way.
 
         Failover as in :meth:`detect`, per image: a broken stream (replica killed or restarted), a missing model,
         a full in-flight pool (``[UNAVAILABLE] in-flight pool full``: back-pressure) or a draining replica ejects
-        that replica for ``cooldown`` and the image is resent elsewhere, or after a backoff. Each attempt has its
-        own request id (``<index>.<attempt>``), so a late answer to an abandoned attempt is dropped: every image
-        is yielded exactly once.
+        that replica for ``cooldown`` and the image is resent elsewhere, or after a backoff, until its deadline
+        (``retries=None``). Each attempt has its own request id (``<index>.<attempt>``), so a late answer to an
+        abandoned attempt is dropped: every image is yielded exactly once.
         """
         import heapq
         import itertools
@@ -661,7 +796,7 @@ class GladClient(_Base):
             raw = arr.tobytes()
         t.shape.extend(arr.shape)
         r.raw_input_contents.append(raw)
-        for n in protocol.GLAD_OUTPUT_NAMES:
+        for n in self._meta["outputs"]:  # what <prefix>_glad declares (errors only where served)
             r.outputs.add().name = n
         for k, v in self._request_parameters.items():
             r.parameters[k].string_param = v
@@ -745,13 +880,23 @@ class AsyncGladClient(_Base):
         return self._meta
 
     async def _health_one(self, url: str) -> tuple[bool, str]:
+        t = self.timeout
         try:
             c = self._client(url)
-            if not await c.is_server_live(client_timeout=self.timeout):
+            if not await c.is_server_live(client_timeout=t):
                 return False, "server not live"
-            ok, missing = self._required_ready(
-                await c.get_model_repository_index(as_json=True, client_timeout=self.timeout))
-            return ok, "" if ok else f"not ready: {', '.join(missing)}"
+            if not await c.is_model_ready(self.model_name, client_timeout=t):
+                return False, f"not ready: {self.model_name}"
+            cfg = (await c.get_model_config(self.model_name, as_json=True, client_timeout=t))["config"]
+            down = []
+            for n, v in self._network_models(cfg):
+                try:
+                    ready = await c.is_model_ready(n, v, client_timeout=t)
+                except Exception:  # an unknown model may be an error rather than False
+                    ready = False
+                if not ready:
+                    down.append((n, v))
+            return self._health_verdict(down, await c.get_model_repository_index(as_json=True, client_timeout=t))
         except Exception as e:
             self._forget(url)
             return False, str(classify_error(e, url))
@@ -802,12 +947,15 @@ class AsyncGladClient(_Base):
             try:
                 dets = await self._infer(chunk, deadline)
             except BadInputError as e:
-                dets = [Detection(source=chunk[0][1], error=_refused(e, chunk[0][1]))] if len(chunk) == 1 else []
-                for g in (chunk if len(chunk) > 1 else []):
-                    try:
-                        dets += await self._infer([g], deadline)
-                    except BadInputError as e1:
-                        dets.append(Detection(source=g[1], error=_refused(e1, g[1])))
+                if not self._isolate(chunk):
+                    dets = _refused_all(chunk, e)
+                else:  # a server without per-image errors: one by one, so only the refused image fails
+                    dets = []
+                    for g in chunk:
+                        try:
+                            dets += await self._infer([g], deadline)
+                        except BadInputError as e1:
+                            dets.append(Detection(source=g[1], error=_refused(e1, g[1])))
             for g, d in zip(chunk, dets):
                 slots[g[0]] = d
         return slots  # type: ignore[return-value]

@@ -5,14 +5,18 @@ unit-tested with a fake clock; :mod:`glad_runtime.serving.client` drives it for 
 **Classification** (:func:`classify`, :func:`classify_error`): a failed attempt is
 
 * *replica-local and retryable* (``retryable=True``): gRPC ``UNAVAILABLE`` (connection refused or lost, server not
-  ready, shutting down), ``CANCELLED`` (a draining server), the model unknown / not found / not ready / "has no
-  available versions" on that replica, ``INTERNAL`` whose message says "not ready", "not found" or "no available
-  versions" (a BLS sub-request to an unloaded network model) or "stub process ... not healthy". A detection is
-  pure, so the request is resent to another replica;
-* *final* (``retryable=False``): ``INVALID_ARGUMENT`` (:class:`BadInputError`: the request itself is refused),
-  a deadline (``DEADLINE_EXCEEDED`` on the client, or the server's ``UNAVAILABLE`` "deadline exceeded: request
-  timeout expired" / Triton's queue "Request timeout expired": the caller's budget is spent,
-  :class:`DeadlineExceededError`), and any other server error (:class:`ServingError`).
+  ready, shutting down, ``[UNAVAILABLE] in-flight pool full``: back-pressure), ``CANCELLED`` (a draining server),
+  the model unknown / not found / not ready / "has no available versions" on that replica, ``INTERNAL`` whose
+  message says "not ready", "not found" or "no available versions" (a BLS sub-request to an unloaded network
+  model) or "stub process ... not healthy". A detection is pure, so the request is resent;
+* *final* (``retryable=False``): ``INVALID_ARGUMENT`` (:class:`BadInputError`: the request itself is refused), a
+  malformed request that Triton's own request parser answers with ``INTERNAL`` / HTTP 500 (its message names the
+  parse failure: "failed to parse the request JSON buffer", "Unable to parse 'data'", "Shape does not match true
+  shape", "unexpected shape for input", "byte size mismatch", "expected ... got" for an input, "attempt to access
+  JSON ...": :class:`BadInputError`), an HTTP 4xx answer (400: :class:`BadInputError`; 404 is a missing model and
+  408 a deadline, 429 is back-pressure and retryable), a deadline (``DEADLINE_EXCEEDED`` on the client, or the
+  server's ``UNAVAILABLE`` "deadline exceeded: request timeout expired" / Triton's queue "Request timeout expired":
+  the caller's budget is spent, :class:`DeadlineExceededError`), and any other server error (:class:`ServingError`).
 
 **Balancing** (:class:`Pool`): each attempt goes to the available replica with the fewest outstanding requests of
 this client; ties go round robin. A replica whose breaker is half-open gets the next request as its single probe.
@@ -25,16 +29,20 @@ not close it.
 **Retry loop of one call** (:class:`Attempts`): the call has one deadline (``timeout`` seconds); every attempt is
 sent with the remaining budget. After a retryable failure the next untried available replica is tried at once
 (failover); once every replica failed in a round, the loop sleeps ``backoff * 2**round`` (capped at ``max_backoff``)
-with jitter (uniformly in the upper half of that delay), never past the deadline, and starts another round, at most
-``retries`` extra rounds. When every replica is ejected it waits for the first cool-down to end (within the
-deadline). It gives up with a typed error only after every replica failed (or the deadline left no time): the common
-class of the replicas' last errors (:class:`ModelNotFoundError` when every replica lacks the model,
-:class:`ServerUnavailableError` when none answered or the replicas disagree).
+with jitter (uniformly in the upper half of that delay) and starts another round, **until the deadline** (``retries``
+None, the default; an int caps the extra rounds, the behaviour before issue 27). A sleep never reaches past the
+deadline: the last one is shortened so that ``min_attempt`` seconds are left for one more attempt, and with less
+than that left the loop gives up. When every replica is ejected it waits for the first cool-down to end, if that
+comes before the deadline. A final (non-retryable) failure ends the call at once: it is never resent, to this
+replica or another. The loop gives up with a typed error only after every replica failed (or the deadline left no
+time): the common class of the replicas' last errors (:class:`ModelNotFoundError` when every replica lacks the
+model, :class:`ServerUnavailableError` when none answered or the replicas disagree).
 """
 
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,8 +51,8 @@ from typing import Callable, Iterable, Sequence
 from glad_runtime.errors import (BadInputError, DeadlineExceededError, ModelNotFoundError, ServerUnavailableError,
                                  ServingError)
 
-__all__ = ["classify", "classify_error", "error_for", "is_retryable", "backoff_delay", "Pool", "Lease", "Attempts",
-           "Step", "CLOSED", "OPEN", "HALF_OPEN"]
+__all__ = ["classify", "classify_error", "error_for", "is_retryable", "is_malformed", "backoff_delay", "Pool", "Lease",
+           "Attempts", "Step", "CLOSED", "OPEN", "HALF_OPEN"]
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
@@ -56,23 +64,64 @@ _MODEL_MISSING = ("unknown model", "is not found", "has no available versions", 
 _CONNECTION = ("failed to connect", "connection refused", "socket closed", "connection reset", "broken pipe",
                "shutting down", "server not ready", "server is not ready", "closed channel", "goaway",
                "stub process", "not healthy", "connection aborted", "transport closing", "end of tcp stream")
+#: A malformed request as Triton's own request parser words it. Its JSON reader (``TritonJson``) reports errors as
+#: INTERNAL, so they arrive as HTTP 500 / gRPC INTERNAL although the request is at fault: never retry them.
+_MALFORMED = ("failed to parse the request json", "unable to parse", "shape does not match true shape",
+              "unexpected shape for input", "byte size mismatch", "attempt to access json",
+              "unexpected size for request json", "unexpected additional input data", "json parsing only")
+#: "... for input 'images' ... Expected [-1, 3, 64, 64], got [1, 3, 32, 32]", "expected 1 inputs but got 2 inputs"
+#: (read only in a message that names an input).
+_EXPECTED_GOT = re.compile(r"\bexpected\b.*\bgot\b", re.S)
+#: A failure inside the server (a BLS sub-request, the python stub) that quotes another model's message: never
+#: read as the caller's malformed request.
+_SERVER_SIDE = ("engineerror", "stub process", "failed to process the request(s) for model instance")
+#: HTTP status codes (tritonclient.http puts them in ``status()``) -> the gRPC status names Triton maps them from.
+_HTTP_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED", 413: "INVALID_ARGUMENT",
+                422: "INVALID_ARGUMENT", 429: "UNAVAILABLE", 500: "INTERNAL", 501: "UNIMPLEMENTED",
+                502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "UNAVAILABLE"}
+
+
+def _status_name(status: str | None) -> str | None:
+    """``"StatusCode.UNAVAILABLE"`` -> ``"UNAVAILABLE"``; an HTTP code (``"400"``) -> the gRPC status Triton maps to
+    it (:data:`_HTTP_STATUS`; another 4xx: ``"FAILED_PRECONDITION"``, another 5xx: ``"INTERNAL"``)."""
+    status = (status or "").replace("StatusCode.", "").strip().upper() or None
+    if status is not None and status.isdigit():
+        code = int(status)
+        status = _HTTP_STATUS.get(code) or ("FAILED_PRECONDITION" if 400 <= code < 500 else
+                                            "INTERNAL" if code >= 500 else None)
+    return status
+
+
+def is_malformed(message: str) -> bool:
+    """Whether a server message says the request could not be parsed (:data:`_MALFORMED`), and not a failure inside
+    the server quoting another model's error."""
+    low = (message or "").lower()
+    if any(s in low for s in _SERVER_SIDE):
+        return False
+    return any(s in low for s in _MALFORMED) or ("input" in low and bool(_EXPECTED_GOT.search(low)))
 
 
 def classify(status: str | None, message: str) -> tuple[type[ServingError], bool]:
-    """``(error class, retryable)`` of a failed call from its gRPC status name and message.
+    """``(error class, retryable)`` of a failed call from its gRPC status name (or HTTP code) and message.
 
     Args:
-        status: ``"UNAVAILABLE"``, ``"StatusCode.UNAVAILABLE"``, ``"INTERNAL"``, ... or None.
+        status: ``"UNAVAILABLE"``, ``"StatusCode.UNAVAILABLE"``, ``"INTERNAL"``, an HTTP code (``"400"``,
+            ``"500"``, ...) or None.
         message: the server's (or gRPC's) message.
     Returns:
-        the :mod:`glad_runtime.errors` class to raise, and whether another replica may answer (replica-local).
+        the :mod:`glad_runtime.errors` class to raise, and whether another attempt may answer (replica-local or
+        transient).
     """
-    status = (status or "").replace("StatusCode.", "").upper() or None
+    status = _status_name(status)
     low = (message or "").lower()
-    if status == "INVALID_ARGUMENT" or status == "INVALID_ARG":
-        return BadInputError, False
+    if status in ("INVALID_ARGUMENT", "INVALID_ARG"):
+        return BadInputError, False  # also HTTP 400: Triton's INVALID_ARG (and UNKNOWN, CANCELLED): never retried
+    if status in (None, "INTERNAL", "UNKNOWN") and is_malformed(message):
+        return BadInputError, False  # Triton's request parser: INTERNAL / HTTP 500, but the request's fault
     if status == "DEADLINE_EXCEEDED" or any(s in low for s in _DEADLINE):
         return DeadlineExceededError, False  # the caller's budget is spent (client side or server side)
+    if status == "FAILED_PRECONDITION":
+        return ServingError, False  # an HTTP 4xx other than the above (auth, method, ...): the request as sent
     if status == "CANCELLED":
         return ServerUnavailableError, True  # a draining server cancels in-flight calls
     if any(s in low for s in _CONNECTION):  # the replica (or its python-backend stub) is down or going down
@@ -347,26 +396,34 @@ class Attempts:
             except Exception as e: att.failed(step.lease, classify_error(e, step.lease.url)); continue
             att.succeeded(step.lease); return out
 
+    Retryable failures are retried until the deadline (``retries=None``); a final one ends the call at once and is
+    never resent. No sleep reaches past the deadline (see the module docstring).
+
     Args:
         pool: the client's :class:`Pool`.
         timeout: the call's budget in seconds (its deadline is ``clock() + timeout`` at construction).
-        retries: extra rounds over the replicas after every replica failed once.
+        retries: None (default): rounds over the replicas go on until the deadline. An int caps the extra rounds
+            after every replica failed once (0: one round), the rule before issue 27, for callers that want to
+            give up sooner than their deadline.
         backoff, max_backoff: base and cap of the sleep between rounds (:func:`backoff_delay`).
         what: the call, for messages (``"tiny_line_glad infer"``).
         rng: uniform [0, 1) for the jitter.
         min_wait: shortest sleep while waiting for a probe in flight elsewhere.
         balance: advance the pool's round robin (inference requests); False for control calls.
+        min_attempt: the least budget worth one more attempt after a sleep: the last backoff is shortened to
+            leave this much before the deadline, and with less left the loop gives up instead of sleeping.
     """
 
     pool: Pool
     timeout: float
-    retries: int = 3
+    retries: int | None = None
     backoff: float = 0.2
     max_backoff: float = 5.0
     what: str = "request"
     rng: Callable[[], float] = random.random
     min_wait: float = 0.02
     balance: bool = True
+    min_attempt: float = 0.1
     deadline: float = field(init=False)
     attempts: int = field(default=0, init=False)
     round: int = field(default=0, init=False)
@@ -399,12 +456,13 @@ class Attempts:
                 self._backoff_due = False
                 self.round += 1
                 self._tried.clear()
-                if self.round > self.retries:
+                if self.retries is not None and self.round > self.retries:
                     return Step("raise", error=self._give_up())
-                delay = backoff_delay(self.round - 1, self.backoff, self.max_backoff, self.rng)
-                if delay >= remaining:
+                spare = remaining - self.min_attempt  # what a sleep may take and still leave one attempt
+                if spare < 1e-3:  # (the last, shortened sleep is over: no time for another)
                     return Step("raise", error=self._give_up(deadline=True))
-                return Step("sleep", seconds=delay)
+                delay = backoff_delay(self.round - 1, self.backoff, self.max_backoff, self.rng)
+                return Step("sleep", seconds=min(delay, spare))
             lease = self.pool.acquire(exclude=self._tried, advance=self.balance)
             if lease is not None:
                 self.attempts += 1
@@ -417,7 +475,7 @@ class Attempts:
             wait = max(self.min_wait, hint if hint is not None else
                        backoff_delay(0, self.backoff, self.max_backoff, self.rng))
             self._waited = True
-            if wait >= remaining:
+            if wait > remaining - self.min_attempt:  # no replica can take it with time left for an attempt
                 return Step("raise", error=self._give_up(deadline=True))
             return Step("sleep", seconds=wait)
 
@@ -426,7 +484,8 @@ class Attempts:
 
     def failed(self, lease: Lease, err: BaseException) -> None:
         """Record a failed attempt: a retryable error blames the replica (breaker) and lets the loop go on; any
-        other ends the call with ``err`` at the next :meth:`next`."""
+        other (the request's own fault, its deadline, a server error) ends the call with ``err`` at the next
+        :meth:`next`: it is not resent to any replica."""
         self.errors.append((lease.url, err))
         if is_retryable(err):
             self.pool.release(lease, "fail", err)
@@ -443,7 +502,7 @@ class Attempts:
         if not last and self._waited:  # every replica was ejected by other calls' failures: their errors
             last = self.pool.last_errors()
         classes = {type(e) for e in last.values()}
-        why = (f"the deadline ({self.timeout:.3g} s) passed" if deadline else
+        why = (f"the deadline ({self.timeout:.3g} s) passed" if deadline or self.retries is None else
                f"{self.retries + 1} rounds over the replicas")
         detail = "; ".join(str(e) for e in last.values()) or "no attempt could be made in time"
         msg = f"{self.what}: no replica answered ({self.attempts} attempts, {why}): {detail}"

@@ -1,7 +1,9 @@
-"""Client routing without a server (issue 16): error classification of the messages replicas really send,
-least-outstanding balancing with round-robin ties, the circuit breaker on a fake clock, backoff with jitter bounded
-by the deadline, and the retry loop of GladClient / AsyncGladClient over fake replicas (16 threads, exactly one
-answer per image). Fast: no tritonserver, no network."""
+"""Client routing without a server (issues 16 and 27): error classification of the messages replicas really send
+(Triton's parser 500s for a malformed request and HTTP codes included: final, never retried), least-outstanding
+balancing with round-robin ties, the circuit breaker on a fake clock, backoff with jitter, retries until the deadline
+(a restarting replica, back-pressure) with no sleep past it and none after a final error, and the retry loop of
+GladClient / AsyncGladClient over fake replicas (16 threads, exactly one answer per image). Fast: no tritonserver,
+no network."""
 
 from __future__ import annotations
 
@@ -89,6 +91,74 @@ def test_classification_of_other_exceptions():
     typed = ModelNotFoundError("x")
     assert client_classify(typed) is typed and typed.retryable  # a typed error keeps its class; flag by class
     assert client_classify(ISE("x", status="StatusCode.UNAVAILABLE")).retryable
+
+
+#: Malformed requests as Triton's own request parser words them: INTERNAL (HTTP 500; its JSON reader reports every
+#: error as INTERNAL) although the request is at fault, so never retried. (status, message)
+MALFORMED = [
+    ("500", "failed to parse the request JSON buffer: Invalid value. at 0"),
+    ("500", "failed to parse the request JSON buffer: The document is empty. at 0"),
+    ("500", "Unable to parse 'data': Shape does not match true shape of 'data' field"),
+    ("500", "Unable to parse 'binary_data_size': attempt to access JSON non-unsigned-integer as unsigned-integer"),
+    ("500", "Unable to parse JSON bytes array"),
+    ("StatusCode.INTERNAL", "[request id: <id_unknown>] unexpected shape for input 'images' for model "
+     "'tiny_line_glad'. Expected [-1,3,128,128], got [1,3,64,64]. "),
+    ("500", "input byte size mismatch for input 'images' for model 'tiny_line_glad'. Expected 196608, got 100"),
+    ("500", "expected 1 inputs but got 2 inputs for model 'tiny_line_glad'"),
+    (None, "failed to parse the request JSON buffer: Missing a name for object member. at 1"),
+    ("StatusCode.UNKNOWN", "attempt to access JSON non-string as string"),
+]
+
+
+@pytest.mark.parametrize("status,message", MALFORMED, ids=[m[1][:40] for m in MALFORMED])
+def test_parser_500s_of_a_malformed_request_are_final(status, message):
+    err = classify_error(ISE(message, status=status), "h:8000")
+    assert type(err) is BadInputError and err.retryable is False and not routing.is_retryable(err)
+    assert routing.is_malformed(message)
+    # the retry loop sends it once and blames nobody
+    clock = Clock()
+    pool = Pool(["a", "b"], clock=clock)
+    out, seen, sleeps = _drive(Attempts(pool, timeout=30.0), clock,
+                               lambda u, r: (_ for _ in ()).throw(ISE(message, status=status)))
+    assert type(out) is BadInputError and len(seen) == 1 and not sleeps
+    assert {v["state"] for v in pool.snapshot().values()} == {CLOSED}
+
+
+HTTP = [
+    # (HTTP status, message, class, retryable): Triton's HttpCodeFromError (400 = INVALID_ARG, UNKNOWN, CANCELLED)
+    ("400", "image_files[1]: not a readable image", BadInputError, False),
+    ("400", "in-flight requests cancelled", BadInputError, False),  # 400-class: never retried
+    ("413", "request entity too large", BadInputError, False),
+    ("401", "unauthorized", ServingError, False),
+    ("404", "Request for unknown model: 'tiny_line_glad' is not found", ModelNotFoundError, True),
+    ("408", "request timeout", DeadlineExceededError, False),
+    ("429", "too many requests", ServerUnavailableError, True),
+    ("503", "Server is shutting down", ServerUnavailableError, True),
+    ("503", "Request timeout expired", DeadlineExceededError, False),
+    ("500", "EngineError: tiny_line_unet returned NaN", ServingError, False),
+    ("500", "EngineError: tiny_line_unet: Failed for execute the inference request. Model 'tiny_line_unet' is not "
+     "ready.", ModelNotFoundError, True),
+    ("501", "not implemented", ServingError, False),
+]
+
+
+@pytest.mark.parametrize("status,message,cls,retryable", HTTP, ids=[f"{h[0]}-{h[1][:30]}" for h in HTTP])
+def test_http_status_codes(status, message, cls, retryable):
+    err = classify_error(ISE(message, status=status), "h:8000")
+    assert type(err) is cls and err.retryable is retryable and err.status == status
+
+
+def test_server_side_errors_quoting_a_shape_are_not_the_callers():
+    """A BLS sub-request's error quoting a network model's shape check, or a crashed stub, is the server's: it
+    keeps its own class (not BadInputError)."""
+    quoted = "EngineError: tiny_line_unet: unexpected shape for input 'sample' for model 'tiny_line_unet'. " \
+             "Expected [-1,4,16,16], got [2,4,8,8]"
+    assert not routing.is_malformed(quoted)
+    err = classify_error(ISE(quoted, status="StatusCode.INTERNAL"))
+    assert type(err) is ServingError and not err.retryable
+    stub = "Failed to process the request(s) for model instance 'x_glad_0_0', message: Stub process 'x' is not " \
+           "healthy. Unable to parse the request."
+    assert type(classify_error(ISE(stub, status="StatusCode.INTERNAL"))) is ServerUnavailableError
 
 
 # ---------------------------------------------------------------------------------------------- balancing
@@ -327,6 +397,115 @@ def test_waits_for_ejected_replicas_but_never_past_the_deadline():
     assert type(err) is ServerUnavailableError and not seen and not sleeps
 
 
+class Replica:
+    """A replica on the fake clock that is down (``down`` error) until ``back_at``, then answers."""
+
+    def __init__(self, clock: Clock, back_at: float, down: Exception):
+        self.clock, self.back_at, self.down, self.tries = clock, back_at, down, []
+
+    def __call__(self, url, remaining):
+        self.tries.append(self.clock())
+        self.clock.sleep(0.002)
+        if self.clock() < self.back_at:
+            raise self.down
+        return "answered"
+
+
+def test_retries_until_the_deadline_not_a_fixed_count():
+    """One replica restarting for 31 s, a 60 s deadline: the call waits it out (the fixed 3 retry rounds gave up
+    after about 4 s), every sleep within the deadline."""
+    clock = Clock()
+    start = clock()
+    pool = Pool(["only:1"], cooldown=1.0, clock=clock)
+    replica = Replica(clock, start + 31.0, ISE("failed to connect to all addresses; last error: Connection refused",
+                                               status="StatusCode.UNAVAILABLE"))
+    att = Attempts(pool, timeout=60.0, rng=random.Random(3).random)
+    out, seen, sleeps = _drive(att, clock, replica)
+    assert out == "answered" and att.round > 4  # far more than the old 4 rounds
+    assert 31.0 <= clock() - start <= 31.0 + 5.0 + 1.0 + 0.1  # within one capped backoff (+ cool-down) of recovery
+    assert max(sleeps) <= 5.0  # max_backoff
+    # the same with the old rule (retries=3): gives up early, ServerUnavailableError
+    clock2 = Clock()
+    pool2 = Pool(["only:1"], cooldown=1.0, clock=clock2)
+    replica2 = Replica(clock2, clock2() + 31.0, replica.down)
+    err, _, _ = _drive(Attempts(pool2, timeout=60.0, retries=3, rng=lambda: 0.5), clock2, replica2)
+    assert type(err) is ServerUnavailableError and clock2() - 100.0 < 10 and "4 rounds" in str(err)
+
+
+def test_back_pressure_is_retried_until_the_pool_frees():
+    """``[UNAVAILABLE] in-flight pool full`` (a stream refusal's text) on the only replica for 12 s of a 30 s
+    deadline: retried (ejected, probed) until it is accepted."""
+    from glad_runtime.serving import protocol
+
+    clock = Clock()
+    pool = Pool(["line1:8001"], cooldown=1.0, clock=clock)
+    full = routing.error_for(*protocol.stream_error_status(
+        protocol.tag_stream_error("UNAVAILABLE", "in-flight pool full: 8 active, 32 queued")), "line1:8001")
+    assert type(full) is ServerUnavailableError and full.retryable
+    replica = Replica(clock, clock() + 12.0, full)
+    out, seen, sleeps = _drive(Attempts(pool, timeout=30.0, backoff=0.2, max_backoff=2.0), clock, replica)
+    assert out == "answered" and len(seen) > 5 and max(sleeps) <= 2.0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_never_sleeps_past_the_deadline_and_ends(seed):
+    """Random budgets, backoffs, cool-downs and jitter against replicas that never answer: every sleep ends before
+    the deadline (checked in _drive), the loop ends with a typed error at or before the deadline, and the budget is
+    used: the last attempt leaves less than a sleep's worth unused."""
+    rng = random.Random(seed)
+    clock = Clock()
+    start = clock()
+    urls = [f"r{k}" for k in range(rng.randint(1, 3))]
+    cooldown = rng.uniform(0.05, 3.0)
+    pool = Pool(urls, cooldown=cooldown, failure_threshold=rng.randint(1, 3), clock=clock)
+    timeout = rng.uniform(0.5, 40.0)
+    max_backoff = rng.uniform(0.1, 6.0)
+    down = ISE("Socket closed", status="StatusCode.UNAVAILABLE")
+    att = Attempts(pool, timeout=timeout, backoff=rng.uniform(0.01, 0.5), max_backoff=max_backoff,
+                   rng=rng.random)
+    tries = []
+
+    def never(url, remaining):
+        tries.append(clock())
+        clock.sleep(rng.uniform(0.0, 0.05))
+        raise down
+    err, seen, sleeps = _drive(att, clock, never)
+    assert isinstance(err, (ServerUnavailableError, DeadlineExceededError))
+    assert clock() - start <= timeout + 0.05 + 1e-9  # an attempt may run into the deadline, a sleep never
+    assert tries[-1] >= start + timeout - max(cooldown, max_backoff) - 0.15
+    assert att.retries is None and "deadline" in str(err)
+
+
+def test_last_backoff_is_shortened_to_leave_one_attempt():
+    clock = Clock()
+    pool = Pool(["a"], failure_threshold=1000, clock=clock)  # never ejected: only the backoff spaces attempts
+    att = Attempts(pool, timeout=2.0, backoff=0.2, max_backoff=5.0, rng=lambda: 0.999999)
+    down = ISE("Socket closed", status="StatusCode.UNAVAILABLE")
+    err, seen, sleeps = _drive(att, clock, lambda u, r: (_ for _ in ()).throw(down))
+    assert sleeps == pytest.approx([0.2, 0.4, 0.8, 0.5], abs=1e-5)  # 1.6 would pass the deadline: 0.5 leaves 0.1
+    assert len(seen) == 5 and seen[-1][1] == pytest.approx(att.min_attempt, abs=1e-5)
+    assert type(err) is ServerUnavailableError and clock() <= att.deadline
+
+
+def test_a_final_error_stops_the_retries_at_once():
+    """Two replica-local failures, then the server refuses the request (INVALID_ARGUMENT): no further attempt, no
+    sleep after it, the refusal is the result and it was sent once."""
+    clock = Clock()
+    pool = Pool(["a", "b"], cooldown=0.1, clock=clock)
+    calls = []
+
+    def outcome(url, remaining):
+        calls.append(url)
+        if len(calls) <= 2:
+            raise ISE("Socket closed", status="StatusCode.UNAVAILABLE")
+        raise ISE("image_files[0]: ImageTooLargeError: 12000 x 12000 pixels over the limit",
+                  status="StatusCode.INVALID_ARGUMENT")
+    att = Attempts(pool, timeout=60.0)
+    err, seen, sleeps = _drive(att, clock, outcome)
+    assert type(err) is BadInputError and len(calls) == 3 and len(sleeps) == 1
+    assert att.next().error is err and len(calls) == 3  # asking again raises the same, sends nothing
+
+
 # ---------------------------------------------------------------------------------------------- the SDK on fakes
 def _response(score: float):
     from glad_runtime.core.detection import Detection
@@ -342,8 +521,18 @@ def _response(score: float):
     return Result()
 
 
-CONFIG = {"config": {"max_batch_size": 4, "parameters": {"dino_resolution": {"string_value": "4"}},
-                     "input": [{"name": "images", "dims": ["3", "8", "8"]}, {"name": "image_files", "dims": ["1"]}]}}
+def _config(outputs=None) -> dict:
+    """``get_model_config(as_json=True)`` of a served ``tiny_glad`` declaring ``outputs`` (default: the contract's,
+    ``errors`` included)."""
+    from glad_runtime.serving import protocol
+
+    names = protocol.GLAD_OUTPUT_NAMES if outputs is None else outputs
+    return {"config": {"max_batch_size": 4, "parameters": {"dino_resolution": {"string_value": "4"}},
+                       "input": [{"name": "images", "dims": ["3", "8", "8"]}, {"name": "image_files", "dims": ["1"]}],
+                       "output": [{"name": n} for n in names]}}
+
+
+CONFIG = _config()
 
 
 class FakeReplica:

@@ -4,7 +4,8 @@ Copied by ``triton_models.repository`` as ``<prefix>_<graph>/<version>/model.py`
 to the bundle's ``onnx/<graph>.onnx`` when the file system allows, else a copy). Parameters (config.pbtxt):
 ``intra_op_threads`` (ONNX Runtime threads per instance; 0: the cores this process may use divided among the
 model's instances, :func:`glad_runtime.core.cpus.threads_for`; threads never spin, so the models sharing the
-cores leave them to each other when idle). The requests of one dynamic batch are concatenated into
+cores leave them to each other when idle), ``sha256`` / ``sha256_data`` (the graph's and its external data's
+digests: checked at load, a mismatch refuses to load, naming the file). The requests of one dynamic batch are concatenated into
 one ``InferenceSession.run`` and split back; if the joint run fails, each request runs alone so only the failing
 one gets an error.
 """
@@ -16,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from glad_runtime.core.bundle import sha256_file
 from glad_runtime.core.cpus import threads_for
 from glad_runtime.engines.ort import session_options
 
@@ -25,11 +27,29 @@ def _error(message, code="INTERNAL"):
     return err(message, getattr(err, code)) if hasattr(err, code) else err(message)
 
 
+def verify_file(path, expected):
+    """Refuse to load a served graph whose bytes are not the exported ones (issue 27): ``expected`` is the sha256
+    the repository generator wrote into the config (the bundle's manifest checked it then); None or "" skips.
+
+    Raises:
+        RuntimeError: naming the file and both digests (the model fails to load; nothing is served from it).
+    """
+    if not expected:
+        return
+    got = sha256_file(path)
+    if got != expected:
+        raise RuntimeError(f"{path}: sha256 {got} does not match the {expected} the model configuration carries "
+                           "(the file was modified or replaced after `glad serve` wrote the repository); "
+                           "regenerate the repository from the bundle")
+
+
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        verify_file(path, params.get("sha256"))
+        verify_file(path + ".data", params.get("sha256_data"))
         instances = sum(int(g.get("count", 1)) for g in cfg.get("instance_group", [])) or 1
         threads = threads_for(instances, int(params.get("intra_op_threads", "1")))
         self.session = ort.InferenceSession(path, session_options(threads, 1), providers=["CPUExecutionProvider"])
