@@ -326,6 +326,29 @@ def test_sigterm_and_restart_on_the_same_ports(cluster, inputs, reference):
     assert stats["replicas"][b.grpc_url]["ejections"] >= 1 and stats["attempt_errors"]
 
 
+def test_single_replica_sigterm_restart_within_the_deadline(cluster, inputs, reference):
+    """Issue 27: a client listing ONE replica that is SIGTERM-restarted on the same ports keeps retrying with backoff
+    until each call's 60 s deadline (not a fixed count), so every image is answered once with its score."""
+    b = cluster.ensure_b()
+    _NAMES.update({b.grpc_url: "B"})
+    client = _client([b.grpc_url], timeout=60, retries=None, backoff=0.2, max_backoff=2.0)
+    stream = Stream(client, inputs)
+    info = {}
+
+    def fault():
+        t0 = time.perf_counter()
+        b.stop()
+        new = cluster.restart_b(same_ports=True)
+        assert new.grpc_url == b.grpc_url
+        info["down_s"] = time.perf_counter() - t0
+
+    with client:
+        stream.run(fault)
+        stats, _ = stream.check(reference, "one replica, SIGTERM + restart (same ports), 60 s deadline",
+                                f"down {info['down_s']:.1f} s")
+    assert info["down_s"] < 60 and stats["retries"] >= 1
+
+
 def test_sigkill_mid_run(cluster, inputs, reference):
     """B killed with SIGKILL (process group) mid-run: its requests in flight fail with UNAVAILABLE and are
     answered by A; nothing lost, nothing answered twice."""

@@ -142,9 +142,14 @@ def test_repository_layout_and_configs(served_bundle, repo, tmp_path):
         assert f'key: "bundle_checksum" value: {{ string_value: "{checksum}" }}' in text, name
         assert 'key: "model_version" value: { string_value: "1" }' in text
     glad = (repo / "tiny_line_glad" / "config.pbtxt").read_text()
-    assert '{ name: "image_files" data_type: TYPE_STRING dims: [1] reshape: { shape: [ ] } optional: true }' in glad
-    assert '{ name: "anomaly_maps" data_type: TYPE_FP32 dims: [-1, -1] }' in glad
-    assert "max_batch_size: 4" in glad and 'key: "calibrated" value: { string_value: "true" }' in glad
+    # entry models: max_batch_size 0 (an empty batching request crashed the server, issue 27), the batch dim declared
+    assert '{ name: "image_files" data_type: TYPE_STRING dims: [-1, 1] optional: true }' in glad
+    assert '{ name: "anomaly_maps" data_type: TYPE_FP32 dims: [-1, -1, -1] }' in glad
+    assert '{ name: "errors" data_type: TYPE_STRING dims: [-1, 1] }' in glad
+    assert "max_batch_size: 0" in glad and 'key: "max_images" value: { string_value: "4" }' in glad
+    assert 'key: "calibrated" value: { string_value: "true" }' in glad
+    assert 'key: "max_image_pixels" value: { string_value: "100000000" }' in glad
+    assert "count: 2" in glad and "allow_timeout_override: true" in glad  # two instances, deadlines kept
     served = "unet,vae_encoder,vae_decoder,dino,dino_ads,ads_check"  # what the BLS loop may call
     assert f'key: "served_graphs" value: {{ string_value: "{served}" }}' in glad
     assert (repo / "tiny_line_glad" / "1" / "calibration.json").is_file()
@@ -308,7 +313,8 @@ def test_same_file_three_ways(server, served_bundle, images, tmp_path):
     assert ref.ok and ref.pixel_threshold is not None and ref.regions, ref
     with GladClient(server.grpc_url, "tiny_line") as client:
         (sdk,) = client.detect([path.read_bytes()])
-    status, body = _http_infer(server.http_url, "tiny_line_glad", [path.read_bytes()])
+    status, body = _http_infer(server.http_url, "tiny_line_glad", [path.read_bytes()],
+                               parameters={"map_size": "original"})
     assert status == 200, body
     o = _outputs(body)
     h, w = o["image_sizes"]["data"]
@@ -325,9 +331,8 @@ def test_same_file_three_ways(server, served_bundle, images, tmp_path):
     mask = np.asarray(o["defect_masks"]["data"], np.uint8).reshape(h, w)
     np.testing.assert_array_equal(mask.astype(bool), ref.defect_mask())
     np.testing.assert_allclose(sdk.map_at_original_size(), ref.map_at_original_size(), atol=1e-5)
-    # the working-size form of the same request: D x D maps, regions still in original pixels
-    status, body = _http_infer(server.http_url, "tiny_line_glad", [path.read_bytes()],
-                               parameters={"map_size": "working"})
+    # the default (working-size) form of the same request: D x D maps, regions still in original pixels
+    status, body = _http_infer(server.http_url, "tiny_line_glad", [path.read_bytes()])
     d = served_bundle.config.dino_resolution
     assert status == 200 and _outputs(body)["anomaly_maps"]["shape"] == [1, d, d]
     assert json.loads(_outputs(body)["regions"]["data"][0]) == http_regions
@@ -346,7 +351,7 @@ def test_uncalibrated_ads_off_response_is_strict_json(server, images):
     assert all(np.isfinite(o["scores"]["data"])) and min(o["scores"]["data"]) > 0
 
 
-def test_bad_input_refused_with_its_index(server, images, tmp_path):
+def test_bad_input_refused_with_its_index(server, images, reference, tmp_path):
     """Out-of-range floats and a corrupt file are refused (INVALID_ARGUMENT / HTTP 400) naming the range or the
     image index; the client types them BadInputError and completes the others."""
     from glad_runtime.serving.client import BadInputError, GladClient
@@ -356,8 +361,20 @@ def test_bad_input_refused_with_its_index(server, images, tmp_path):
         status, body = _http_infer(server.http_url, "tiny_line_glad", tensor=bad)
         assert status == 400 and "[-1, 1]" in body["error"], body
     good = _png(images[0])
-    status, body = _http_infer(server.http_url, "tiny_line_glad", [good, good[:300]])
-    assert status == 400 and "image_files[1]" in body["error"] and "not a readable image" in body["error"], body
+    # issue 27: one corrupt file in a 3-image request: two scores and one error, in the `errors` output
+    status, body = _http_infer(server.http_url, "tiny_line_glad", [good, good[:300], _png(images[1])])
+    assert status == 200, body
+    o = _outputs(body)
+    assert o["errors"]["data"][0] == "" and o["errors"]["data"][2] == ""
+    assert o["errors"]["data"][1].startswith("[INVALID_ARGUMENT] ImageLoadError: image_files[1]: not a readable image")
+    s = o["scores"]["data"]
+    assert s[1] == -1.0 and s[0] > 0 and s[2] > 0 and o["image_sizes"]["data"][2:4] == [0, 0]
+    _, ref = reference
+    assert s[0] == pytest.approx(float(ref.scores[0]), abs=ATOL) and s[2] == pytest.approx(float(ref.scores[1]),
+                                                                                            abs=ATOL)
+    # a one-image request that fails gets the image's error as the request's (HTTP 400)
+    status, body = _http_infer(server.http_url, "tiny_line_glad", [good[:300]])
+    assert status == 400 and "image_files[0]" in body["error"] and "not a readable image" in body["error"], body
     with GladClient(server.grpc_url, "tiny_line") as client:
         dets = client.detect([np.full((3, r, r), 127.0, np.float32), good, b"GIF89a broken", images[1]])
     assert [type(d.error).__name__ if d.error else None for d in dets] == ["BadInputError", None, "BadInputError",
@@ -399,7 +416,7 @@ def test_typed_errors(server, images):
     from glad_runtime.serving.client import (DeadlineExceededError, GladClient, ModelNotFoundError,
                                      ServerUnavailableError)
 
-    with GladClient(server.grpc_url, "no_such_bundle") as client:
+    with GladClient(server.grpc_url, "no_such_bundle", timeout=3) as client:  # retried until the deadline
         with pytest.raises(ModelNotFoundError):
             client.detect(images[:1])
     with GladClient(server.grpc_url, "tiny_line", timeout=0.001) as client:
@@ -412,6 +429,172 @@ def test_typed_errors(server, images):
         with pytest.raises(ServerUnavailableError):
             client.detect(images[:1])
     assert time.perf_counter() - start < 10
+
+
+# ---------------------------------------------------------------------------------------------- hostile input
+def _zero_png(width: int, height: int, bits: int = 8) -> bytes:
+    """A valid grayscale PNG of zeros (8 or 16 bit), compressed row by row: a 30000 x 30000 file is about 0.9 MB
+    (a decompression bomb) without ever holding the image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = bytes(1 + width * bits // 8)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bits, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def oversized():
+    """Files over the default pixel limit (100 MP): a 30000 x 30000 bomb, a 12000 x 12000 grey PNG (Pillow's own
+    writer) and an 11000 x 10000 16-bit PNG."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (12000, 12000)).save(buf, format="PNG")
+    return {"bomb": _zero_png(30000, 30000), "grey": buf.getvalue(), "16bit": _zero_png(11000, 10000, 16)}
+
+
+def test_empty_requests_refused_and_server_serves(server, images, reference):
+    """Issue 27: a request of zero images (``image_files`` [0, 1]) crashed tritonserver (SIGSEGV in the python
+    backend). Over HTTP, gRPC and a gRPC stream it is now a 400 / INVALID_ARGUMENT, and the server serves on."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    from glad_runtime.serving.client import GladClient
+
+    empty = np.zeros((0, 1), np.object_)
+    h = httpclient.InferenceServerClient(server.http_url)
+    inp = httpclient.InferInput("image_files", [0, 1], "BYTES")
+    inp.set_data_from_numpy(empty)
+    with pytest.raises(Exception) as info:
+        h.infer("tiny_line_glad", [inp])
+    assert "400" in str(info.value) and "holds no image" in str(info.value)
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    for model in ("tiny_line_glad",):
+        ginp = grpcclient.InferInput("image_files", [0, 1], "BYTES")
+        ginp.set_data_from_numpy(empty)
+        with pytest.raises(Exception) as info:
+            g.infer(model, [ginp])
+        assert "INVALID_ARGUMENT" in str(info.value) and "holds no image" in str(info.value)
+    answers = queue.Queue()
+    g.start_stream(callback=lambda result, error: answers.put((result, error)))
+    ginp = grpcclient.InferInput("image_files", [0, 1], "BYTES")
+    ginp.set_data_from_numpy(empty)
+    g.async_stream_infer("tiny_line_glad_inflight", [ginp], request_id="empty")
+    _, err = answers.get(timeout=60)
+    g.stop_stream()
+    g.close()
+    assert err is not None and "[INVALID_ARGUMENT]" in str(err) and "holds no image" in str(err)
+    assert server.running() and server.ready()
+    with GladClient(server.grpc_url, "tiny_line") as client:
+        _check(client.detect(images[:1]), reference, [0])
+        (d,) = list(client.stream(images[1:2]))
+        _check([d], reference, [1])
+
+
+def test_oversized_images_refused_while_good_requests_complete(server, images, reference, oversized):
+    """Issue 27: a bomb, a 12000 x 12000 grey PNG and an over-limit 16-bit PNG, each sent at the same moment as 5
+    good requests: each oversized one gets a typed 400 naming its size and the limit (no server path), and every
+    good one its in-process score. Also: one request mixing good and oversized, and the SDK typing it."""
+    import threading
+
+    from glad_runtime.serving.client import BadInputError, GladClient
+
+    good = [_png(images[k % 4]) for k in range(5)]
+    results, took = {}, {}
+
+    def send(key, data):
+        t0 = time.perf_counter()
+        results[key] = _http_infer(server.http_url, "tiny_line_glad", [data])
+        took[key] = time.perf_counter() - t0
+
+    jobs = [(k, v) for k, v in oversized.items()] + [(f"good{k}", g) for k, g in enumerate(good)]
+    threads = [threading.Thread(target=send, args=job) for job in jobs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(300)
+    _, ref = reference
+    for key, size in (("bomb", "30000x30000"), ("grey", "12000x12000"), ("16bit", "11000x10000")):
+        status, body = results[key]
+        assert status == 400, (key, body)
+        assert f"ImageTooLargeError: image_files[0]: {size}" in body["error"] and "100,000,000" in body["error"]
+        assert "/" not in body["error"].split("pixels per image")[0], body  # no server path
+    for k in range(5):
+        status, body = results[f"good{k}"]
+        assert status == 200, body
+        assert _outputs(body)["scores"]["data"][0] == pytest.approx(float(ref.scores[k % 4]), abs=ATOL)
+    print("\noversized answered in " + ", ".join(f"{k} {took[k]:.2f} s" for k in oversized)
+          + "; good in " + ", ".join(f"{took[f'good{k}']:.2f}" for k in range(5)) + " s")
+    with GladClient(server.grpc_url, "tiny_line") as client:
+        dets = client.detect([images[0], oversized["bomb"], images[1]])
+        stats = client.stats()
+    _check([dets[0], dets[2]], reference, [0, 1])
+    assert isinstance(dets[1].error, BadInputError) and "ImageTooLargeError" in str(dets[1].error)
+    assert stats["retries"] == 0  # never resent
+
+
+def test_working_maps_by_default_and_regions_in_original_pixels(server, images, reference):
+    """Issue 27: the served default map_size is "working" (D x D whatever the image size); "original" on request;
+    regions are in original-image pixels either way."""
+    import io
+
+    from PIL import Image
+
+    big = np.asarray(Image.fromarray(images[1]).resize((900, 600), Image.BILINEAR))
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="PNG")
+    status, body = _http_infer(server.http_url, "tiny_line_glad", [buf.getvalue()])
+    assert status == 200, body
+    o = _outputs(body)
+    assert o["anomaly_maps"]["shape"] == [1, 224, 224] and o["image_sizes"]["data"] == [600, 900]
+    status, body2 = _http_infer(server.http_url, "tiny_line_glad", [buf.getvalue()],
+                                parameters={"map_size": "original"})
+    o2 = _outputs(body2)
+    assert status == 200 and o2["anomaly_maps"]["shape"] == [1, 600, 900]
+    assert o["regions"]["data"] == o2["regions"]["data"]
+    import json
+
+    for r in json.loads(o["regions"]["data"][0]) or []:
+        assert r["x"] + r["width"] <= 900 and r["y"] + r["height"] <= 600
+
+
+def test_partial_deployment_not_ready_and_tampered_graph_refused(repo, tmp_path):
+    """Issue 27: a replica whose repository lacks a network model never reports its entry models READY (they refuse
+    to load, naming what is missing), and a served model.onnx modified after the repository was written refuses
+    to load, naming the file."""
+    from glad_runtime.errors import ServerStartError
+
+    partial = tmp_path / "partial" / "models"
+    shutil.copytree(repo, partial)
+    shutil.rmtree(partial / "tiny_line_unet")
+    shutil.rmtree(partial / "tiny_raw_glad")
+    with pytest.raises(ServerStartError) as info:  # tritonserver exits: a model of the repository failed to load
+        launch_server(partial, ready_timeout=120)
+    assert "tiny_line_unet" in str(info.value) and "missing" in str(info.value)
+    # kept running despite the failure (--exit-on-error=false): /v2/health/ready never says yes
+    with pytest.raises(ServerStartError, match="not ready after"):
+        launch_server(partial, ready_timeout=8, extra_args=("--exit-on-error=false",))
+    tampered = tmp_path / "tampered" / "models"
+    shutil.copytree(repo, tampered)
+    shutil.rmtree(tampered / "tiny_raw_glad")
+    onnx = tampered / "tiny_line_dino" / "1" / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    onnx.unlink()  # a hard link to the bundle's file: never modify it in place
+    data[-1] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    with pytest.raises(ServerStartError) as info:
+        launch_server(tampered, ready_timeout=120)
+    assert "sha256" in str(info.value) and "model.onnx" in str(info.value)
 
 
 def test_server_killed_mid_run_fails_over(repo, server, served_bundle, images, reference):

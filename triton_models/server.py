@@ -478,9 +478,10 @@ def _first_error(log: str) -> str:
     """The line of a Triton log that says why it stopped (a bind failure, a model that failed to load), so it is
     not buried under the model table; the last ``error``/``failed`` line otherwise."""
     lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    for key in ("failed to start", "address already in use", "Failed to bind", "error: creating server"):
+    for key in ("failed to start", "address already in use", "Failed to bind", "failed to load '",
+                "error: creating server"):
         for ln in lines:
             if key.lower() in ln.lower():
-                return ln
+                return ln.split("\\n")[0]  # a model's own error, without the Python traceback Triton quotes
     bad = [ln for ln in lines if ln.startswith("E") or "failed" in ln.lower() or "error" in ln.lower()]
     return bad[-1] if bad else "(no error line in the log)"
