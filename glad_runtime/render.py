@@ -145,7 +145,13 @@ def map_to_png16(amap: np.ndarray, png_scale: float) -> np.ndarray:
         uint16 ``[H, W]``: ``round(amap * png_scale)`` clipped to [0, 65535] (65535 = at or above the ceiling).
         The inverse is :func:`png16_to_map` (``png / png_scale``).
     """
-    return np.round(np.asarray(amap, np.float64) * png_scale).clip(0, 65535).astype(np.uint16)
+    a = np.asarray(amap)
+    out = np.empty(a.shape, np.uint16)
+    rows = max(1, (1 << 20) // max(1, a.shape[-1] if a.ndim else 1))  # ~8 MB of float64 at a time (issue 27)
+    for s in range(0, a.shape[0] if a.ndim else 1, rows):
+        part = a[s:s + rows] if a.ndim else a
+        out[s:s + rows] = np.round(np.asarray(part, np.float64) * png_scale).clip(0, 65535)
+    return out
 
 
 def png16_to_map(png: np.ndarray, png_scale: float) -> np.ndarray:
