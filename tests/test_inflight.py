@@ -162,12 +162,12 @@ def test_full_pool_refuses_at_once_and_keeps_the_rest(server, images, reference)
 
 
 def test_abandoned_request_leaves_the_pool(server, images, reference):
-    """A request whose timeout (0.3 s) passes mid-loop is dropped from the pool and answered 'deadline
+    """A request whose timeout (0.05 s) passes mid-loop is dropped from the pool and answered 'deadline
     exceeded' before a full reconstruction; its pool mate and the next request are answered correctly."""
     s = RawStream(server.grpc_url)
     try:
         s.send("live", images[1])
-        s.send("late", images[0], timeout_us=300_000)
+        s.send("late", images[0], timeout_us=50_000)  # well inside one reconstruction (about 0.3 s here)
         first = s.collect(2)
         s.send("next", images[2])
         (after,) = s.collect(1)
