@@ -568,6 +568,41 @@ def test_working_maps_by_default_and_regions_in_original_pixels(server, images, 
         assert r["x"] + r["width"] <= 900 and r["y"] + r["height"] <= 600
 
 
+def test_malformed_bodies_are_not_retryable_and_leave_the_server_serving(server, images, reference):
+    """Issue 27: malformed HTTP bodies ({}, a negative shape, data not matching its shape, 50 MB of garbage) are
+    answered by Triton's own parser (often 500); the client's classification calls each non-retryable, and the
+    server serves the next request."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from glad_runtime.serving.client import GladClient
+    from glad_runtime.serving.routing import classify
+
+    url = f"http://{server.http_url}/v2/models/tiny_line_glad/infer"
+    bodies = {
+        "empty object": b"{}",
+        "negative shape": json.dumps({"inputs": [{"name": "image_files", "shape": [-1, 1], "datatype": "BYTES",
+                                                  "data": ["aGk="]}]}).encode(),
+        "data not matching the shape": json.dumps({"inputs": [{"name": "images", "shape": [1, 3, 128, 128],
+                                                               "datatype": "FP32", "data": [0.0, 1.0]}]}).encode(),
+        "50 MB of garbage": np.random.default_rng(0).integers(0, 256, 50 * 2**20, dtype=np.uint8).tobytes(),
+    }
+    for what, body in bodies.items():
+        req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                pytest.fail(f"{what}: answered {r.status}")
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read().decode("utf-8", "replace")
+        message = json.loads(text).get("error", text) if text.startswith("{") else text
+        cls, retryable = classify(str(status), message)
+        assert 400 <= status < 600 and not retryable, (what, status, message)
+    assert server.running() and server.ready()
+    with GladClient(server.grpc_url, "tiny_line") as client:
+        _check(client.detect(images[:1]), reference, [0])
+
+
 def test_partial_deployment_not_ready_and_tampered_graph_refused(repo, tmp_path):
     """Issue 27: a replica whose repository lacks a network model never reports its entry models READY (they refuse
     to load, naming what is missing), and a served model.onnx modified after the repository was written refuses

@@ -154,3 +154,33 @@ def test_detect_arrays_runs_one_pipeline_call_per_batch():
     assert eng.calls["unet"] == cfg.num_inference_steps
     alone = [Detector(StubEngines(), cfg).detect_arrays(images[k:k + 1])[0].score for k in range(4)]
     np.testing.assert_allclose([d.score for d in dets], alone, rtol=1e-6)
+
+
+def test_detect_files_refuses_an_oversized_image_alone():
+    """Issue 27: an image over the pixel limit (read from its header) gets ImageTooLargeError on its own record; its
+    batch mates are scored as they are alone (a Pillow DecompressionBombError once aborted the whole batch)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from glad_runtime.errors import ImageTooLargeError
+
+    def png(arr):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", b"\x78\x9c") + chunk(b"IEND", b""))
+    rng = np.random.default_rng(0)
+    good = [png(rng.integers(0, 256, (12, 12), dtype=np.uint8)) for _ in range(2)]
+    cfg = stub_config(max_image_pixels=10_000)
+    out = [d for d, _ in Detector(StubEngines(), cfg).detect([good[0], bomb, good[1]], batch_size=3)]
+    assert isinstance(out[1].error, ImageTooLargeError) and "30000x30000" in str(out[1].error)
+    alone = [next(Detector(StubEngines(), cfg).detect([g]))[0].score for g in good]
+    assert [out[0].score, out[2].score] == pytest.approx(alone, rel=1e-6)
