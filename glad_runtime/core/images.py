@@ -14,7 +14,9 @@ Conversion rules (documented in the README):
   as the 8-bit RGB image and then divided by 255, exactly the official ``Resize`` -> ``ToTensor`` order (the
   resize rounds to 8-bit levels); 16-bit sources are resized as float channels (no 8-bit round trip).
 * Multi-class presets (``load_resolution``): the image is first prepared at ``load_resolution`` (256) as above, then
-  upsampled bilinearly with ``align_corners=True`` to ``resolution`` (512), as the official ``main_multi.py``.
+  upsampled bilinearly with ``align_corners=True`` to ``resolution`` (512), as the official ``main_multi.py``. The
+  scoring stage works on the load-size image again, recovered exactly from this one
+  (:func:`glad_runtime.core.scoring.scoring_images`, issue 30).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from glad_runtime.core.ads import ads_decision, raw_feature_input, saff_fuse, saff_mask
-from glad_runtime.core.scoring import anomaly_map, foreground_mask, nn_cosine_distance, resize_bilinear, topk_mean
+from glad_runtime.core.scoring import (anomaly_map, foreground_mask, nn_cosine_distance, resize_bilinear,
+                                      scoring_images, topk_mean)
 from glad_runtime.core.config import GladConfig
 from glad_runtime.engines import EngineError, Engines, check_output
 from glad_runtime.core.schedule import NoiseSchedule
@@ -289,11 +290,12 @@ class GladPipeline:
         start = time.perf_counter()
         latents = self.encode(images)
         d = (c.dino_resolution, c.dino_resolution)
-        reference = self.decode(latents) if c.score_reference == "vae_roundtrip" else images
+        source = scoring_images(images, c)  # multi-class presets: the load-size image (issue 30)
+        reference = self.decode(latents) if c.score_reference == "vae_roundtrip" else source
         ref_small = resize_bilinear(reference, d)
         feats_in = self.features(ref_small)
         with self._timed("scoring"):
-            fg = None if c.foreground_mode == 3 else foreground_mask(images, c.foreground_mode, d)
+            fg = None if c.foreground_mode == 3 else foreground_mask(source, c.foreground_mode, d)
         maps = []
         recon0, tracks0 = None, None
         for k in range(c.num_seeds):
