@@ -16,7 +16,24 @@ import click
 from glad_runtime.errors import ConfigError, GladError, UsageError
 
 __all__ = ["bundle_argument", "engine_options", "engine_settings", "set_option", "open_pipeline", "open_detector",
-           "error_line"]
+           "error_line", "missing_extra_line", "EXTRA_OF_MODULE"]
+
+#: The pyproject extra that installs each optional top-level module. A client-only install (``glad-toolkit[client]``:
+#: numpy, Pillow, click, tqdm, tritonclient's gRPC client) has none of the others; a command that needs one is
+#: refused in one line naming the extra (:func:`missing_extra_line`), never with a traceback.
+EXTRA_OF_MODULE = {
+    "scipy": "runtime", "skimage": "runtime",
+    "onnx": "onnx", "onnxruntime": "onnx",
+    "torch": "torch", "torchvision": "torch", "diffusers": "torch", "timm": "torch", "accelerate": "torch",
+    "safetensors": "torch", "transformers": "torch",
+    "openvino": "openvino",
+    "onnxscript": "export", "onnx_graphsurgeon": "export", "polygraphy": "export",
+    "tensorrt": "tensorrt",
+    "sklearn": "eval", "matplotlib": "eval", "albumentations": "eval",
+    "elpv_dataset": "data",
+    "tritonclient": "client", "grpc": "client", "google": "client", "rapidjson": "client",
+    "pytriton": "serve",
+}
 
 
 def bundle_argument(exists: bool = True) -> Callable:
@@ -162,6 +179,25 @@ def open_detector(bundle: Path, engine: dict, max_batch: int = 16, config_change
 
     b, _, pipeline = _pipeline_opener()(bundle, engine, max_batch, **(config_changes or {}))
     return b, Detector(pipeline.engines, pipeline.config, calibration, threshold, bundle=b)
+
+
+def missing_extra_line(error: ModuleNotFoundError, command: str | None = None) -> str | None:
+    """The one-line refusal of a command whose optional dependency is not installed, or None when ``error`` names
+    no module of :data:`EXTRA_OF_MODULE` (a real bug: let it raise).
+
+    Example: ``glad detect needs scipy, which this install does not have: install the 'runtime' extra (pip install
+    'glad-toolkit[runtime]', or the wheel file with [runtime]); a client-only install runs glad detect BUNDLE
+    IMAGES --out DIR --server HOST:PORT --stream``.
+    """
+    name = getattr(error, "name", None) or ""
+    extra = EXTRA_OF_MODULE.get(name.split(".")[0])
+    if extra is None:
+        return None
+    who = f"glad {command}" if command else "this command"
+    hint = "" if extra == "client" else ("; a client-only install runs glad detect BUNDLE IMAGES --out DIR --server "
+                                         "HOST:PORT --stream")
+    return (f"{who} needs {name.split('.')[0]}, which this install does not have: install the '{extra}' extra (pip "
+            f"install 'glad-toolkit[{extra}]', or the wheel file with [{extra}]){hint}")
 
 
 def error_line(error: BaseException) -> str:

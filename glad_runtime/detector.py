@@ -28,7 +28,6 @@ from glad_runtime.core.detection import Detection, ads_state
 from glad_runtime.core.images import LoadedImage, load_image, prepare, resize_map
 from glad_runtime.core.regions import defect_mask, find_regions
 from glad_runtime.errors import CalibrationError, GladError
-from glad_runtime.pipeline.batch import GladPipeline
 from glad_runtime.render import MapScale, map_to_png16, render_detection
 
 __all__ = ["Detector", "detect_files", "write_detections", "summarize", "write_outputs", "UNCALIBRATED_NOTE"]
@@ -60,6 +59,10 @@ class Detector:
             pixel_threshold = calibration.pixel_threshold
         self.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)
         self.bundle = bundle
+        # imported here, not with the module: a client-only install (no scipy) imports this module for
+        # write_detections and summarize (`glad detect --server HOST:PORT --stream`)
+        from glad_runtime.pipeline.batch import GladPipeline
+
         self.pipeline = GladPipeline(engines, config, **pipeline_options)
 
     @classmethod

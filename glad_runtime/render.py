@@ -22,11 +22,23 @@ faint and a defect's looks hot. :meth:`MapScale.for_bundle` chooses the scale fr
 
 **The overlay** (:func:`overlay`, :func:`render_detection`) is the image with the colour-mapped map blended over it
 (matplotlib's *inferno* anchors, :data:`_CMAP`; no matplotlib needed), the defect-mask contour in cyan, the regions'
-bounding boxes numbered in the regions' order (highest peak first), a caption band above the image (score against
-threshold, label, ADS outcome, region count, the scale's meaning) and a colour bar on the right labelled 0, the
-threshold (cyan, marked) and ``vmax``. Images whose shorter side is under :data:`MIN_SIDE` pixels are first
-enlarged by an integer factor with nearest-neighbour resampling, so text drawn at a legible size does not dwarf
-them and each map cell stays a crisp block; text size grows with the image (about 1/22 of its shorter side).
+bounding boxes in red (white-edged, so they show on dark and hot colours alike) numbered in the regions' order
+(highest peak first), a caption band above the image (score against threshold, label, ADS outcome, region count,
+the scale's meaning) and a colour bar on the right labelled 0, the threshold (cyan, marked) and ``vmax``. Images
+whose shorter side is under :data:`MIN_SIDE` pixels are first enlarged by an integer factor with nearest-neighbour
+resampling, so text drawn at a legible size does not dwarf them and each map cell stays a crisp block; text size
+grows with the image (about 1/22 of its shorter side).
+
+**What the marks mean** (:func:`render_detection`): contour and boxes are drawn **only on an image labelled
+anomalous**, where they are its defects. An image labelled **normal** (its score is not above the image threshold)
+gets neither, even where some pixels exceed the pixel threshold: the image decision says it has no defect, and a
+person reads any outline or box as one (issue 32: boxes on passed cells were read as defects). Its hot spots stay
+visible in the colours, on the same scale as every other image (the pixel threshold is mid-bar, so above-threshold
+pixels are the orange-to-yellow half), and the caption says how many areas are above the pixel threshold and that
+they are not marked. Choosing "not drawn" over "drawn differently" (dashed, grey): any second outline style needs a
+legend to be read right, and the colours already show the same pixels without suggesting a finding. A detection
+without an image label (a pixel threshold but no image threshold) keeps the marks: the pixel rule is then the only
+decision there is, and the caption says the image has no label.
 
 numpy and Pillow only (Pillow >= 10.1 for scalable text; older Pillow falls back to its small bitmap font).
 """
@@ -53,8 +65,9 @@ MIN_SIDE = 320
 PNG_HEADROOM = 8.0
 #: Colour of the defect-mask contour and of the threshold mark on the colour bar.
 CONTOUR_RGB = (0, 255, 255)
-#: Colour of the regions' bounding boxes.
-BOX_RGB = (60, 255, 60)
+#: Colour of the regions' bounding boxes (red: a defect), drawn over a white edge (:data:`BOX_EDGE_RGB`).
+BOX_RGB = (235, 20, 20)
+BOX_EDGE_RGB = (255, 255, 255)
 #: At most this many bounding boxes are drawn and numbered (the regions come highest peak first); the contour still
 #: outlines every region.
 MAX_BOXES = 10
@@ -192,6 +205,26 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def _wrap(text: str, font, width: float) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels in ``font`` (a longer word stays whole;
+    a unit ``px`` stays with its number)."""
+    words: list[str] = []
+    for word in text.split(" "):
+        if words and word.startswith("px"):
+            words[-1] += " " + word
+        else:
+            words.append(word)
+    out, line = [], ""
+    for word in words:
+        trial = f"{line} {word}" if line else word
+        if line and font.getlength(trial) > width:
+            out.append(line.rstrip())
+            line = word
+        else:
+            line = trial
+    return out + [line]
+
+
 def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
@@ -208,7 +241,8 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, *, scale: MapScale, mask: np.ndar
         mask: optional bool ``[H, W]`` defect mask; its boundary (:func:`contour`) is drawn in cyan,
             ``max(2, min side / 200)`` px wide, inside the mask.
         regions: :class:`~glad_runtime.core.regions.Region`-like objects (``x, y, width, height`` in original
-            pixels); the first :data:`MAX_BOXES` are drawn as green boxes numbered 1, 2, ...
+            pixels); the first :data:`MAX_BOXES` are drawn as red, white-edged boxes numbered 1, 2, ... (pass
+            none for an image whose regions are not defects: :func:`render_detection` decides).
         caption_lines: text lines for the band above the image, each a string or ``(text, (r, g, b))``;
             :attr:`MapScale.caption` is appended in grey.
         alpha: map opacity in [0, 1].
@@ -219,7 +253,8 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, *, scale: MapScale, mask: np.ndar
         shorter side is under :data:`MIN_SIDE`), a white caption band above it and a colour bar with tick labels
         to its right; so it is always taller and wider than ``W x H``. ``image.info["layout"]`` gives the
         boxes ``(left, top, right, bottom)`` (right/bottom exclusive) of ``"caption_band"``, ``"image"`` and
-        ``"bar"`` (value ``vmax`` in the bar's first row, 0 in its last) and the ``"enlarge"`` factor.
+        ``"bar"`` (value ``vmax`` in the bar's first row, 0 in its last) and the ``"enlarge"`` factor. Caption
+        lines wider than the picture and its bar are wrapped at spaces.
     Raises:
         ValueError: ``rgb`` is not ``[H, W, 3]`` of ``amap``'s size, or ``mask`` has another size.
     """
@@ -256,23 +291,28 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, *, scale: MapScale, mask: np.ndar
     for n, r in enumerate(list(regions)[:MAX_BOXES], 1):
         x0, y0 = r.x * k - lw, r.y * k - lw
         x1, y1 = (r.x + r.width) * k + lw - 1, (r.y + r.height) * k + lw - 1
+        draw.rectangle([x0 - 2, y0 - 2, x1 + 2, y1 + 2], outline=BOX_EDGE_RGB, width=2)  # a white edge outside
         draw.rectangle([x0, y0, x1, y1], outline=BOX_RGB, width=lw)
-        tx, ty = max(0, x0), y0 - fs - 2 if y0 - fs - 2 >= 0 else y1 + 2
-        draw.text((tx, ty), str(n), fill=BOX_RGB, font=small, stroke_width=2, stroke_fill=(0, 0, 0))
+        tx, ty = max(0, x0), y0 - fs - 4 if y0 - fs - 4 >= 0 else y1 + 4
+        draw.text((tx, ty), str(n), fill=BOX_RGB, font=small, stroke_width=2, stroke_fill=BOX_EDGE_RGB)
 
-    lines = [(c, (0, 0, 0)) if isinstance(c, str) else (c[0], tuple(c[1])) for c in caption_lines]
-    lines.append((scale.caption, (95, 95, 95)))
-    fonts = [font] * (len(lines) - 1) + [small]
-    line_h = [int(f.getbbox("Ag")[3]) + fs // 3 for f in fonts]
-    band = sum(line_h) + fs // 2
     bar_w, gap = max(16, W // 18), max(10, fs // 2)
     bar_x, pad = W + gap, fs // 2 + 2  # pad: room for the top and bottom tick labels
     ticks = [(0.0, "0", (0, 0, 0)), (vmax, _fmt(vmax) + ("+" if not scale.per_image else ""), (0, 0, 0))]
     if threshold is not None and vmax > 0 and 0 <= threshold <= vmax:
         ticks.append((threshold, f"{_fmt(threshold)} thr", (0, 150, 170)))
     label_w = max(int(small.getlength(t)) for _, t, _ in ticks) + fs
-    text_w = max(int(f.getlength(t)) for f, (t, _) in zip(fonts, lines)) + 8
-    canvas = Image.new("RGB", (max(bar_x + bar_w + label_w, text_w), band + H + pad), "white")
+    width = bar_x + bar_w + label_w  # the picture and its bar: captions wrap to it, so text never widens the canvas
+    given = [(c, (0, 0, 0)) if isinstance(c, str) else (c[0], tuple(c[1])) for c in caption_lines]
+    lines, fonts = [], []
+    for (text, colour), f in zip(given + [(scale.caption, (95, 95, 95))], [font] * len(given) + [small]):
+        for part in _wrap(text, f, width - 8):
+            lines.append((part, colour))
+            fonts.append(f)
+    line_h = [int(f.getbbox("Ag")[3]) + fs // 3 for f in fonts]
+    band = sum(line_h) + fs // 2
+    text_w = max(int(f.getlength(t)) for f, (t, _) in zip(fonts, lines)) + 8  # > width only for one unbreakable word
+    canvas = Image.new("RGB", (max(width, text_w), band + H + pad), "white")
     canvas.paste(img, (0, band))
     draw = ImageDraw.Draw(canvas)
     y = fs // 4
@@ -301,8 +341,13 @@ def render_detection(detection: Any, rgb: np.ndarray, scale: MapScale, *, amap: 
 
     Caption: ``score 0.0153 <= 0.0201  normal`` / ``score 0.0512 > 0.0201  ANOMALOUS`` (red), with the threshold's
     source when it is an override; ``score 0.0153  uncalibrated: no label`` without a threshold. Second line: the
-    ADS outcome (and step) and, with a pixel threshold, the region count; the mask contour and the region boxes
-    are drawn and the colour bar marks the detection's pixel threshold.
+    ADS outcome (and step) and, with a pixel threshold, what the pixel threshold found. The colour bar marks the
+    detection's pixel threshold.
+
+    Marks (the module's "What the marks mean"): an image labelled **anomalous** gets its defect-mask contour and
+    numbered region boxes (``2 defect regions > 0.031 (412 px)``); an image labelled **normal** gets neither, and
+    its caption says what was left unmarked (``passed: 2 areas above pixel threshold 0.031 (87 px), not marked:
+    not defects``); an unlabelled one keeps the marks (``2 regions > 0.031 (412 px), no image label``).
 
     Args:
         detection: a scored Detection with its map (``anomaly_map`` and ``original_size``), or pass ``amap``.
@@ -326,15 +371,25 @@ def render_detection(detection: Any, rgb: np.ndarray, scale: MapScale, *, amap: 
     if d.ads_state is not None:
         step = f" at t={d.adaptive_step}" if d.adaptive_step is not None and d.adaptive_step >= 0 else ""
         detail.append(f"ADS {d.ads_state}{step}")
-    mask = None
+    mask, regions = None, ()
     if d.pixel_threshold is not None:
-        mask = defect_mask(amap, d.pixel_threshold)  # the one pixel rule (regions, mask files, the server)
+        found = defect_mask(amap, d.pixel_threshold)  # the one pixel rule (regions, mask files, the server)
         n = len(d.regions) if d.regions is not None else None
-        more = "+" if n is not None and n >= MAX_REGIONS else ""
-        boxed = f", {MAX_BOXES} boxed" if n is not None and n > MAX_BOXES else ""
-        detail.append(f"{'?' if n is None else n}{more} region{'s' if n != 1 else ''} > {_fmt(d.pixel_threshold)}"
-                      f" ({int(mask.sum())} px{boxed})")
+        count = "?" if n is None else f"{n}{'+' if n >= MAX_REGIONS else ''}"
+        px, t = int(found.sum()), _fmt(d.pixel_threshold)
+        if d.label == "normal":  # passed: above-threshold pixels are not defects; said, never outlined
+            if px:
+                detail.append(f"passed: {count} area{'s' if n != 1 else ''} above pixel threshold {t} ({px} px), "
+                              "not marked: not defects")
+            else:
+                detail.append(f"passed: no pixel above pixel threshold {t}")
+        else:
+            mask, regions = found, d.regions or ()
+            boxed = f", {MAX_BOXES} boxed" if n is not None and n > MAX_BOXES else ""
+            what = "defect region" if d.label == "anomalous" else "region"
+            detail.append(f"{count} {what}{'s' if n != 1 else ''} > {t} ({px} px{boxed})"
+                          + ("" if d.label == "anomalous" else ", no image label"))
     else:
         detail.append("no pixel threshold: no regions")
-    return overlay(rgb, amap, scale=scale, mask=mask, regions=d.regions or (), alpha=alpha,
+    return overlay(rgb, amap, scale=scale, mask=mask, regions=regions, alpha=alpha,
                    caption_lines=[head, "   ".join(detail)], threshold=d.pixel_threshold)

@@ -3,10 +3,13 @@
 Outputs in ``OUT``: ``metrics.json`` (I-AUROC, I-AP, I-F1max; with masks P-AUROC, P-AP, P-F1max, AUPRO@0.3; at the
 calibrated thresholds the image and pixel operating points), ``scores.csv``, ``roc.png``, ``hist.png`` (score
 histograms of good and defective images with the threshold), ``grid.png`` (input / reconstruction / heatmap rows),
-``report.md`` and ``report.html``: one self-contained file (every image inline) with the operating point's confusion
-counts, the plots, per-image overlays (misses and false rejects first) on the bundle's one map scale, the model
+``report.md`` and ``report.html``: one self-contained file (every image inline) that **opens with the operating
+point** (the threshold and where it came from; misses and false rejects as counts and rates; the confusion counts;
+the pixel operating point where the data has masks), then the metrics, the plots, per-image overlays (misses and
+false rejects first) on the bundle's one map scale (:meth:`glad_runtime.render.MapScale.for_bundle`), the model
 checksum and the date. Scores are raw (never min-max normalised over the test set, project decision 3); labels
-come from the detector's threshold (the calibration's, or an override).
+come from the detector's threshold: the bundle's calibration (what ``glad eval`` passes by default) or an override
+(``--threshold``). Without either the report says that there is no operating point.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 from glad_runtime.core.images import even_subset, load_batches
 from glad_runtime.detector import Detector
+from glad_runtime.render import MapScale
 
 from .data import MVTecCategory
 from .knn import KnnBaseline
@@ -100,12 +104,19 @@ def evaluate(detector: Detector, data_root: str | Path, out_dir: str | Path, *,
     threshold = dets[0].threshold  # one threshold labels every image of a run (the detector's)
     if threshold is not None:
         result["operating_point"] = operating_point(labels, scores, threshold) | {
-            "threshold_source": dets[0].threshold_source}
+            "threshold_source": dets[0].threshold_source, "source_detail": _threshold_detail(detector)}
         op = result["operating_point"]
-        log(f"at threshold {threshold:.6g} ({op['threshold_source']}): {op['misses']} misses, "
-            f"{op['false_rejects']} false rejects of {len(paths)}")
-    if masks is not None and detector.pixel_threshold is not None:
-        result["pixel_operating_point"] = pixel_operating_point(masks, maps, detector.pixel_threshold)
+        op["miss_rate"] = _rate(op["misses"], op["TP"] + op["FN"])  # of the defective images
+        op["false_reject_rate"] = _rate(op["false_rejects"], op["FP"] + op["TN"])  # of the good images
+        log(f"at threshold {threshold:.6g} ({op['threshold_source']}): {op['misses']} misses of "
+            f"{op['TP'] + op['FN']} defective, {op['false_rejects']} false rejects of {op['FP'] + op['TN']} good")
+    if detector.pixel_threshold is not None:
+        result["pixel_threshold"] = {"value": detector.pixel_threshold,
+                                     "source": "calibration" if detector.calibration is not None
+                                     and detector.calibration.pixel_threshold == detector.pixel_threshold
+                                     else "override"}
+        if masks is not None:
+            result["pixel_operating_point"] = pixel_operating_point(masks, maps, detector.pixel_threshold)
 
     knn_scores = knn_maps = None
     if baseline == "knn":
@@ -136,12 +147,40 @@ def evaluate(detector: Detector, data_root: str | Path, out_dir: str | Path, *,
             f.write(row + (f",{knn_scores[i]:.6f}" if knn_scores is not None else "") + "\n")
     _plot_roc(out / "roc.png", labels, {"GLAD": scores} | ({"kNN": knn_scores} if knn_scores is not None else {}))
     _plot_hist(out / "hist.png", labels, scores, threshold)
-    _plot_grid(out / "grid.png", inputs, recons, maps, labels, scores)
+    scale = MapScale.for_bundle(detector.calibration, detector.config)
+    result["map_scale"] = {"source": scale.source, "vmax": scale.vmax, "threshold": scale.threshold}
+    _plot_grid(out / "grid.png", inputs, recons, maps, labels, scores, vmax=scale.vmax)
     result["model_checksum"] = _checksum(detector)
     result["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
-    _write_report(out, result, _overlays(detector, paths, labels, dets))
+    _write_report(out, result, _overlays(detector, paths, labels, dets, scale), scale)
     return result
+
+
+def _rate(count: int, total: int | None) -> float | None:
+    return None if not total else count / total
+
+
+def _threshold_detail(detector: Detector) -> str:
+    """Where the image threshold of ``detector`` came from, in words (the report's first line)."""
+    cal = detector.calibration
+    if detector.threshold is not None:
+        was = f"; the bundle's calibrated threshold is {cal.image_threshold:.6g}" if cal is not None else \
+            "; the bundle is uncalibrated"
+        return f"override for this run (--threshold){was}"
+    if cal is None:
+        return ""
+    if cal.rule == "normal_quantile":
+        fpr = cal.params.get("target_fpr")
+        how = f"the {1 - float(fpr):.4g} quantile of the scores of {cal.n_normal} held-out normal images, target " \
+            f"false-reject rate {100 * float(fpr):.3g}%" if fpr is not None else \
+            f"a quantile of the scores of {cal.n_normal} normal images"
+    elif cal.rule == "f1_optimal":
+        how = f"F1-optimal on {cal.n_normal} normal and {cal.n_anomalous} defective labelled images"
+    else:
+        how = f"rule {cal.rule}"
+    when = f", {cal.created}" if cal.created else ""
+    return f"calibration.json (glad calibrate{when}): {how}"
 
 
 def _checksum(detector: Detector) -> str | None:
@@ -154,13 +193,17 @@ def _checksum(detector: Detector) -> str | None:
 OVERLAYS_PER_KIND = 4
 
 
-def _overlays(detector: Detector, paths: list, labels: np.ndarray, dets: list) -> list[tuple[str, str, bytes]]:
+def _overlays(detector: Detector, paths: list, labels: np.ndarray, dets: list,
+              scale: MapScale | None = None) -> list[tuple[str, str, bytes]]:
     """``(kind, caption, PNG bytes)`` for the report: misses, false rejects, then the highest-scoring defective
-    and good images, drawn with :func:`glad_runtime.render.render_detection` on the bundle's one map scale."""
+    and good images, drawn with :func:`glad_runtime.render.render_detection` on the bundle's one map scale
+    (``scale``, default :meth:`MapScale.for_bundle` of the detector's calibration), so a colour means the same
+    map value in every overlay. Defect outlines and boxes appear on images labelled anomalous only (the rule of
+    :mod:`glad_runtime.render`)."""
     from glad_runtime.core.images import load_image
-    from glad_runtime.render import MapScale, render_detection
+    from glad_runtime.render import render_detection
 
-    scale = MapScale.for_bundle(detector.calibration, detector.config)
+    scale = scale or MapScale.for_bundle(detector.calibration, detector.config)
     scores = np.array([d.score for d in dets])
     order = list(np.argsort(-scores))
     kinds = []
@@ -234,8 +277,10 @@ def _plot_hist(path: Path, labels: np.ndarray, scores: np.ndarray, threshold: fl
 
 
 def _plot_grid(path: Path, inputs: np.ndarray, recons: np.ndarray, maps: np.ndarray, labels: np.ndarray,
-               scores: np.ndarray, per_class: int = 4) -> None:
-    """Columns: the highest-scoring anomalous and normal test images; rows: input, reconstruction, heatmap."""
+               scores: np.ndarray, per_class: int = 4, vmax: float | None = None) -> None:
+    """Columns: the highest-scoring anomalous and normal test images; rows: input, reconstruction, heatmap.
+    ``vmax``: the heatmaps' colour ceiling (the bundle's :class:`MapScale` ``vmax``, as in the overlays); None
+    (uncalibrated): the 99.5th percentile of these maps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,7 +290,7 @@ def _plot_grid(path: Path, inputs: np.ndarray, recons: np.ndarray, maps: np.ndar
     for lab in (1, 0):
         idx = np.where(labels == lab)[0]
         picks += list(idx[np.argsort(-scores[idx])][:per_class])
-    vmax = float(np.percentile(maps, 99.5))
+    vmax = float(np.percentile(maps, 99.5)) if vmax is None else float(vmax)
     fig, axes = plt.subplots(3, len(picks), figsize=(1.6 * len(picks), 5.2), squeeze=False)
     for c, i in enumerate(picks):
         for r, (img, kw) in enumerate([((inputs[i].transpose(1, 2, 0) + 1) / 2, {}),
@@ -263,45 +308,74 @@ def _plot_grid(path: Path, inputs: np.ndarray, recons: np.ndarray, maps: np.ndar
     plt.close(fig)
 
 
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
 def _operating_rows(result: dict) -> tuple[list[str], str]:
-    """The operating-point section as Markdown lines and as HTML."""
+    """The operating-point section (what the report opens with) as Markdown lines and as HTML: the threshold and
+    its source; misses and false rejects as counts and rates; the confusion counts; the pixel operating point
+    where the data has masks (else what the pixel threshold is used for)."""
     op = result.get("operating_point")
     if op is None:
         text = ("No operating point: the bundle is uncalibrated (run `glad calibrate`, or pass `--threshold`), so the "
                 "images carry raw scores only and no labels.")
-        return [text, ""], f"<p>{html.escape(text)}</p>"
-
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.1f}%"
-
-    head = (f"Threshold {op['threshold']:.6g} ({op['threshold_source']}); an image is anomalous when its raw score is "
-            f"greater. {op['misses']} misses (defective images passed), {op['false_rejects']} false rejects (good "
-            f"images rejected); precision {pct(op['precision'])}, recall {pct(op['recall'])}, "
-            f"false-positive rate {pct(op['FPR'])}.")
-    md = [head, "", "| | predicted anomalous | predicted normal |", "|---|---|---|",
-          f"| defective | {op['TP']} | {op['FN']} (misses) |",
-          f"| good | {op['FP']} (false rejects) | {op['TN']} |", ""]
-    cells = (f"<table class='cm'><tr><th></th><th>predicted anomalous</th><th>predicted normal</th></tr>"
-             f"<tr><th>defective</th><td>{op['TP']}</td><td class='bad'>{op['FN']} misses</td></tr>"
-             f"<tr><th>good</th><td class='bad'>{op['FP']} false rejects</td><td>{op['TN']}</td></tr></table>")
-    body = f"<p>{html.escape(head)}</p>{cells}"
-    px = result.get("pixel_operating_point")
-    if px is not None:
-        line = (f"Pixels at the pixel threshold {px['pixel_threshold']:.6g}: precision {pct(px['precision'])}, recall "
-                f"{pct(px['recall'])}, F1 {pct(px['F1'])}, IoU {pct(px['IoU'])}, false-positive rate {pct(px['FPR'])}.")
+        return [text, ""], f"<p class='none'>{html.escape(text)}</p>"
+    n_bad, n_good = op["TP"] + op["FN"], op["FP"] + op["TN"]
+    source = op.get("source_detail") or op["threshold_source"]
+    head = (f"Image threshold {op['threshold']:.6g}, from {source}. An image is rejected (anomalous) when its raw "
+            "score is greater.")
+    tiles = [("misses", "defective images passed", op["misses"], n_bad, op.get("miss_rate"), "defective"),
+             ("false rejects", "good images rejected", op["false_rejects"], n_good, op.get("false_reject_rate"),
+              "good")]
+    md = [f"**{head}**", "", "| at this threshold | images | rate |", "|---|---|---|"]
+    md += [f"| **{name}**: {what} | **{k}** of {n} | **{_pct(r)}** of {kind} |" for name, what, k, n, r, kind in tiles]
+    rates = f"precision {_pct(op['precision'])}, recall {_pct(op['recall'])}"
+    md += ["", f"Confusion counts ({rates}):", "", "| | predicted anomalous | predicted normal |", "|---|---|---|",
+           f"| defective | {op['TP']} | {op['FN']} (misses) |",
+           f"| good | {op['FP']} (false rejects) | {op['TN']} |", ""]
+    body = (f"<p class='thr'>{html.escape(head)}</p><div class='tiles'>"
+            + "".join(f"<div class='tile'><div class='big' style='color:{'#b00' if k else '#070'}'>{k}</div>"
+                      f"<div><b>{name}</b>: {what}</div><div><span class='rate'>{_pct(r)}</span> of {n} {kind} "
+                      "images</div></div>" for name, what, k, n, r, kind in tiles)
+            + f"</div><p>Confusion counts ({html.escape(rates)}):</p>"
+            f"<table class='cm'><tr><th></th><th>predicted anomalous</th><th>predicted normal</th></tr>"
+            f"<tr><th>defective</th><td>{op['TP']}</td><td class='bad'>{op['FN']} misses</td></tr>"
+            f"<tr><th>good</th><td class='bad'>{op['FP']} false rejects</td><td>{op['TN']}</td></tr></table>")
+    line = _pixel_line(result)
+    if line:
         md += [line, ""]
         body += f"<p>{html.escape(line)}</p>"
     return md, body
 
 
-def _write_report(out: Path, result: dict, overlays: list[tuple[str, str, bytes]] = ()) -> None:
+def _pixel_line(result: dict) -> str:
+    """The pixel operating point in words (masks), or what the pixel threshold does here (no masks), or ""."""
+    pt = result.get("pixel_threshold")
+    px = result.get("pixel_operating_point")
+    if pt is None:
+        return "No pixel threshold (calibrated without maps): no defect regions are drawn."
+    where = f"pixel threshold {pt['value']:.6g} ({pt['source']})"
+    if px is None:
+        return (f"No pixel ground truth in this data: the {where} only outlines the defect regions of rejected "
+                "images in the overlays.")
+    n_bad, n_good = px["TP"] + px["FN"], px["FP"] + px["TN"]
+    return (f"Pixel operating point at the {where}: {px['TP']:,} of {n_bad:,} defective pixels flagged (recall "
+            f"{_pct(px['recall'])}, {px['FN']:,} missed), {px['FP']:,} of {n_good:,} good pixels flagged "
+            f"(false-positive rate {_pct(px['FPR'])}); precision {_pct(px['precision'])}, IoU {_pct(px['IoU'])}, "
+            f"F1 {_pct(px['F1'])}.")
+
+
+def _write_report(out: Path, result: dict, overlays: list[tuple[str, str, bytes]] = (),
+                  scale: MapScale | None = None) -> None:
     keys = [k for k in ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO") if k in result["glad"]]
     rows = [("GLAD", result["glad"])] + ([("kNN baseline", result["knn"])] if "knn" in result else [])
     ident = (f"Model checksum `{result.get('model_checksum') or 'unknown'}`, preset `{result['config']['preset']}`, "
              f"evaluated {result.get('date', '')}.")
+    data = (f"Data: `{result['data']}`, {result['test_images']} test images ({result['anomalous']} anomalous). "
+            f"{ident}")
     op_md, op_html = _operating_rows(result)
-    md = [f"# {result['title']}", "", f"Data: `{result['data']}`, {result['test_images']} test images "
-          f"({result['anomalous']} anomalous). {ident}", "", "## Operating point", "", *op_md, "## Metrics", "",
+    md = [f"# {result['title']}", "", "## Operating point", "", *op_md, data, "", "## Metrics", "",
           "| method | " + " | ".join(keys) + " | s/image |", "|---" * (len(keys) + 2) + "|"]
     for name, m in rows:
         md.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + f" | {m['seconds_per_image']:.3f} |")
@@ -320,21 +394,35 @@ def _write_report(out: Path, result: dict, overlays: list[tuple[str, str, bytes]
     figures = "".join(
         f"<figure><img alt='{html.escape(name)}' src='{_data_uri(png)}'><figcaption>{html.escape(kind)}<br>"
         f"<code>{html.escape(name)}</code></figcaption></figure>" for kind, name, png in overlays)
+    scale = scale or MapScale.for_bundle(None)
+    which = "pixel" if scale.source == "calibration" else "image"
+    colours = (f"One colour scale for every image (the bundle's calibration: 0 to {scale.vmax:.4g}, the {which} "
+               f"threshold {scale.threshold:.4g} at mid-bar, marked on each colour bar)" if not scale.per_image else
+               "Colours scaled to each image's own maximum (uncalibrated bundle): not comparable across images")
+    marks = ("Cyan outlines and numbered red boxes are the defect regions of images labelled anomalous (pixels above "
+             "the pixel threshold). Images labelled normal get no outlines or boxes, whatever their hot spots: "
+             "those are not defects at this threshold; each caption says how many areas were above the pixel "
+             "threshold.")
     style = ("body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em;color:#222}"
+             "img{max-width:100%}"
              "table{border-collapse:collapse;margin:.5em 0}"
              "td,th{border:1px solid #999;padding:4px 8px;text-align:right}"
              "th{background:#eee}.cm td.bad{color:#b00}figure{display:inline-block;margin:6px;vertical-align:top;"
              "text-align:center;font-size:13px}figure img{max-width:360px;max-height:420px}"
-             ".plots img{max-width:48%;margin-right:1%}")
+             ".plots img{max-width:48%;margin-right:1%}"
+             ".op{border:2px solid #444;border-radius:6px;padding:.2em 1em .6em;background:#fafafa}"
+             ".op h2{margin:.4em 0}.thr{font-size:1.1em;font-weight:bold}.none{font-size:1.1em;color:#b00}"
+             ".tiles{display:flex;gap:1em;flex-wrap:wrap}.tile{border:1px solid #bbb;border-radius:6px;"
+             "padding:.5em 1em;background:#fff;min-width:16em}.tile .big{font-size:2.2em;font-weight:bold}"
+             ".tile .rate{font-size:1.3em;font-weight:bold}.meta{color:#555}")
     title = html.escape(result["title"])
     (out / "report.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>"
-        f"<h1>{title}</h1><p>{html.escape(result['data'])}: {result['test_images']} test images "
+        f"<h1>{title}</h1><section class='op'><h2>Operating point</h2>{op_html}</section>"
+        f"<p class='meta'>{html.escape(result['data'])}: {result['test_images']} test images "
         f"({result['anomalous']} anomalous). {html.escape(ident.replace('`', ''))}</p>"
-        f"<h2>Operating point</h2>{op_html}"
         f"<h2>Metrics</h2><table><tr><th>method</th>" + "".join(f"<th>{k}</th>" for k in keys)
         + f"<th>s/image</th></tr>{table}</table><p>Threshold-free metrics; scores are raw.</p>"
         f"<div class='plots'>{img('hist.png', 'score histograms')}{img('roc.png', 'ROC')}</div>"
-        + (f"<h2>Images</h2><p>Overlays on the bundle's one map scale (colour bar), defect regions outlined at the "
-           f"pixel threshold.</p>{figures}" if figures else "")
+        + (f"<h2>Images</h2><p>{html.escape(colours)}. {html.escape(marks)}</p>{figures}" if figures else "")
         + f"<h2>Input, reconstruction, anomaly map</h2>{img('grid.png', 'grid')}</body></html>")

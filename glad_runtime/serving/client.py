@@ -143,11 +143,12 @@ def _source(image: Any, index: int) -> str:
 def requested_outputs(config: dict) -> tuple[tuple[str, ...], list[str]]:
     """``(outputs to request, required outputs missing)`` for an entry model's config (``get_model_config(...,
     as_json=True)["config"]``): the contract outputs (:data:`protocol.GLAD_OUTPUT_NAMES`) the config declares, in
-    contract order. ``errors`` is requested only where declared (servers before issue 27 have none: a request
-    naming an undeclared output is refused); every other contract output is required."""
+    contract order. :data:`protocol.LATER_OUTPUTS` (``errors``, ``region_counts``, ``region_boxes``) are requested
+    only where declared (servers before issues 27 / 32 have none: a request naming an undeclared output is
+    refused); every other contract output is required."""
     declared = {o.get("name") for o in config.get("output", None) or []}
     outputs = tuple(n for n in protocol.GLAD_OUTPUT_NAMES if n in declared)
-    missing = [n for n in protocol.GLAD_OUTPUT_NAMES if n not in declared and n != protocol.ERRORS_OUTPUT]
+    missing = [n for n in protocol.GLAD_OUTPUT_NAMES if n not in declared and n not in protocol.LATER_OUTPUTS]
     return outputs, missing
 
 

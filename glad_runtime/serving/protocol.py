@@ -45,7 +45,8 @@ __all__ = ["TensorSpec", "GLAD_MODEL", "INFLIGHT_MODEL", "ENTRY_MODELS", "is_ent
            "tag_stream_error", "stream_error_status", "GLAD_INPUT", "GLAD_FILE_INPUT", "MAP_SIZE_PARAMETER", "MAP_SIZES",
            "DEFAULT_MAP_SIZE", "ERRORS_OUTPUT", "DEFAULT_MAX_REQUEST_IMAGES",
            "image_error_text", "parse_image_error", "error_status",
-           "GLAD_OUTPUTS", "GLAD_OUTPUT_NAMES", "NUMPY_DTYPES", "ADS_STATE_CODES", "model_name", "glad_inputs",
+           "GLAD_OUTPUTS", "GLAD_OUTPUT_NAMES", "LATER_OUTPUTS", "REGION_COLUMNS", "region_arrays",
+           "regions_from_arrays", "NUMPY_DTYPES", "ADS_STATE_CODES", "model_name", "glad_inputs",
            "glad_outputs", "to_wire", "from_wire", "file_bytes", "glad_output_arrays", "detections_from_arrays",
            "calibration_parameter", "calibration_from_parameter", "contract_table"]
 
@@ -115,7 +116,18 @@ class TensorSpec:
         return s + " }"
 
 
-#: Outputs of ``<prefix>_glad``: ``(name, Triton type, per-image dims, meaning)``; ``-1`` = variable (the map size).
+#: Columns of ``region_boxes``, in order: a :class:`~glad_runtime.core.regions.Region`'s fields. FP64, so every
+#: value is the one ``regions`` carries as JSON (an ``area`` up to the pixel limit, 1e8, is exact; FP32 is exact
+#: only to 2**24).
+REGION_COLUMNS = ("x", "y", "width", "height", "area", "peak", "mean")
+REGION_COLUMNS_COUNT = len(REGION_COLUMNS)
+#: Outputs a client requests only where the entry model declares them (added after the first served contract; a
+#: request naming an undeclared output is refused): ``errors`` (issue 27), ``region_counts`` / ``region_boxes``
+#: (issue 32). Every other output of :data:`GLAD_OUTPUTS` is required.
+LATER_OUTPUTS = (ERRORS_OUTPUT, "region_counts", "region_boxes")
+
+#: Outputs of ``<prefix>_glad``: ``(name, Triton type, per-image dims, meaning)``; ``-1`` = variable (the map size;
+#: for ``region_boxes`` the request's largest region count).
 GLAD_OUTPUTS = (
     ("scores", "TYPE_FP32", (), "raw image score, the top-K mean of the anomaly map (>= 0)"),
     ("calibrated", "TYPE_BOOL", (), "True when the served bundle is calibrated (labels and normalised scores set)"),
@@ -134,6 +146,13 @@ GLAD_OUTPUTS = (
     ("defect_masks", "TYPE_UINT8", (-1, -1), "1 where anomaly_maps > pixel_thresholds, else 0; at map_size"),
     ("regions", "TYPE_STRING", (), "JSON text: a list of {x, y, width, height, area, peak, mean} in original-image "
                                    "pixels, highest peak first ([] none found); null without a pixel threshold"),
+    ("region_counts", "TYPE_INT32", (), "number of regions (the rows of region_boxes in use; 0 none found); -1 "
+                                        "without a pixel threshold (regions null) or for a failed image"),
+    ("region_boxes", "TYPE_FP64", (-1, REGION_COLUMNS_COUNT), "the regions as plain numbers (no JSON to parse): row "
+                                                              "j is the j-th region of regions, columns x, y, width, "
+                                                              "height, area, peak, mean; K = the largest "
+                                                              "region_counts of the request (at least 1); unused "
+                                                              "rows are -1"),
     ("errors", "TYPE_STRING", (), "empty when the image was scored; else `[STATUS] ErrorType: message` (STATUS a "
                                   "gRPC status name: INVALID_ARGUMENT never retry, UNAVAILABLE retry) and every "
                                   "other output of that image holds its failure sentinel (score -1, size 0 x 0)"),
@@ -143,12 +162,12 @@ GLAD_OUTPUT_NAMES = tuple(o[0] for o in GLAD_OUTPUTS)
 
 def contract_table() -> str:
     """:data:`GLAD_OUTPUTS` as a Markdown table (name, datatype, shape with the batch, meaning) for the README."""
-    kserve = {"TYPE_FP32": "FP32", "TYPE_BOOL": "BOOL", "TYPE_INT8": "INT8", "TYPE_INT32": "INT32",
-              "TYPE_INT64": "INT64", "TYPE_UINT8": "UINT8", "TYPE_STRING": "BYTES"}
+    kserve = {"TYPE_FP32": "FP32", "TYPE_FP64": "FP64", "TYPE_BOOL": "BOOL", "TYPE_INT8": "INT8",
+              "TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_UINT8": "UINT8", "TYPE_STRING": "BYTES"}
     rows = ["| output | datatype | shape | meaning |", "|---|---|---|---|"]
     for name, t, dims, meaning in GLAD_OUTPUTS:
-        shape = "[B, 1]" if not dims else "[B, " + ", ".join("H" if k == 0 and d == -1 else "W" if d == -1 else str(d)
-                                                            for k, d in enumerate(dims)) + "]"
+        axes = iter(("H", "W") if tuple(dims) == (-1, -1) else ("K",))  # maps: H x W; region rows: K
+        shape = "[B, 1]" if not dims else "[B, " + ", ".join(next(axes) if d == -1 else str(d) for d in dims) + "]"
         rows.append(f"| `{name}` | {kserve[t]} | {shape} | {meaning} |")
     return "\n".join(rows)
 
@@ -325,11 +344,38 @@ def glad_output_arrays(detections: Sequence, map_size: str = "original") -> dict
         "defect_masks": masks,
         "regions": np.array([json.dumps(None if d.regions is None else [r.to_dict() for r in d.regions],
                                         allow_nan=False).encode() for d in detections], dtype=np.object_),
+        **region_arrays(detections),
         ERRORS_OUTPUT: np.array([b"" if ok else image_error_text(d.error).encode() for d, ok in zip(detections, good)],
                                 dtype=np.object_),
     }
     assert tuple(arrays) == GLAD_OUTPUT_NAMES
     return {k: np.ascontiguousarray(v) if v.dtype != np.object_ else v for k, v in arrays.items()}
+
+
+def region_arrays(detections: Sequence) -> dict[str, np.ndarray]:
+    """``region_counts`` int32 ``[B]`` and ``region_boxes`` float64 ``[B, K, 7]`` (:data:`REGION_COLUMNS`) of one
+    request's Detections: the numbers of each image's ``regions`` in their order; ``K`` = the largest count of the
+    request, at least 1 (no zero-size tensor on the wire); unused rows -1. An image without regions (no pixel
+    threshold, or failed) has count -1 and only -1 rows."""
+    counts = np.array([-1 if not d.ok or d.regions is None else len(d.regions) for d in detections], np.int32)
+    k = max(1, int(counts.max(initial=0)))
+    boxes = np.full((len(detections), k, REGION_COLUMNS_COUNT), -1.0, np.float64)
+    for b, (d, n) in enumerate(zip(detections, counts)):
+        if n > 0:
+            boxes[b, :n] = [[getattr(r, c) for c in REGION_COLUMNS] for r in d.regions]
+    return {"region_counts": counts, "region_boxes": boxes}
+
+
+def regions_from_arrays(counts: np.ndarray, boxes: np.ndarray) -> list:
+    """Inverse of :func:`region_arrays` (what a client reading ``region_counts`` / ``region_boxes`` instead of the
+    ``regions`` JSON does): per image a list of :class:`~glad_runtime.core.regions.Region`, or None where the
+    count is -1."""
+    from glad_runtime.core.regions import Region
+
+    counts = np.asarray(counts).reshape(-1)
+    boxes = np.asarray(boxes, np.float64).reshape(len(counts), -1, REGION_COLUMNS_COUNT)
+    return [None if n < 0 else [Region(*(int(v) for v in row[:5]), float(row[5]), float(row[6]))
+                                for row in boxes[b, :n]] for b, n in enumerate(counts)]
 
 
 def detections_from_arrays(arrays: Mapping[str, np.ndarray], sources: Sequence[str], calibration=None,
@@ -343,7 +389,8 @@ def detections_from_arrays(arrays: Mapping[str, np.ndarray], sources: Sequence[s
     Maps are cut to their valid part; ``map_size`` says what the request asked for (``"working"``: ``D x D``).
     An image with a non-empty ``errors`` element becomes a failed Detection whose ``error`` is
     ``error_for(status, message)`` (default: a :class:`~glad_runtime.errors.ServingError` with ``status``); the
-    ``errors`` output may be absent (servers before it), then every image was scored.
+    ``errors`` output may be absent (servers before it), then every image was scored. Regions are read from the
+    ``regions`` JSON; ``region_counts`` / ``region_boxes`` (the same numbers) are not needed and may be absent.
 
     Raises:
         ValueError: a tensor whose size does not fit the batch.
@@ -356,7 +403,7 @@ def detections_from_arrays(arrays: Mapping[str, np.ndarray], sources: Sequence[s
     n = len(sources)
     specs = {s.name: s for s in glad_outputs()}
     o = {name: from_wire(arrays[name], n, specs[name]) for name in GLAD_OUTPUT_NAMES
-         if name != ERRORS_OUTPUT or arrays.get(name) is not None}
+         if name not in LATER_OUTPUTS or arrays.get(name) is not None}
     dets = []
     for k, source in enumerate(sources):
         failed = parse_image_error(o[ERRORS_OUTPUT][k]) if ERRORS_OUTPUT in o else None

@@ -105,7 +105,7 @@ def test_real_command_bundle_error_exit_1(tmp_path):
 
 def test_every_verb_is_registered():
     assert set(cli.commands) == {"presets", "init", "export", "build", "bench", "serve", "detect", "calibrate",
-                                 "data", "train", "eval", "demo"}
+                                 "data", "train", "eval", "demo", "perf"}
     assert set(cli.commands["data"].commands) == {"elpv", "textures"}
 
 

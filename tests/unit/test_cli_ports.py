@@ -20,7 +20,7 @@ def _commands(group, path=()):
 
 def _port_options():
     return [(path, p) for path, cmd in _commands(cli) for p in cmd.params
-            if isinstance(p, click.Option) and p.name.endswith("port")]
+            if isinstance(p, click.Option) and (p.name == "port" or p.name.endswith("_port"))]
 
 
 def test_every_port_option_is_a_tcp_port_range():

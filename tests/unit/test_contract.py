@@ -187,3 +187,41 @@ def test_readme_documents_the_contract_table_exactly():
     assert block == protocol.contract_table()
     for name in (protocol.GLAD_FILE_INPUT, protocol.GLAD_INPUT, protocol.MAP_SIZE_PARAMETER):
         assert f"`{name}`" in readme
+
+
+def test_region_boxes_hold_the_regions_as_numbers():
+    """Issue 32: region_counts / region_boxes carry exactly the regions of the JSON output, in its order, as plain
+    numbers (FP64: a 1e8-pixel area exact), -1 rows past the count, K >= 1, -1 counts where regions is null."""
+    big = Region(x=0, y=0, width=10000, height=10000, area=99_999_999, peak=0.0712, mean=0.0391)
+    small = Region(x=412, y=96, width=37, height=22, area=610, peak=0.05, mean=0.04)
+    dets = [Detection(source="a", score=0.2, ads_state="off", adaptive_step=-1, original_size=(8, 8),
+                      anomaly_map=np.zeros((8, 8), np.float32), pixel_threshold=0.03, regions=[big, small]),
+            Detection(source="b", score=0.1, ads_state="off", adaptive_step=-1, original_size=(8, 8),
+                      anomaly_map=np.zeros((8, 8), np.float32), pixel_threshold=0.03, regions=[]),
+            Detection(source="c", score=0.1, ads_state="off", adaptive_step=-1, original_size=(8, 8),
+                      anomaly_map=np.zeros((8, 8), np.float32)),
+            Detection(source="d", error=InvalidInputError("images[3]: bad"))]
+    arrays = protocol.glad_output_arrays(dets, "working")
+    counts, boxes = arrays["region_counts"], arrays["region_boxes"]
+    assert counts.dtype == np.int32 and counts.tolist() == [2, 0, -1, -1]
+    assert boxes.dtype == np.float64 and boxes.shape == (4, 2, len(protocol.REGION_COLUMNS))
+    assert boxes[0].tolist() == [[0, 0, 10000, 10000, 99_999_999, 0.0712, 0.0391], [412, 96, 37, 22, 610, 0.05, 0.04]]
+    assert (boxes[1:] == -1).all()
+    # what an HTTP JSON client reads: flat data, row-major; the same numbers as the regions JSON
+    data = _strict(json.dumps(protocol.to_wire(boxes).ravel().tolist(), allow_nan=False))
+    k = boxes.shape[1]
+    regions_json = [json.loads(x) for x in arrays["regions"]]
+    for b in range(len(dets)):
+        rows = [data[(b * k + j) * 7:(b * k + j) * 7 + 7] for j in range(max(0, int(counts[b])))]
+        want = [[r[c] for c in protocol.REGION_COLUMNS] for r in regions_json[b] or []]
+        assert rows == want
+    assert protocol.regions_from_arrays(protocol.to_wire(counts), boxes) == [[big, small], [], None, None]
+    # no region anywhere: one row of -1 (never a zero-size tensor)
+    none = protocol.region_arrays(dets[1:3])
+    assert none["region_boxes"].shape == (2, 1, 7) and (none["region_boxes"] == -1).all()
+    # the declared output and the client's reading: a server without the new outputs is still read
+    spec = {s.name: s for s in protocol.glad_outputs()}["region_boxes"]
+    assert spec.pbtxt(batched=False) == '{ name: "region_boxes" data_type: TYPE_FP64 dims: [-1, -1, 7] }'
+    older = {n: v for n, v in arrays.items() if n not in ("region_counts", "region_boxes")}
+    back = protocol.detections_from_arrays(older, ["a", "b", "c", "d"])
+    assert back[0].regions == [big, small] and back[1].regions == [] and back[2].regions is None

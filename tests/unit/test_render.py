@@ -165,3 +165,65 @@ def test_write_outputs_mask_and_one_png_scale(calibration, tmp_path):
         json.dumps(d.to_dict())
         scales.append(d.map_png_scale)
     assert scales[0] == scales[1] == s.png_scale
+
+
+def test_marks_only_on_an_image_labelled_anomalous(calibration):
+    """Issue 32: contour and red boxes mark the defects of an anomalous image; the same hot spot on an image
+    labelled normal is not outlined or boxed (its colours still show it) and the caption says it was left out."""
+    import dataclasses
+
+    from glad_runtime.render import BOX_RGB
+
+    s = MapScale.for_bundle(calibration)
+    t = calibration.pixel_threshold
+    amap = np.full((40, 40), 0.5 * t, np.float32)
+    amap[10:20, 10:20] = 3 * t
+    bad = _detection(amap, calibration, t)
+    assert bad.label == "anomalous" and len(bad.regions) == 1
+    passed = dataclasses.replace(bad, label="normal", threshold=bad.score + 1.0, threshold_source="override")
+    rgb = np.full((40, 40, 3), 0.5, np.float32)
+    pictures = {}
+    for name, d in (("bad", bad), ("passed", passed)):
+        out = render_detection(d, rgb, s)
+        x0, y0, x1, y1 = out.info["layout"]["image"]
+        pictures[name] = (np.asarray(out)[y0:y1, x0:x1], out)
+    img, _ = pictures["bad"]
+    assert _is(img, CYAN).any() and _is(img, BOX_RGB).any()
+    img, out = pictures["passed"]
+    assert not _is(img, CYAN).any() and not _is(img, BOX_RGB).any()
+    # the map's colours are the same in both (only the marks differ): the hot square's centre is drawn alike
+    k = out.info["layout"]["enlarge"]
+    c = 15 * k
+    np.testing.assert_array_equal(pictures["bad"][0][c, c], img[c, c])
+    # the caption says what was found and not marked (text pixels in the band; compared with the anomalous one)
+    band = np.asarray(out)[:out.info["layout"]["caption_band"][3]]
+    assert (band != 255).any(-1).sum() > 500
+    assert not _is(band, (200, 0, 0)).any()  # the label is not drawn in the defect red
+
+
+def test_caption_words_for_each_label(calibration, monkeypatch):
+    """The caption lines render_detection passes to overlay: defects, passed (not marked), or no label."""
+    import dataclasses
+
+    import glad_runtime.render as render
+
+    seen = {}
+    monkeypatch.setattr(render, "overlay", lambda *a, **kw: seen.update(kw) or Image.new("RGB", (1, 1)))
+    s = MapScale.for_bundle(calibration)
+    t = calibration.pixel_threshold
+    amap = np.full((40, 40), 0.5 * t, np.float32)
+    amap[10:20, 10:20] = 3 * t
+    bad = _detection(amap, calibration, t)
+    rgb = np.zeros((40, 40, 3), np.float32)
+    render.render_detection(bad, rgb, s)
+    assert "1 defect region > " in seen["caption_lines"][1] and seen["mask"] is not None and seen["regions"]
+    render.render_detection(dataclasses.replace(bad, label="normal", threshold=1e9), rgb, s)
+    line = seen["caption_lines"][1]
+    assert "passed: 1 area above pixel threshold" in line and "(100 px), not marked: not defects" in line
+    assert seen["mask"] is None and not seen["regions"]
+    render.render_detection(dataclasses.replace(bad, label="normal", threshold=1e9, regions=[],
+                                                anomaly_map=np.zeros((40, 40), np.float32)), rgb, s)
+    assert "passed: no pixel above pixel threshold" in seen["caption_lines"][1]
+    render.render_detection(dataclasses.replace(bad, label=None, threshold=None), rgb, s)
+    assert "1 region > " in seen["caption_lines"][1] and "no image label" in seen["caption_lines"][1]
+    assert seen["mask"] is not None and seen["regions"]
