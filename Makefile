@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-fast test-all clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the one-minute inner loop: the pure unit tier and the linter (tests/serving and tests/integration need minutes)
+test-fast: setup
+	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/ruff check .
 
 test-all: setup
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,21 @@ def detect_without_torch(bundle_path, images_dir, out, engine_args):
                          cwd=Path(__file__).resolve().parents[1])
     assert "NO_TORCH_OK" in res.stdout, res.stdout + res.stderr
     return [json.loads(line) for line in (Path(out) / "results.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------- tiers
+#: Test tiers by directory (issue 29): ``unit`` (pure: no network build, no export, no server; `make test-fast`,
+#: under a minute on 2 cores), ``integration`` (torch, export, training), ``serving`` (real tritonservers).
+TIERS = ("unit", "integration", "serving")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its tier, from the directory it lives in (``pytest -m unit`` etc.)."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for tier in TIERS:
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))
+                break
+        else:
+            item.add_marker(pytest.mark.integration)

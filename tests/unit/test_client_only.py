@@ -1,7 +1,7 @@
 """The ``glad`` command of a client-only install (``glad-toolkit[client]``: no scipy, scikit-image, torch,
 onnxruntime, scikit-learn, matplotlib), issue 32: ``glad detect --server HOST:PORT --stream`` runs; a command that
 needs a missing extra is refused in one line naming it. A meta-path blocker stands in for the missing packages
-(``tests/test_client_wheel.py`` does the same with a real wheel, a fresh venv and a real server)."""
+(``tests/serving/test_client_wheel.py`` does the same with a real wheel, a fresh venv and a real server)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_stream_detect_runs_without_the_runtime_extras(bundle_and_images, tmp_path):
     """The whole `glad detect --server --stream` path (client, writer, overlays, summary) with the runtime extras
     unimportable; GladClient replaced by a fake that answers each file (the served part is tested for real in
-    tests/test_client_wheel.py)."""
+    tests/serving/test_client_wheel.py)."""
     b, src = bundle_and_images
     out = tmp_path / "out"
     code = f"""

@@ -1,6 +1,6 @@
 """``glad perf``'s pure rules (issue 28): ranges, arrival schedules, perf_analyzer's stability rule on synthetic
 window series, Triton statistics and /metrics deltas, error types, the CSV columns, the perf_analyzer input, the
-sweep grid and the reports. No server here: ``tests/test_perf.py`` drives a real one."""
+sweep grid and the reports. No server here: ``tests/serving/test_perf.py`` drives a real one."""
 
 from __future__ import annotations
 

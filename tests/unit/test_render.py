@@ -63,7 +63,6 @@ def test_one_scale_per_bundle(calibration):
 
 def test_threshold_sits_mid_bar(calibration):
     s = MapScale.for_bundle(calibration)
-    t = calibration.pixel_threshold
     out = overlay(np.zeros((64, 64, 3)), np.zeros((64, 64)), scale=s)
     x0, y0, x1, y1 = out.info["layout"]["bar"]
     bar = np.asarray(out)[y0:y1, (x0 + x1) // 2]

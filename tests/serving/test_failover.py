@@ -5,11 +5,11 @@ Two servers on the tiny exported bundle (``A``: default model control; ``B``: ``
 sending single-image requests of a bounded stream, while a fault happens mid-run: a network model unloaded and
 reloaded on B, a replica without the bundle listed first, B stopped with SIGTERM and restarted on the same ports,
 B killed with SIGKILL. Each scenario must end with every image answered exactly once, with the in-process score
-(``tests/test_serving.py``'s reference, same tolerance), and zero errors; its figures (requests, results, errors by
+(``tests/serving/test_serving.py``'s reference, same tolerance), and zero errors; its figures (requests, results, errors by
 type, retries, failed attempts by type, p50/p99 latency, requests answered per replica) are printed as a table row
 (``pytest -s``) so a note can quote them.
 
-Fixtures come from ``tests/test_serving.py``. Timings on this shared 2-core machine are indicative only.
+Fixtures come from ``tests/serving/test_serving.py``. Timings on this shared 2-core machine are indicative only.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def cluster(repo):
     yield c
     c.stop()
     if ROWS:
-        print("\n\nfailover figures (tests/test_failover.py, %d threads, 2-core CPU):\n%s\n%s" % (
+        print("\n\nfailover figures (tests/serving/test_failover.py, %d threads, 2-core CPU):\n%s\n%s" % (
             THREADS, HEADER, "\n".join(ROWS)))
 
 

@@ -2,7 +2,7 @@
 
 ``<prefix>_glad_inflight`` (decoupled python backend, ``triton_models/python/glad_inflight_model.py``) runs one
 step-level pool (``StepScheduler``) over the network models. Every result is compared with the in-process ONNX
-Runtime pipeline on real ELPV images (``tests/test_serving.py``'s reference) and with the per-batch model
+Runtime pipeline on real ELPV images (``tests/serving/test_serving.py``'s reference) and with the per-batch model
 ``<prefix>_glad`` of the same server, whatever arrived beside it. The repository here has a small pool
 (``max_active`` 2, ``max_queue`` 2: capacity 4 images) so back-pressure is reachable with a few requests, and
 overlapped ticks (admission and finishing beside the denoising step).

@@ -33,7 +33,7 @@ from triton_models.server import launch_server, server_available  # noqa: E402
 pytestmark = pytest.mark.skipif(not server_available(), reason="nvidia-pytriton (the tritonserver binary) not "
                                 "installed; pip install -e .[serve]")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "perf_t"
 GLAD, INFLIGHT = f"{PREFIX}_glad", f"{PREFIX}_glad_inflight"
 ATOL = 1e-4  # served vs in-process scores: same graphs, thread scheduling may reorder float sums
@@ -219,6 +219,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(server, image_dir, tmp
     assert row["Interrupted"] == "true"
 
 
+@pytest.mark.slow  # one server per configuration: about a minute; `make test-all` runs it
 def test_sweep_names_the_best_configuration_and_re_measures_it(bundle, files, tmp_path):
     """Two configurations (one and two per-batch instances), a local server each: the best under a generous
     budget is written as a glad serve command and measured again on a fresh server."""

@@ -28,8 +28,6 @@ def reference_loop(engines, image, cfg, eps0):
     tn = cfg.t_max
     x = np.sqrt(a[tn]) * z0 + np.sqrt(1 - a[tn]) * eps0
     decided, step, fused_at = False, -1, None
-    mean = np.array([0.485, 0.456, 0.406])[:, None, None]
-    std = np.array([0.229, 0.224, 0.225])[:, None, None]
     for t in ts:
         eps = engines.unet(x[None].astype(np.float32), np.array([t]))[0]
         x0 = (x - np.sqrt(1 - a[t]) * eps) / np.sqrt(a[t])

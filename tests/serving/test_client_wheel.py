@@ -28,7 +28,7 @@ from triton_models.server import launch_server, server_available  # noqa: E402
 pytestmark = pytest.mark.skipif(not server_available(), reason="nvidia-pytriton (the tritonserver binary) not "
                                 "installed; pip install -e .[serve]")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: What a client-only install must not pull in (the runtime, engine and evaluation extras; tritonclient's HTTP half).
 NOT_IN_CLIENT = {"scipy", "scikit-image", "torch", "onnxruntime", "onnx", "openvino", "scikit-learn", "matplotlib",
                  "diffusers", "timm", "safetensors", "geventhttpclient", "gevent", "aiohttp", "nvidia-pytriton"}

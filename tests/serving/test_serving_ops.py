@@ -2,7 +2,7 @@
 mocks: deadlines reach the server (queue policy, the BLS loop stops abandoned work between DDIM steps), honest
 start and stop (busy ports refused, one log per server, drain on SIGTERM), and GLAD metrics at ``/metrics``.
 
-Fixtures come from ``tests/test_serving.py`` (the tiny exported bundle, calibrated; real ELPV images). Timings on
+Fixtures come from ``tests/serving/test_serving.py`` (the tiny exported bundle, calibrated; real ELPV images). Timings on
 this shared 2-core machine are indicative only.
 """
 
