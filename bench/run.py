@@ -1,13 +1,17 @@
 """``glad bench``: the same real images through every available engine, in one run, side by side.
 
-For each engine: a warm-up, then per batch size (1, 4, 16 by default) ``repeats`` passes over the images. Reported
-per engine and batch size (medians over repeats, so runs compare): images/s, p50/p95/p99 request latency (a
-request is one batch), seconds per image in each pipeline stage (encode, UNet steps, ADS decode, ADS features, ADS
-distance, decode, features, scoring), the distribution of adaptive steps, peak memory (resident set high-water mark
-of this process while the engine ran; a served engine's server is a separate process), and ratios against the
-PyTorch reference. Also: the adaptive (ADS on) versus fixed-step (ADS off) cost and the share of the denoising loop
-spent in ADS checks, FLOPs per stage from the exported graphs (``bench.flops``) and the achieved GFLOP/s; on a GPU,
-TFLOP/s against the device's peak.
+Every engine is loaded and warmed up first; then per batch size (1, 4, 16 by default) ``repeats`` rounds, each one
+pass over the images per engine, the engines alternating within each round (``bench.interleave``: on a shared
+machine a block per engine measured the neighbours' load as much as the engine; issue 33). Reported per engine and
+batch size: images/s (median, min-max and spread over the rounds), p50/p95/p99 request latency (a request is one
+batch), seconds per image in each pipeline stage (encode, UNet steps, ADS decode, ADS features, ADS distance,
+decode, features, scoring), the distribution of adaptive steps, peak memory (resident set high-water mark of this
+process while the engine loaded and warmed up; a served engine's server is a separate process), and throughput
+ratios against PyTorch and ONNX Runtime fp32 when they ran (the median of the per-round ratios, with min-max). Also:
+the adaptive (ADS on) versus fixed-step (ADS off) cost (interleaved too) and the share of the denoising loop spent
+in ADS checks, FLOPs per stage from the exported graphs (``bench.flops``) and the achieved GFLOP/s against the
+peak: on a GPU the device's TFLOP/s, on a CPU its microarchitecture's peak at the measured clock
+(``bench.cpu_peak``).
 
 Engines are named ``torch``, ``ort-fp32``, ``ort-fp16``, ``ort-int8``, ``tensorrt-fp16``, ... (``backend-precision``);
 unavailable ones (no export, no GPU, no quantised graphs) are skipped with the reason in the output.
@@ -104,8 +108,9 @@ def _engine_factory(bundle, name: str, threads: int, server: str | None = None,
     return make
 
 
-def _run_engine(make, config, images: np.ndarray, batch_sizes: Sequence[int], repeats: int,
-                say: Callable[[str], None]) -> dict:
+def _load_engine(make, config, images: np.ndarray, batch_sizes: Sequence[int]) -> dict:
+    """Load one engine and warm it up (batch 1 and the largest batch): ``{"engines", "pipe", "load_s",
+    "peak_rss_mb", "adaptive_steps"}``; the peak resident set covers loading and the warm-up of this engine alone."""
     from glad_runtime.pipeline.batch import GladPipeline
 
     _reset_peak_rss()
@@ -114,33 +119,51 @@ def _run_engine(make, config, images: np.ndarray, batch_sizes: Sequence[int], re
     load_s = time.perf_counter() - t0
     pipe = GladPipeline(engines, config)
     pipe(images[:1])  # warm-up: first-call allocations, lazy initialisation
-    pipe(images[:max(batch_sizes)])
-    out: dict = {"load_s": load_s, "batch": {}}
-    steps = None
+    steps = []
+    for i in range(0, len(images), max(batch_sizes)):  # also the adaptive steps of every image
+        steps += pipe(images[i:i + max(batch_sizes)]).adaptive_steps.tolist()
+    return {"engines": engines, "pipe": pipe, "load_s": load_s, "peak_rss_mb": _peak_rss_mb(),
+            "adaptive_steps": {str(k): v for k, v in sorted(Counter(steps).items())}}
+
+
+def _interleaved_passes(loaded: dict, images: np.ndarray, batch_sizes: Sequence[int], repeats: int,
+                        say: Callable[[str], None]) -> dict:
+    """Per batch size, one pass over ``images`` per engine and round, the engines interleaved within each round
+    (:func:`bench.interleave.interleave`, warm-up: one request of that size per engine); returns
+    ``{name: {"batch": {bs: {...}}}}`` with medians, min / max and spread of images/s, the per-round pass seconds
+    (``round_s``, for paired ratios), latency percentiles and per-stage seconds per image."""
+    from bench.interleave import interleave
+
     n = len(images)
+    out: dict = {name: {"batch": {}} for name in loaded}
     for bs in batch_sizes:
-        lat, thr, stage_runs = [], [], []
-        for _ in range(repeats):
-            stages = Counter()
-            start = time.perf_counter()
-            for i in range(0, n, bs):
-                t = time.perf_counter()
-                res = pipe(images[i:i + bs])
-                lat.append(time.perf_counter() - t)
-                stages.update(res.timings)
-                if steps is None or len(steps) < n:
-                    steps = (steps or []) + res.adaptive_steps.tolist()
-            thr.append(n / (time.perf_counter() - start))
-            stage_runs.append({k: stages.get(k, 0.0) / n for k in STAGES})
-        stage_med = {k: float(np.median([r[k] for r in stage_runs])) for k in STAGES}
-        out["batch"][str(bs)] = {"images_per_s": float(np.median(thr)), "latency_s": percentiles(lat),
-                                 "stage_s_per_image": stage_med, "requests": len(lat)}
-        say(f"    batch {bs:>3}: {np.median(thr):7.2f} img/s, p50 {np.median(lat):.3f} s")
-    out["adaptive_steps"] = {str(k): v for k, v in sorted(Counter(steps[:n]).items())}
-    out["peak_rss_mb"] = _peak_rss_mb()
-    close = getattr(engines, "close", None)
-    if callable(close):
-        close()
+        lat: dict = {name: [] for name in loaded}
+        stage_runs: dict = {name: [] for name in loaded}
+
+        def one_pass(name, bs=bs, lat=lat, stage_runs=stage_runs):
+            def run():
+                stages = Counter()
+                for i in range(0, n, bs):
+                    t = time.perf_counter()
+                    res = loaded[name]["pipe"](images[i:i + bs])
+                    lat[name].append(time.perf_counter() - t)
+                    stages.update(res.timings)
+                stage_runs[name].append({k: stages.get(k, 0.0) / n for k in STAGES})
+            return run
+
+        res = interleave({name: one_pass(name) for name in loaded}, repeats, warmup=1,
+                         warmups={name: (lambda name=name, bs=bs: loaded[name]["pipe"](images[:bs]))
+                                  for name in loaded})
+        for name, cell in res["cells"].items():
+            rates = sorted(n / v for v in cell["values"])
+            stage_med = {k: float(np.median([r[k] for r in stage_runs[name]])) for k in STAGES}
+            out[name]["batch"][str(bs)] = {
+                "images_per_s": n / cell["median"], "images_per_s_min": rates[0], "images_per_s_max": rates[-1],
+                "spread": cell["spread"], "round_s": cell["values"], "latency_s": percentiles(lat[name]),
+                "stage_s_per_image": stage_med, "requests": len(lat[name])}
+        say(f"  batch {bs:>3}: " + ", ".join(f"{name} {out[name]['batch'][str(bs)]['images_per_s']:.2f} img/s "
+                                             f"(spread {100 * out[name]['batch'][str(bs)]['spread']:.0f}%)"
+                                             for name in loaded))
     return out
 
 
@@ -167,33 +190,60 @@ def run_bench(bundle, *, engines: Sequence[str] = DEFAULT_ENGINES, images: np.nd
         images, names = load_bench_images(config)
     results: dict = {"bundle": str(bundle.path), "preset": config.preset, "ads_enabled": config.ads_enabled,
                      "num_images": int(len(images)), "images": list(names or []), "batch_sizes": list(batch_sizes),
-                     "repeats": repeats, "host": {"machine": platform.machine(), "processor": platform.processor(),
-                                                  "python": platform.python_version()},
+                     "repeats": repeats, "threads": threads,
+                     "host": {"machine": platform.machine(), "processor": platform.processor(),
+                              "python": platform.python_version()},
                      "engines": {}, "skipped": {}}
     engines = list(engines) + (["triton"] if server and "triton" not in engines else [])
+    loaded: dict = {}
     for name in engines:
-        say(f"{name}:")
+        say(f"{name}: loading and warming up")
         try:
-            results["engines"][name] = _run_engine(_engine_factory(bundle, name, threads, server, model_prefix),
-                                                   config, images,
-                                                   batch_sizes, repeats, say)
+            loaded[name] = _load_engine(_engine_factory(bundle, name, threads, server, model_prefix), config,
+                                        images, batch_sizes)
         except Exception as e:  # an unavailable engine is reported, the others still run
             results["skipped"][name] = f"{type(e).__name__}: {e}"
             say(f"    skipped: {type(e).__name__}: {str(e)[:200]}")
+    results["timing"] = ("interleaved (bench.interleave): per batch size the engines alternate within each repeat "
+                         "after a warm-up request; medians, min-max and spread = (max - min) / median")
+    if loaded:
+        passes = _interleaved_passes(loaded, images, batch_sizes, repeats, say)
+        for name, eng in loaded.items():
+            results["engines"][name] = {"load_s": eng["load_s"], **passes[name],
+                                        "adaptive_steps": eng["adaptive_steps"], "peak_rss_mb": eng["peak_rss_mb"]}
+    for eng in loaded.values():
+        close = getattr(eng["engines"], "close", None)
+        if callable(close):
+            close()
     _add_ratios(results)
     _add_ads_cost(results, bundle, config, images, threads, say, server, model_prefix)
     _add_flops(results, bundle, config)
     return results
 
 
+#: engines the ratios are taken against, when measured: ``vs_<name>`` in each engine's result
+RATIO_REFERENCES = ("torch", "ort-fp32")
+
+
 def _add_ratios(results: dict) -> None:
-    ref = results["engines"].get("torch")
-    if not ref:
-        return
-    for name, r in results["engines"].items():
-        r["vs_torch"] = {bs: {"throughput_x": b["images_per_s"] / ref["batch"][bs]["images_per_s"],
-                              "p50_latency_x": b["latency_s"]["p50"] / ref["batch"][bs]["latency_s"]["p50"]}
-                         for bs, b in r["batch"].items() if bs in ref["batch"]}
+    """Throughput ratios against each measured reference engine, round by round (the passes ran interleaved):
+    ``vs_torch`` / ``vs_ort-fp32`` ``{bs: {"throughput_x" (median of per-round ratios), "min", "max",
+    "p50_latency_x"}}``."""
+    from bench.interleave import cell_stats
+
+    for ref_name in RATIO_REFERENCES:
+        ref = results["engines"].get(ref_name)
+        if not ref:
+            continue
+        for r in results["engines"].values():
+            out = {}
+            for bs, b in r["batch"].items():
+                if bs not in ref["batch"]:
+                    continue
+                rr = cell_stats([x / y for x, y in zip(ref["batch"][bs]["round_s"], b["round_s"])])
+                out[bs] = {"throughput_x": rr["median"], "min": rr["min"], "max": rr["max"],
+                           "p50_latency_x": b["latency_s"]["p50"] / ref["batch"][bs]["latency_s"]["p50"]}
+            r[f"vs_{ref_name}"] = out
 
 
 def _add_ads_cost(results: dict, bundle, config, images, threads, say, server=None, model_prefix=None) -> None:
@@ -203,21 +253,30 @@ def _add_ads_cost(results: dict, bundle, config, images, threads, say, server=No
         return
     bs = str(max(results["batch_sizes"]))
     name = max(measured, key=lambda k: measured[k]["batch"][bs]["images_per_s"])
+    from bench.interleave import interleave
     from glad_runtime.pipeline.batch import GladPipeline
 
     engines = _engine_factory(bundle, name, threads, server, model_prefix)()
     cost = {"engine": name, "batch_size": int(bs)}
-    for label, on in (("adaptive", True), ("fixed", False)):
-        pipe = GladPipeline(engines, config.replace(ads_enabled=on))
-        pipe(images[:int(bs)])
-        t = time.perf_counter()
-        stages = Counter()
-        for i in range(0, len(images), int(bs)):
-            stages.update(pipe(images[i:i + int(bs)]).timings)
-        cost[f"{label}_s_per_image"] = (time.perf_counter() - t) / len(images)
-        if on:
-            loop = stages["unet"] + sum(stages[k] for k in ADS_STAGES)
-            cost["ads_share_of_loop"] = sum(stages[k] for k in ADS_STAGES) / loop if loop else 0.0
+    b = int(bs)
+    pipes = {label: GladPipeline(engines, config.replace(ads_enabled=on)) for label, on in (("adaptive", True),
+                                                                                             ("fixed", False))}
+    stages = {label: Counter() for label in pipes}
+
+    def one_pass(label):
+        def run():
+            for i in range(0, len(images), b):
+                stages[label].update(pipes[label](images[i:i + b]).timings)
+        return run
+
+    res = interleave({label: one_pass(label) for label in pipes}, max(1, int(results.get("repeats", 1))), warmup=1,
+                     warmups={label: (lambda label=label: pipes[label](images[:b])) for label in pipes})
+    for label in pipes:
+        cost[f"{label}_s_per_image"] = res["cells"][label]["median"] / len(images)
+    st = stages["adaptive"]
+    loop = st["unet"] + sum(st[k] for k in ADS_STAGES)
+    cost["ads_share_of_loop"] = sum(st[k] for k in ADS_STAGES) / loop if loop else 0.0
+    cost["timing"] = "adaptive and fixed passes interleaved (bench.interleave)"
     cost["adaptive_over_fixed"] = cost["adaptive_s_per_image"] / cost["fixed_s_per_image"]
     results["ads_cost"] = cost
     say(f"ADS cost ({name}, batch {bs}): adaptive/fixed = {cost['adaptive_over_fixed']:.2f}x, checks = "
@@ -245,11 +304,23 @@ def _add_flops(results: dict, bundle, config) -> None:
     except Exception:
         pass
     peak = next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
-    for r in results["engines"].values():
+    cpu = None
+    if not peak:  # on the CPU: the peak from its microarchitecture at the clock measured now (bench.cpu_peak)
+        try:
+            from bench.cpu_peak import cpu_peak
+            from glad_runtime.core.cpus import threads_for
+
+            cpu = results["cpu_peak"] = cpu_peak(threads_for(1, int(results.get("threads", 0))))
+        except Exception:  # noqa: BLE001 (no /proc/cpuinfo: no peak line)
+            cpu = None
+    for name, r in results["engines"].items():
         best = max(b["images_per_s"] for b in r["batch"].values())
         r["achieved_gflops"] = best * fl["total"] / 1e9
         if peak:
             r["tflops_vs_peak"] = {"achieved": r["achieved_gflops"] / 1e3, "peak": peak, "gpu": gpu}
+        elif cpu and not name.startswith(("torch-cuda", "tensorrt", "triton")):
+            prec = "bf16" if ("bf16" in name or name == "mix") else "fp32"  # mix: bf16 where its plan chose it
+            r["cpu_vs_peak"] = {"achieved": r["achieved_gflops"], "peak": cpu[prec], "precision": prec}
 
 
 def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
@@ -286,16 +357,23 @@ def write_outputs(results: dict, out_dir: Path) -> dict[str, Path]:
 
 def markdown_table(results: dict) -> str:
     """The side-by-side table (one row per engine and batch size) plus stage, ADS and FLOP summaries."""
+    refs = [k for k in RATIO_REFERENCES if k in results["engines"]]
     lines = [f"# GLAD benchmark: {results['preset']}, {results['num_images']} images, ADS "
-             f"{'on' if results['ads_enabled'] else 'off'}, medians of {results['repeats']} repeats", "",
-             "| engine | batch | images/s | p50 s | p95 s | p99 s | x torch (throughput) | peak RSS MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{'on' if results['ads_enabled'] else 'off'}, medians of {results['repeats']} repeats, engines "
+             f"interleaved within each repeat", "",
+             "| engine | batch | images/s (min-max) | p50 s | p95 s | p99 s | "
+             + "".join(f"x {k} (min-max) | " for k in refs) + "peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(refs) + "---:|"]
     for name, r in results["engines"].items():
         for bs, b in r["batch"].items():
-            ratio = r.get("vs_torch", {}).get(bs, {}).get("throughput_x")
             lat = b["latency_s"]
-            lines.append(f"| {name} | {bs} | {b['images_per_s']:.2f} | {lat['p50']:.3f} | {lat['p95']:.3f} | "
-                         f"{lat['p99']:.3f} | {'' if ratio is None else f'{ratio:.2f}'} | "
+            ratios = ""
+            for k in refs:
+                x = r.get(f"vs_{k}", {}).get(bs)
+                ratios += ("| " if x is None else f"{x['throughput_x']:.2f} ({x['min']:.2f}-{x['max']:.2f}) | ")
+            rng = (f" ({b['images_per_s_min']:.2f}-{b['images_per_s_max']:.2f})" if "images_per_s_min" in b else "")
+            lines.append(f"| {name} | {bs} | {b['images_per_s']:.2f}{rng} | {lat['p50']:.3f} | {lat['p95']:.3f} | "
+                         f"{lat['p99']:.3f} | {ratios}"
                          f"{'' if r.get('peak_rss_mb') is None else round(r['peak_rss_mb'])} |")
     lines += ["", "Seconds per image by stage (largest batch):", "",
               "| engine | " + " | ".join(STAGES) + " |", "|---|" + "---:|" * len(STAGES)]
@@ -319,7 +397,14 @@ def markdown_table(results: dict) -> str:
             if "tflops_vs_peak" in r:
                 t = r["tflops_vs_peak"]
                 extra = f" = {t['achieved']:.1f} of {t['peak']:.0f} TFLOP/s peak on {t['gpu']}"
+            elif "cpu_vs_peak" in r:
+                t = r["cpu_vs_peak"]
+                extra = f" = {100 * t['achieved'] / t['peak']:.0f}% of the {t['precision']} peak {t['peak']:.0f}"
             lines.append(f"- {name}: {r['achieved_gflops']:.1f} GFLOP/s achieved{extra}")
+    if "cpu_peak" in results:
+        from bench.cpu_peak import peak_line
+
+        lines += ["", peak_line(results["cpu_peak"])]
     if results["skipped"]:
         lines += ["", "Skipped:", ""] + [f"- {k}: {v[:300]}" for k, v in results["skipped"].items()]
     return "\n".join(lines) + "\n"

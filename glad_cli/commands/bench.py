@@ -21,7 +21,8 @@ from glad_cli.options import bundle_argument
 @click.option("--num-images", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", "batch_sizes", multiple=True, type=click.IntRange(1), default=(1, 4, 16),
               show_default=True)
-@click.option("--repeats", default=2, show_default=True, type=click.IntRange(1), help="Medians over repeats.")
+@click.option("--repeats", default=2, show_default=True, type=click.IntRange(1),
+              help="Rounds per batch size; the engines alternate within each round (medians, min-max, spread).")
 @click.option("--ads/--no-ads", default=True, show_default=True, help="Run with ADS on (its cost is measured).")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0 = default).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -35,9 +36,12 @@ def bench_cmd(bundle: Path, engine_names, image_dir, num_images: int, batch_size
               threads: int, out_dir, stream: bool, pool: int, server, model_prefix) -> None:
     """Benchmark every available engine on the same real images and print the side-by-side table.
 
-    Per engine and batch size: images/s, p50/p95/p99 latency, seconds per stage, adaptive-step distribution,
-    peak memory and ratios to the PyTorch reference; plus the adaptive vs fixed-step cost, the ADS share of the
-    loop and FLOPs per stage. Writes bench.json, bench.md and bench.png.
+    The engines are loaded first, then timed interleaved: per batch size, each round runs one pass per engine, so
+    a shared machine's load falls on all of them alike. Per engine and batch size: images/s (median, min-max),
+    p50/p95/p99 latency, seconds per stage, adaptive-step distribution, peak memory and throughput ratios to
+    PyTorch and ONNX Runtime fp32 (per round); plus the adaptive vs fixed-step cost, the ADS share of the loop,
+    FLOPs per stage and the achieved GFLOP/s against the peak (the CPU's from its microarchitecture at the
+    measured clock). Writes bench.json, bench.md and bench.png.
     """
     from bench.run import DEFAULT_ENGINES, load_bench_images, run_bench, write_outputs
     from glad_runtime.core.bundle import Bundle

@@ -16,7 +16,7 @@ the ``CPU`` device (the ``openvino`` extra: ``pip install -e '.[openvino]'``):
   cache is not in the bundle manifest (nothing verifies or records it; delete the folder to rebuild it); a bundle
   folder that cannot be written runs uncached, with a warning in the log (``glad.openvino``).
 
-Measured on the tiny bundle against ONNX Runtime (2-core AVX-512-BF16 CPU, real ELPV cells, tests/test_openvino.py):
+Measured on the tiny bundle against ONNX Runtime (2-core AVX-512-BF16 CPU, real ELPV cells, tests/integration/test_openvino.py):
 f32 graphs within 6e-6 relative, the whole ADS loop with the same adaptive steps and scores within 1.2e-6; bf16
 graphs within 3e-3 (dino) to 4.8e-2 (vae_decoder) relative (max |difference| / max |value|; mean errors 2-3e-2),
 scores within 1.3e-2 and the same adaptive steps on those cells.

@@ -108,3 +108,11 @@ def test_identify_microarchitecture_from_cpuinfo(vendor, family, model, flags, k
     info = read_cpuinfo(_cpuinfo(vendor, family, model, flags))
     assert info["mhz"] == [2596.142] and info["family"] == family
     assert identify(info)[0] == key
+
+
+def test_cpu_share_fall_is_taken_per_round_from_seconds():
+    from bench.cpu_share import fall_per_round
+
+    # idle passes of 2 s, busy passes of 4 s: half the images/s, a 50% fall (not -100%)
+    f = fall_per_round([2.0, 2.0, 1.0], [4.0, 3.0, 4.0])
+    assert f["median"] == pytest.approx(0.5) and f["min"] == pytest.approx(1 / 3) and f["max"] == pytest.approx(0.75)
