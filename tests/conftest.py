@@ -158,3 +158,21 @@ def pytest_collection_modifyitems(config, items):
                 break
         else:
             item.add_marker(pytest.mark.integration)
+
+
+def html_image_sources(page: str) -> list[str]:
+    """The ``src`` of every ``<img>`` of an HTML page, in order (the reports' self-containment checks)."""
+    from html.parser import HTMLParser
+
+    class Images(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.srcs: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.srcs.append(dict(attrs)["src"])
+
+    parser = Images()
+    parser.feed(page)
+    return parser.srcs

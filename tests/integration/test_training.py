@@ -89,7 +89,7 @@ def test_eval_report(small_category, tiny_bundle, tmp_path):
     import base64
     import re
     import shutil
-    from html.parser import HTMLParser
+    from conftest import html_image_sources
 
     from PIL import Image
 
@@ -131,17 +131,9 @@ def test_eval_report(small_category, tiny_bundle, tmp_path):
     assert px["pixel_threshold"] == 0.05 and px["TP"] + px["FN"] > 0
     page = (out / "report.html").read_text()
 
-    class Images(HTMLParser):
-        srcs: list = []
-
-        def handle_starttag(self, tag, attrs):
-            if tag == "img":
-                self.srcs.append(dict(attrs)["src"])
-
-    parser = Images()
-    parser.feed(page)
-    assert len(parser.srcs) == 3 + len(rows)  # hist, roc, grid and one overlay per test image (<= 4 per kind)
-    for src in parser.srcs:  # self-contained: every image inline and a valid PNG
+    srcs = html_image_sources(page)
+    assert len(srcs) == 3 + len(rows)  # hist, roc, grid and one overlay per test image (<= 4 per kind)
+    for src in srcs:  # self-contained: every image inline and a valid PNG
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
     assert f"{op['misses']} misses" in page and tiny_bundle.checksum() in page

@@ -8,14 +8,13 @@ from __future__ import annotations
 import base64
 import json
 import re
-from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import StubEngines, stub_config
+from conftest import StubEngines, html_image_sources, stub_config
 from glad_runtime.core.bundle import Bundle
 from glad_runtime.core.calibration import Calibration
 from glad_runtime.pipeline.batch import GladPipeline
@@ -112,17 +111,9 @@ def test_eval_uses_the_calibration_and_opens_with_the_operating_point(stub_eval,
     assert body.index("Operating point") < body.index("Metrics") < body.index("Images")
     assert f"{false_rejects} false rejects" in page and "One colour scale for every image" in page
 
-    class Images(HTMLParser):
-        srcs: list = []
-
-        def handle_starttag(self, tag, attrs):
-            if tag == "img":
-                self.srcs.append(dict(attrs)["src"])
-
-    parser = Images()
-    parser.feed(page)
-    assert len(parser.srcs) == 3 + 6  # hist, roc, grid and every test image (<= 4 per kind)
-    assert all(base64.b64decode(s.split(",", 1)[1])[:4] == b"\x89PNG" for s in parser.srcs)
+    srcs = html_image_sources(page)
+    assert len(srcs) == 3 + 6  # hist, roc, grid and every test image (<= 4 per kind)
+    assert all(base64.b64decode(s.split(",", 1)[1])[:4] == b"\x89PNG" for s in srcs)
 
     # --threshold overrides the calibration for the run, and the report says so
     over = tmp_path / "over"
