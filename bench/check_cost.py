@@ -69,15 +69,15 @@ def variant_bundle(src, dst: Path, **overrides):
     return b
 
 
-def _stream_images(data: Path, resolution: int, n: int) -> np.ndarray:
-    from glad_runtime.core.images import load_batches
+def _stream_images(data: Path, config, n: int) -> np.ndarray:
+    from glad_runtime.core.images import Preprocessor
     from training.data import MVTecCategory
 
     paths, labels, _ = MVTecCategory(data).test_images()
     good = [p for p, y in zip(paths, labels) if y == 0]
     bad = [p for p, y in zip(paths, labels) if y == 1]
     pick = [x for pair in zip(good[: n // 2], bad[: n - n // 2]) for x in pair]  # alternating good / defective
-    return np.concatenate(list(load_batches(pick, resolution, 16)))
+    return np.concatenate(list(Preprocessor.from_config(config).batches(pick, 16)))
 
 
 def run_case(bundle_dir: Path, data: Path, out: Path, *, stream_images: int, pool: int, max_test: int = 0,
@@ -95,7 +95,7 @@ def run_case(bundle_dir: Path, data: Path, out: Path, *, stream_images: int, poo
     base = src.config.replace(ads_enabled=True, tau=tau)
     say(f"{bundle_dir.name}: ADS tau {tau:.4f} (q95 of first-check scores on normal training images), "
         f"min_step {base.min_step}, timesteps {GladPipeline(engines, base).schedule.timesteps.tolist()}")
-    images = _stream_images(data, base.resolution, stream_images)
+    images = _stream_images(data, base, stream_images)
     rows = {}
     for name, overrides in SETTINGS.items():
         if settings and name not in settings:

@@ -22,7 +22,8 @@ def trace(work: Path) -> dict[str, set[str]]:
     from export.models import build_tiny_modules, save_bundle_modules
     from glad_runtime.core.bundle import Bundle
     from glad_runtime.core.config import get_preset
-    from glad_runtime.detector import Detector, detect_files
+    from glad_runtime.detector import Detector
+    from glad_runtime.output import detect_files
 
     work.mkdir(parents=True, exist_ok=True)
     bundle_dir = work / "tiny"

@@ -60,16 +60,19 @@ def _peak_rss_mb() -> float | None:
 
 def load_bench_images(config, image_paths: Sequence[Path] | None = None, count: int = 16) -> tuple[np.ndarray, list[str]]:
     """``[N,3,R,R]`` float32 in [-1,1] and their names: the given files, else real ELPV mono cells (half
-    defective; the ``elpv-dataset`` package), else scikit-image's photos.
+    defective; the ``elpv-dataset`` package), else scikit-image's photos; all through the config's
+    :class:`~glad_runtime.core.images.Preprocessor` (arrays as float pixels in [0, 1]).
 
     Raises:
         ValueError: no images could be loaded.
     """
-    from glad_runtime.core.images import load_image, prepare, preprocess
+    from glad_runtime.core.images import Preprocessor, load_image
+
+    pre = Preprocessor.from_config(config)
 
     if image_paths:
         paths = list(image_paths)[:count]
-        return np.stack([prepare(load_image(p), config.resolution, config.load_resolution) for p in paths]), [str(p) for p in paths]
+        return np.stack([pre.image(load_image(p)) for p in paths]), [str(p) for p in paths]
     try:
         from elpv_dataset.utils import load_dataset
 
@@ -78,7 +81,7 @@ def load_bench_images(config, image_paths: Sequence[Path] | None = None, count: 
         good = np.where(mono & (probs == 0))[0][-(count - count // 2):]
         bad = np.where(mono & (probs == 1))[0][-(count // 2):]
         idx = np.concatenate([good, bad])
-        rgb = [np.repeat(images[i][..., None] / 255.0, 3, -1).astype(np.float32) for i in idx]
+        rgb = [images[i].astype(np.float32) / np.float32(255.0) for i in idx]
         names = [f"elpv-{'good' if probs[i] == 0 else 'defect'}-{i}" for i in idx]
     except ImportError:
         import skimage.data as sk
@@ -87,23 +90,25 @@ def load_bench_images(config, image_paths: Sequence[Path] | None = None, count: 
         rgb = []
         for n in names:
             a = np.asarray(getattr(sk, n)(), dtype=np.float32) / 255.0
-            rgb.append(a if a.ndim == 3 else np.repeat(a[..., None], 3, -1))
+            rgb.append(a[..., :3] if a.ndim == 3 else a)
     if not rgb:
         raise ValueError("no benchmark images")
-    return np.stack([preprocess(r[..., :3], config.resolution) for r in rgb]), names
+    return np.stack([pre(r) for r in rgb]), names
 
 
 def _engine_factory(bundle, name: str, threads: int, server: str | None = None,
                     model_prefix: str | None = None) -> Callable:
-    from glad_runtime.engines import load_engines
+    from glad_runtime.engines.registry import EngineSpec, backend_row, open_engines
 
     backend, _, precision = name.partition("-")
-    precision = precision or "fp32"
 
-    def make():
+    def make():  # an unknown name or a precision the backend lacks raises here: the engine is skipped
         if backend == "triton":  # the client-side loop against served networks
-            return load_engines(bundle, "triton", url=server, model_prefix=model_prefix, max_batch=64)
-        return load_engines(bundle, backend, precision=precision, threads=threads, max_batch=64)
+            spec = EngineSpec("triton", max_batch=64, options={"url": server, "model_prefix": model_prefix})
+        else:  # `backend-precision` (default: the backend's); threads where the backend has a thread setting
+            spec = EngineSpec(backend, precision=precision or None, max_batch=64,
+                              threads=threads if backend_row(backend).threads else 0)
+        return open_engines(bundle, spec)
 
     return make
 

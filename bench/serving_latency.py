@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from glad_runtime.core.bundle import Bundle  # noqa: E402
-from glad_runtime.core.images import preprocess  # noqa: E402
+from glad_runtime.core.images import Preprocessor  # noqa: E402
 from glad_runtime.pipeline.batch import GladPipeline  # noqa: E402
 
 
@@ -77,8 +77,8 @@ def main() -> None:
         b = Bundle(args.bundle) if args.bundle else _tiny_bundle(tmp)
         cfg = b.config
         raw = _elpv(args.images)
-        batch = np.stack([preprocess(np.repeat(i[..., None] / 255.0, 3, -1).astype(np.float32), cfg.resolution)
-                          for i in raw])
+        pre = Preprocessor.from_config(cfg)
+        batch = np.stack([pre(i.astype(np.float32) / np.float32(255.0)) for i in raw])
         singles = [batch[k:k + 1] for k in range(len(batch))]
         prefix = default_model_prefix(b)
         generate_repository(b, tmp / "repo", max_batch=max(4, args.images))

@@ -101,11 +101,14 @@ def _module(modules, name: str, config: GladConfig) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- real inputs
-def _load_images(images: Sequence[str | Path | np.ndarray] | None, size: int, count: int) -> np.ndarray:
-    """``[N,3,size,size]`` float32 in [-1, 1] from paths, uint8 arrays, or scikit-image's bundled photos."""
+def _load_images(images: Sequence[str | Path | np.ndarray] | None, config: GladConfig, count: int) -> np.ndarray:
+    """``[N,3,R,R]`` float32 in [-1, 1] from paths, uint8 arrays, or scikit-image's bundled photos, through the
+    config's :class:`~glad_runtime.core.images.Preprocessor` (as the pipeline gets them)."""
     from PIL import Image
 
-    from glad_runtime.core.images import load_image, preprocess
+    from glad_runtime.core.images import Preprocessor, load_image
+
+    pre = Preprocessor.from_config(config)
 
     out = []
     if images is None:
@@ -118,7 +121,7 @@ def _load_images(images: Sequence[str | Path | np.ndarray] | None, size: int, co
             rgb = np.asarray(Image.fromarray(arr.astype(np.uint8)).convert("RGB"), dtype=np.uint8)
         else:
             rgb = load_image(src).pixels
-        out.append(preprocess(rgb, size))
+        out.append(pre(rgb))
     if not out:
         raise ExportError("no images to export with")
     return np.stack(out).astype(np.float32)
@@ -140,7 +143,7 @@ def example_inputs(modules, config: GladConfig, images: Sequence | None = None,
         ``{graph: {input_name: array}}``.
     """
     count = max(2, int(count))
-    x = _load_images(images, config.resolution, count)
+    x = _load_images(images, config, count)
     if len(x) < count:
         x = np.concatenate([x] * (-(-count // len(x))))[:count]
     with torch.inference_mode():

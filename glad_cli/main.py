@@ -12,7 +12,6 @@ import click
 from glad_cli.commands import (bench, build, calibrate, data, demo, detect, eval as eval_, export, init, perf,
                                presets, serve, train)
 from glad_cli.options import error_line, exit_code, missing_extra_line
-from glad_cli.options import open_pipeline as _open_pipeline  # noqa: F401 (patch point, see options._pipeline_opener)
 from glad_runtime.errors import GladError
 
 

@@ -1,22 +1,24 @@
-"""What several ``glad`` commands share: the BUNDLE argument, the engine options, the typed ``--set KEY=VALUE``
-option, and the one helper that opens a bundle's engines (:func:`open_pipeline`, :func:`open_detector`).
+"""What several ``glad`` commands share: the BUNDLE argument, the engine options (made from the backend table,
+:data:`glad_runtime.engines.BACKENDS`, into one :class:`~glad_runtime.engines.EngineSpec`), the typed
+``--set KEY=VALUE`` option, and :func:`open_detector` (``Detector.open`` plus the mixed-precision line).
 
-Only click, pathlib and the config module are imported here; engines, pipeline and detector are imported when a
-bundle is opened, so ``glad --help`` stays fast.
+Only click, pathlib, the config module and the (pure Python) backend table are imported here; engines, pipeline
+and detector are imported when a bundle is opened, so ``glad --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import sys
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from glad_runtime.errors import ConfigError, GladError, UsageError
+from glad_runtime.engines.registry import BACKENDS, DEFAULT_BACKEND, SETTINGS, EngineSpec
+from glad_runtime.errors import ConfigError, EngineSpecError, GladError, UsageError
 
-__all__ = ["bundle_argument", "engine_options", "engine_settings", "set_option", "open_pipeline", "open_detector",
-           "error_line", "missing_extra_line", "EXTRA_OF_MODULE"]
+__all__ = ["bundle_argument", "engine_options", "set_option", "open_detector", "error_line", "missing_extra_line",
+           "EXTRA_OF_MODULE"]
 
 #: The pyproject extra that installs each optional top-level module. A client-only install (``glad-toolkit[client]``:
 #: numpy, Pillow, click, tqdm, tritonclient's gRPC client) has none of the others; a command that needs one is
@@ -45,45 +47,91 @@ def bundle_argument(exists: bool = True) -> Callable:
     return click.argument("bundle", type=click.Path(exists=exists, file_okay=False, path_type=Path))
 
 
+def _choices(setting: str) -> list[str]:
+    return list(dict.fromkeys(v for row in BACKENDS.values() for v in getattr(row, f"{setting}s")))
+
+
+def _per_backend(setting: str) -> str:
+    return "; ".join(f"{row.name}: {'|'.join(getattr(row, f'{setting}s'))}" for row in BACKENDS.values()
+                     if getattr(row, f"{setting}s"))
+
+
+def _option_dest(backend: str, name: str) -> str:
+    return f"engine_option__{backend}__{name}"
+
+
 def engine_options(fn: Callable) -> Callable:
-    """The options that choose where the networks run (shared by detect, eval, calibrate).
+    """The options that choose where the networks run (detect, eval, calibrate), made from the backend table
+    (:data:`glad_runtime.engines.BACKENDS`): ``--engine`` (its choices and help), ``--device``, ``--precision``,
+    ``--provider`` (each backend's accepted values; default: the backend's first), ``--threads``, and every
+    backend option that has a flag (``triton``: ``--server``, ``--model-prefix``, ``--shared-memory``).
 
-    The command receives ``backend``, ``device``, ``precision``, ``provider``, ``threads``, ``server`` and
-    ``model_prefix``; :func:`engine_settings` gathers them for :func:`open_pipeline`.
+    The command receives them as one ``engine``: a checked :class:`~glad_runtime.engines.EngineSpec`. Without
+    ``--engine``, a backend option marked ``selects`` picks its backend (``--server``: ``triton``), else
+    ``torch``. A value the backend does not accept, or an option of another backend, is an
+    :class:`~glad_runtime.errors.EngineSpecError` (exit code 2) before the command runs.
     """
+    names = list(BACKENDS)
     opts = [
-        click.option("--engine", "backend", type=click.Choice(["torch", "ort", "openvino", "mix", "tensorrt", "triton"]),
-                     default="torch", show_default=True, help="torch: reference (needs torch); ort: ONNX Runtime on "
-                     "the graphs of `glad export` (no torch); openvino: OpenVINO on the CPU, same graphs (no torch); "
-                     "mix: each graph on its fastest CPU configuration (ort / openvino f32 / bf16), measured on this "
-                     "machine by `python -m bench.cpu_mix BUNDLE`; tensorrt: engines of `glad build` (GPU); triton: the network models of a `glad serve` server "
-                     "(--server)."),
-        click.option("--device", default="cpu", show_default=True, help="torch: cpu, cuda, cuda:N or auto."),
-        click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8", "bf16"]), default="fp32",
-                     show_default=True, help="ort: fp32|fp16 graphs, int8 the quantised graphs (`glad calibrate --quantize`) "
-                     "with fp32 for the others; openvino: fp32|bf16 (bf16 on CPUs with bf16 support); tensorrt: the "
-                     "engine precision."),
-        click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
-                     help="ort: execution provider (cuda/tensorrt need onnxruntime-gpu)."),
-        click.option("--threads", default=0, show_default=True,
-                     help="ort: intra-op threads; openvino: inference threads. 0 = the cores this process may use "
-                          "(CPU affinity capped by the cgroup quota; GLAD_CPU_CORES overrides)."),
-        click.option("--server", metavar="HOST:PORT", default=None,
-                     help="Run the networks on this Triton server (gRPC URL of `glad serve --start`); implies "
-                     "--engine triton. The ADS/SAFF loop stays here; results equal the in-process engines'."),
-        click.option("--model-prefix", default=None, metavar="PREFIX",
-                     help="triton: the bundle's model prefix on the server (default: from the bundle folder name)."),
+        click.option("--engine", "engine_backend", type=click.Choice(names), default=None,
+                     help="; ".join(f"{row.name}: {row.help}" for row in BACKENDS.values())
+                     + f". Default: {DEFAULT_BACKEND}"
+                     + "".join(f"; {o.flag} selects {row.name}" for row in BACKENDS.values() for o in row.options
+                               if o.selects and o.flag) + "."),
+        click.option("--device", "engine_device", default=None,
+                     help="Where the networks run; " + _per_backend("device") + " (cuda:N: GPU N). Default: the "
+                     "backend's first."),
+        click.option("--precision", "engine_precision", type=click.Choice(_choices("precision")), default=None,
+                     help="Network precision; " + _per_backend("precision") + ". Default: the backend's first."),
+        click.option("--provider", "engine_provider", type=click.Choice(_choices("provider")), default=None,
+                     help="Execution provider; " + _per_backend("provider") + ". Default: the backend's first."),
+        click.option("--threads", "engine_threads", default=0, show_default=True, type=click.IntRange(0),
+                     help="Threads of " + ", ".join(r.name for r in BACKENDS.values() if r.threads) + ". 0 = the "
+                     "cores this process may use (CPU affinity capped by the cgroup quota; GLAD_CPU_CORES "
+                     "overrides)."),
     ]
+    for row in BACKENDS.values():
+        for o in row.options:
+            if o.flag:
+                kind = dict(is_flag=True) if o.type is bool else dict(type=o.type, metavar=o.metavar)
+                opts.append(click.option(o.flag, _option_dest(row.name, o.name), default=None, **kind,
+                                         help=f"{row.name}: {o.help}."))
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any):
+        kwargs["engine"] = _engine_spec(kwargs)
+        return fn(*args, **kwargs)
+
+    command.__click_params__ = list(getattr(fn, "__click_params__", []))  # type: ignore[attr-defined]
     for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+        command = opt(command)
+    return command
 
 
-def engine_settings(backend: str = "torch", device: str = "cpu", precision: str = "fp32", provider: str = "cpu",
-                    threads: int = 0, server: str | None = None, model_prefix: str | None = None) -> dict[str, Any]:
-    """The values of :func:`engine_options` as the ``engine`` dict :func:`open_pipeline` takes."""
-    return dict(backend=backend, device=device, precision=precision, provider=provider, threads=threads,
-                server=server, model_prefix=model_prefix)
+def _engine_spec(kwargs: dict) -> EngineSpec:
+    """The :class:`EngineSpec` of :func:`engine_options`' values (popped from ``kwargs``)."""
+    backend = kwargs.pop("engine_backend")
+    settings = {k: kwargs.pop(f"engine_{k}") for k in (*SETTINGS, "threads")}
+    given: dict[str, dict[str, Any]] = {}
+    flags: dict[str, list[str]] = {}
+    selected = []
+    for row in BACKENDS.values():
+        for o in row.options:
+            if not o.flag:
+                continue
+            value = kwargs.pop(_option_dest(row.name, o.name), None)
+            if value is None or (o.type is bool and value is False):
+                continue
+            given.setdefault(row.name, {})[o.name] = value
+            flags.setdefault(row.name, []).append(o.flag)
+            if o.selects:
+                selected.append(row.name)
+    if backend is None:
+        backend = selected[0] if len(set(selected)) == 1 else DEFAULT_BACKEND
+    others = [f"{flag} ({name})" for name, fl in flags.items() if name != backend for flag in fl]
+    if others:
+        raise EngineSpecError(f"{', '.join(others)}: an option of another backend than --engine {backend}")
+    return EngineSpec(backend, **settings, options=given.get(backend, {}))
 
 
 def _parse_set(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, Any]:
@@ -105,80 +153,28 @@ def set_option(help: str) -> Callable:
     return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=help, callback=_parse_set)
 
 
-def open_pipeline(bundle: Path, engine: dict, max_batch: int = 16, **config_changes: Any):
-    """The one way a command opens a bundle's networks: ``(Bundle, engines, GladPipeline)``.
+def open_detector(bundle: Path, engine: EngineSpec, max_batch: int = 16, config_changes: dict | None = None, *,
+                  calibrated: bool = True, threshold: float | None = None):
+    """Open a bundle as a :class:`~glad_runtime.detector.Detector` with :meth:`Detector.open
+    <glad_runtime.detector.Detector.open>` (the one way engines are opened), ``max_batch`` images per network call;
+    mixed per-graph precisions are said on stderr.
 
     Args:
-        bundle: the bundle folder.
-        engine: the values of :func:`engine_options` (``backend``, ``device``, ``precision``, ``provider``,
-            ``threads``, ``server``, ``model_prefix``; a ``server`` selects the ``triton`` backend), passed to
-            :func:`glad_runtime.engines.load_engines`.
-        max_batch: images per network call.
-        config_changes: config fields replaced for this run (``--set`` values, ``seed``).
+        bundle: the bundle folder. engine: the :func:`engine_options` value. config_changes: ``--set`` / ``--seed``.
+        calibrated: load the bundle's calibration. threshold: a raw image threshold overriding it, or None.
     Returns:
-        the :class:`~glad_runtime.core.bundle.Bundle`, its engines and a pipeline on the (changed) config. Mixed
-        per-graph precisions are said on stderr.
+        ``(Bundle, Detector)``.
     Raises:
-        BundleError: the folder is not a bundle (exit code 1).
-        ConfigError: a config change the config refuses (``--set: ...``).
-        UsageError: the files the backend loads are missing or modified (checked against the manifest first; a
-            ``BundleError`` from the backend becomes a UsageError, exit code 2), an option the backend cannot
-            honour, or the backend's extra is not installed.
-        EngineError: the server or its models are unreachable; TensorRTUnavailable: no GPU / TensorRT (exit 1).
-    """
-    from glad_runtime.core.bundle import Bundle, BundleError
-    from glad_runtime.engines import load_engines
-    from glad_runtime.pipeline.batch import GladPipeline
-
-    b = Bundle(bundle)
-    try:
-        cfg = b.config.replace(**config_changes) if config_changes else b.config
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"--set: {e}") from e
-    backend = "triton" if engine.get("server") else engine.get("backend", "torch")
-    try:
-        engines = load_engines(b, backend, device=engine.get("device", "cpu"),
-                               precision=engine.get("precision", "fp32"), provider=engine.get("provider", "cpu"),
-                               threads=engine.get("threads", 0), max_batch=max_batch, url=engine.get("server"),
-                               model_prefix=engine.get("model_prefix"))
-    except BundleError as e:  # the chosen engine's files are missing or modified: a usage error (exit 2, as before)
-        raise UsageError(str(e)) from e
-    except GladError:
-        raise
-    except ValueError as e:  # an option the backend cannot honour
-        raise UsageError(str(e)) from e
-    except ImportError as e:  # an extra that is not installed
-        raise UsageError(f"{backend} engine: {e}; install the matching extra (pip install -e '.[serve]' for "
-                         "triton, '.[onnx]' for ort, '.[torch]' for torch)") from e
-    per_graph = getattr(engines, "graph_precisions", None)
-    if per_graph and len(set(per_graph.values())) > 1:  # mixed precisions are said, never silent
-        click.echo("graph precisions: " + ", ".join(f"{g}={p}" for g, p in per_graph.items()), err=True)
-    return b, engines, GladPipeline(engines, cfg)
-
-
-def _pipeline_opener() -> Callable:
-    # The patch point: tests replace ``glad_cli.main._open_pipeline`` (e.g. with stub engines); the commands look
-    # it up here at call time. Under ``python -m glad_cli.main`` that module is ``__main__`` and this is
-    # open_pipeline itself.
-    main = sys.modules.get("glad_cli.main")
-    return getattr(main, "_open_pipeline", open_pipeline) if main is not None else open_pipeline
-
-
-def open_detector(bundle: Path, engine: dict, max_batch: int = 16, config_changes: dict | None = None, *,
-                  calibration=None, threshold: float | None = None):
-    """Open a bundle as a :class:`~glad_runtime.detector.Detector`: ``(Bundle, Detector)``.
-
-    Args:
-        bundle, engine, max_batch, config_changes: as for :func:`open_pipeline` (which opens the engines).
-        calibration: the :class:`~glad_runtime.core.calibration.Calibration` that labels the detections, or None.
-        threshold: a raw image threshold overriding the calibration's for this run, or None.
-    Raises:
-        the errors of :func:`open_pipeline`; CalibrationError: a non-finite ``threshold``.
+        what :meth:`Detector.open <glad_runtime.detector.Detector.open>` raises (all GladErrors).
     """
     from glad_runtime.detector import Detector
 
-    b, _, pipeline = _pipeline_opener()(bundle, engine, max_batch, **(config_changes or {}))
-    return b, Detector(pipeline.engines, pipeline.config, calibration, threshold, bundle=b)
+    detector = Detector.open(bundle, engine.replace(max_batch=max_batch), config_changes=config_changes,
+                             threshold=threshold, calibrated=calibrated)
+    per_graph = getattr(detector.engines, "graph_precisions", None)
+    if per_graph and len(set(per_graph.values())) > 1:  # mixed precisions are said, never silent
+        click.echo("graph precisions: " + ", ".join(f"{g}={p}" for g, p in per_graph.items()), err=True)
+    return detector.bundle, detector
 
 
 def missing_extra_line(error: ModuleNotFoundError, command: str | None = None) -> str | None:

@@ -4,13 +4,15 @@ Layers (each a folder; a layer imports only the ones above it)::
 
     errors.py        GladError and its typed subclasses (one place)
     core/            the pure math and data: schedule (noise schedule, DDIM), ads (ADS, SAFF), scoring (anomaly
-                     maps, scores), images (decode, preprocess), config (GladConfig, presets), bundle (files,
+                     maps, scores), images (decode, Preprocessor), config (GladConfig, presets), bundle (files,
                      checksums), calibration (thresholds, normalisation, the one labelling rule), detection
                      (the one per-image result type)
-    engines/         the Engines interface (base), the registry (load_engines), one module per backend
+    engines/         the Engines interface (base), EngineSpec and the backend table (registry), one module
+                     per backend
     pipeline/        orchestration: batch (GladPipeline, one call per batch) and stream (StepScheduler, in-flight
                      batching across images at different steps)
     detector.py      the facade: Detector(bundle, engines, calibration).detect(images) -> [Detection]
+    output.py        what `glad detect` writes (maps, overlays via render.py, masks, JSON); not the facade's
     serving/         protocol (the served contract: names, dtypes, shapes) and client (the SDK, no torch/ORT)
 
 Names are resolved lazily (PEP 562), so ``import glad_runtime`` costs nothing and importing the client SDK pulls
@@ -29,9 +31,11 @@ _EXPORTS = {
     "Calibration": "glad_runtime.core.calibration", "label": "glad_runtime.core.calibration",
     "Detection": "glad_runtime.core.detection",
     "load_image": "glad_runtime.core.images", "preprocess": "glad_runtime.core.images",
+    "Preprocessor": "glad_runtime.core.images",
     "NoiseSchedule": "glad_runtime.core.schedule", "ddim_timesteps": "glad_runtime.core.schedule",
     "scaled_linear_alphas_cumprod": "glad_runtime.core.schedule",
     "Engines": "glad_runtime.engines", "load_engines": "glad_runtime.engines",
+    "EngineSpec": "glad_runtime.engines", "open_engines": "glad_runtime.engines",
     "GladPipeline": "glad_runtime.pipeline.batch", "PipelineOutput": "glad_runtime.pipeline.batch",
     "StepScheduler": "glad_runtime.pipeline.stream",
     "Detector": "glad_runtime.detector",

@@ -1,5 +1,6 @@
-"""The facade: ``Detector(bundle, engines, calibration).detect(images) -> [Detection]``, and what ``glad detect``
-writes per image.
+"""The facade: ``Detector(bundle, engines, calibration).detect(images) -> [Detection]``; what ``glad detect``
+writes per image is :mod:`glad_runtime.output` (this module imports neither the renderer nor the writer, so the
+served models load neither).
 
 Every caller that scores images goes through :class:`Detector`: ``glad detect``, evaluation (``training.evaluate``),
 calibration (``calib.collect``), the quantisation gate (``calib.quantize``) and the benchmarks. One batch of images
@@ -12,32 +13,30 @@ per-run override when given, else the calibration's; ``normalized_score`` centre
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
 from glad_runtime.core.bundle import Bundle
 from glad_runtime.core.calibration import Calibration, label
 from glad_runtime.core.config import GladConfig
 from glad_runtime.core.detection import Detection, ads_state
-from glad_runtime.core.images import LoadedImage, load_image, prepare, resize_map
-from glad_runtime.core.regions import defect_mask, find_regions
-from glad_runtime.errors import CalibrationError, GladError
-from glad_runtime.render import MapScale, map_to_png16, render_detection
+from glad_runtime.core.images import LoadedImage, load_image
+from glad_runtime.core.regions import find_regions
+from glad_runtime.errors import CalibrationError, ConfigError, GladError
 
-__all__ = ["Detector", "detect_files", "write_detections", "summarize", "write_outputs", "UNCALIBRATED_NOTE"]
+if TYPE_CHECKING:
+    from glad_runtime.engines import EngineSpec
+
+__all__ = ["Detector"]
 
 
 class Detector:
     """A bundle's detector: engines + pipeline + calibration -> one :class:`Detection` per image.
 
     Args:
-        engines: the four networks on any backend (:func:`glad_runtime.engines.load_engines`).
+        engines: the four networks on any backend (:func:`glad_runtime.engines.open_engines`; or use :meth:`open`).
         config: the :class:`GladConfig` to run (the bundle's, possibly with ``--set`` changes).
         calibration: thresholds and normalisation, or None (uncalibrated: raw scores, no labels, no regions).
         threshold: optional finite raw image threshold overriding the calibration's for every image.
@@ -59,27 +58,48 @@ class Detector:
             pixel_threshold = calibration.pixel_threshold
         self.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)
         self.bundle = bundle
-        # imported here, not with the module: a client-only install (no scipy) imports this module for
-        # write_detections and summarize (`glad detect --server HOST:PORT --stream`)
+        # imported here, not with the module: the pipeline needs the runtime extra (scipy); importing the facade
+        # (labelling, regions) does not
         from glad_runtime.pipeline.batch import GladPipeline
 
         self.pipeline = GladPipeline(engines, config, **pipeline_options)
 
     @classmethod
-    def open(cls, bundle: Bundle | str | Path, backend: str = "torch", *, config_changes: dict | None = None,
-             threshold: float | None = None, calibrated: bool = True, **engine_options: Any) -> "Detector":
-        """Open a bundle folder on one backend (``load_engines(bundle, backend, **engine_options)``) with its
-        calibration (``calibrated=False``: none) and ``config_changes`` applied to its config.
+    def open(cls, bundle: Bundle | str | Path, spec: EngineSpec | str = "torch", *,
+             config_changes: dict | None = None, threshold: float | None = None,
+             calibrated: bool = True) -> "Detector":
+        """The one way to open a bundle's engines: a bundle folder on ``spec``
+        (:func:`glad_runtime.engines.open_engines`) with its calibration (``calibrated=False``: none) and
+        ``config_changes`` applied to its config.
 
+        Args:
+            bundle: a :class:`Bundle` or its folder.
+            spec: an :class:`~glad_runtime.engines.EngineSpec`, or a backend name (its defaults).
+            config_changes: config fields replaced for this run (``--set`` values, ``seed``).
+            threshold: a raw image threshold overriding the calibration's. calibrated: load ``calibration.json``.
         Raises:
-            BundleError: missing or modified files. ConfigError / ValueError: a bad config change or option.
+            BundleError: not a bundle folder (or an invalid ``calibration.json``: CalibrationError).
+            ConfigError: a config change the config refuses (unknown field, value out of range).
+            EngineSpecError: a spec the backend cannot honour. MissingExtraError: its extra is not installed.
+            EngineFilesError: the files the backend loads are missing or modified (a BundleError and a
+                UsageError). EngineError / TensorRTUnavailable: the backend's own failures (server, GPU).
+            CalibrationError: a non-finite ``threshold``.
+            All are :class:`~glad_runtime.errors.GladError` s; ModuleNotFoundError only when the runtime extra
+            (scipy, scikit-image) is missing, before any engine is opened.
         """
-        from glad_runtime.engines import load_engines
+        from glad_runtime.engines import EngineSpec, open_engines
+        from glad_runtime.pipeline.batch import GladPipeline  # noqa: F401 (the runtime extra, before the engines)
 
+        spec = spec if isinstance(spec, EngineSpec) else EngineSpec(spec)
         b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-        cfg = b.config.replace(**config_changes) if config_changes else b.config
-        engines = load_engines(b, backend, **engine_options)
-        return cls(engines, cfg, b.calibration() if calibrated else None, threshold, bundle=b)
+        try:
+            cfg = b.config.replace(**config_changes) if config_changes else b.config
+        except GladError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config change refused: {e}") from e
+        calibration = b.calibration() if calibrated else None
+        return cls(open_engines(b, spec), cfg, calibration, threshold, bundle=b)
 
     # ------------------------------------------------------------------ scoring
     def _detection(self, out, j: int, source: str, n: int, keep_map: bool) -> Detection:
@@ -126,7 +146,7 @@ class Detector:
         """Score a preprocessed batch, isolating failures per image.
 
         Args:
-            images: float32 ``[B, 3, R, R]`` in [-1, 1] (:func:`glad_runtime.core.images.preprocess`).
+            images: float32 ``[B, 3, R, R]`` in [-1, 1] (``Detector.pipeline.preprocessor``).
             sources: B names (default ``"#<index>"``).
             keep_maps: keep each ``anomaly_map [D, D]`` (``dino_resolution``) on its Detection.
             keep_reconstructions: also keep ``reconstruction`` (float32 ``[3, R, R]``).
@@ -173,7 +193,7 @@ class Detector:
 
         items = list(images)
         sources = [f"#{i}" if isinstance(x, (bytes, bytearray)) else str(x) for i, x in enumerate(items)]
-        res = self.config.resolution
+        pre = self.pipeline.preprocessor
         with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
             for start in range(0, len(items), batch_size):
                 chunk = range(start, min(start + batch_size, len(items)))
@@ -185,7 +205,7 @@ class Detector:
                     except GladError as e:
                         slots[i] = (Detection(source=sources[i], error=e), None)
                 if loaded:
-                    batch = np.stack([prepare(img, res, self.config.load_resolution) for _, img in loaded])
+                    batch = np.stack([pre.image(img) for _, img in loaded])
                     dets = self.detect_arrays(batch, [sources[i] for i, _ in loaded], keep_maps=True,
                                               keep_reconstructions=keep_reconstructions)
                     for (i, img), d in zip(loaded, dets):
@@ -215,139 +235,3 @@ class Detector:
                 raise type(d.error)(f"{d.source}: {d.error}") from d.error
             out.append(d)
         return out
-
-
-def detect_files(detector: Detector, paths: Iterable[str | Path], out_dir: str | Path, *, batch_size: int = 4,
-                 map_format: str = "png16", progress: bool = True) -> list[Detection]:
-    """``glad detect``: score image files and write, per image, ``<name>.json``, the map and
-    ``<name>_overlay.png`` and, with a pixel threshold, ``<name>_mask.png`` (at the image's original size, maps
-    and overlays on the bundle's one :class:`~glad_runtime.render.MapScale`), plus ``results.jsonl``.
-
-    Args:
-        detector: the :class:`Detector` (its calibration and threshold label the records).
-        paths: image files. out_dir: output folder (created). batch_size: images per pipeline call.
-        map_format: ``"png16"`` (16-bit PNG, value = png / ``map_png_scale``) or ``"npy"`` (float32).
-        progress: a tqdm progress bar on stderr.
-    Returns:
-        One :class:`Detection` per input path, in order (maps dropped after writing).
-    Raises:
-        ValueError: unknown ``map_format``.
-    """
-    if map_format not in ("png16", "npy"):
-        raise ValueError(f"map_format must be 'png16' or 'npy', got {map_format!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [Path(p) for p in paths]
-    scale = MapScale.for_bundle(detector.calibration, detector.config)
-    pairs = enumerate(detector.detect(paths, batch_size=batch_size, progress=progress))
-    return write_detections(((i, rec, img) for i, (rec, img) in pairs), paths, out, scale, map_format,
-                            max_pixels=detector.config.max_image_pixels)
-
-
-def write_detections(results: Iterable[tuple[int, Detection, LoadedImage | None]], paths: Sequence[Path],
-                     out: Path, scale: MapScale, map_format: str = "png16",
-                     max_pixels: int | None = None) -> list[Detection]:
-    """Write ``glad detect``'s files (:func:`write_outputs`, ``<name>.json``, ``results.jsonl``) for results that
-    arrive in any order: ``(index in paths, Detection, decoded image or None)``; the image is decoded here when
-    None (a served result; ``max_pixels`` its limit). Returns the Detections in ``paths`` order (maps dropped
-    after writing)."""
-    names = _unique_names(list(paths))
-    records: list[Detection | None] = [None] * len(paths)
-    for i, rec, img in results:
-        if rec.ok:
-            if img is None:
-                img = load_image(paths[i], max_pixels)
-            write_outputs(rec, resize_map(rec.anomaly_map, img.original_size), img, out, names[i], map_format,
-                          scale)
-            rec.anomaly_map = None
-        (out / f"{names[i]}.json").write_text(json.dumps(rec.to_dict(), indent=2))
-        records[i] = rec
-    with open(out / "results.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r.to_dict()) + "\n")
-    return records  # type: ignore[return-value]
-
-
-UNCALIBRATED_NOTE = ("the bundle is uncalibrated: records carry raw scores only, no labels; run `glad calibrate` "
-                     "or pass a threshold")
-
-
-def _unique_names(paths: list[Path]) -> list[str]:
-    seen: dict[str, int] = {}
-    names = []
-    for p in paths:
-        n = seen.get(p.stem, 0)
-        seen[p.stem] = n + 1
-        names.append(p.stem if n == 0 else f"{p.stem}_{n}")
-    return names
-
-
-#: Longer side of an overlay picture at most (pixels): a person reads a 2048 px overlay of a 9000 px image as well
-#: as a full-size one, and it costs 20x less memory (issue 27). Maps and masks stay at the original size.
-OVERLAY_MAX_SIDE = 2048
-
-
-def write_outputs(rec: Detection, amap: np.ndarray, image: LoadedImage | np.ndarray, out: Path, name: str,
-                  map_format: str, scale: MapScale | None = None) -> None:
-    """Write one record's pictures and fill the record's file fields: the map and mask at the image's original
-    size, the overlay at most :data:`OVERLAY_MAX_SIDE` on its longer side (regions drawn scaled).
-
-    Args:
-        rec: the scored Detection (``map_file``, ``map_png_scale``, ``overlay_file``, ``mask_file`` are set).
-        amap: float32 ``[H, W]`` raw map at the original size. image: the decoded :class:`LoadedImage`, or float32
-            ``[H, W, 3]`` in [0, 1] at the original size.
-        out, name: folder and file stem. map_format: ``"png16"`` or ``"npy"``.
-        scale: the bundle's :class:`~glad_runtime.render.MapScale` (default: the per-image fallback).
-
-    Files:
-        ``<name>_map.png``: uint16, value = png / ``map_png_scale``; calibrated, ``map_png_scale`` is the bundle's
-        one :attr:`~glad_runtime.render.MapScale.png_scale` (the same for every image of the bundle) and a stored
-        65535 means "at or above the ceiling" ``65535 / map_png_scale`` (clipped); uncalibrated, it is
-        ``65535 / peak`` of this map. Or ``<name>_map.npy`` (float32, exact).
-        ``<name>_overlay.png``: :func:`glad_runtime.render.render_detection` (score, label, threshold, contour,
-        boxes, colour bar on the bundle's scale).
-        ``<name>_mask.png`` (only with a pixel threshold): uint8 ``[H, W]`` at the original size, 255 where
-        ``amap > pixel_threshold`` (the pixels the regions were found in), else 0.
-    """
-    scale = scale or MapScale.for_bundle(None)
-    if map_format == "npy":
-        rec.map_file = f"{name}_map.npy"
-        np.save(out / rec.map_file, amap.astype(np.float32))
-    else:
-        rec.map_file, rec.map_png_scale = f"{name}_map.png", scale.png_scale_for(amap)
-        Image.fromarray(map_to_png16(amap, rec.map_png_scale)).save(out / rec.map_file)
-    rec.overlay_file = f"{name}_overlay.png"
-    if isinstance(image, LoadedImage):
-        rgb, f = image.display_rgb(OVERLAY_MAX_SIDE)
-    else:
-        rgb, f = image, 1.0
-    if f < 1.0:  # draw on the shrunk picture: map resized to it, boxes scaled
-        shown = dataclasses.replace(rec, regions=None if rec.regions is None else [
-            dataclasses.replace(r, x=int(r.x * f), y=int(r.y * f), width=max(1, round(r.width * f)),
-                                height=max(1, round(r.height * f))) for r in rec.regions])
-        render_detection(shown, rgb, scale, amap=resize_map(amap, rgb.shape[:2])).save(out / rec.overlay_file)
-    else:
-        render_detection(rec, rgb, scale, amap=amap).save(out / rec.overlay_file)
-    if rec.pixel_threshold is not None:
-        rec.mask_file = f"{name}_mask.png"
-        Image.fromarray(defect_mask(amap, rec.pixel_threshold).astype(np.uint8) * 255).save(out / rec.mask_file)
-
-
-def summarize(records: list[Detection]) -> dict:
-    """Counts of processed and failed images, the mean per-image total time and the labels.
-
-    Labelled records add ``anomalous`` / ``normal`` counts, ``threshold`` and ``threshold_source``; when scored
-    records carry no label, ``note`` says that the bundle is uncalibrated.
-    """
-    ok = [r for r in records if r.error is None]
-    total = [r.timings_s.get("total", 0.0) for r in ok]
-    out = {"images": len(records), "ok": len(ok), "failed": len(records) - len(ok),
-           "mean_s_per_image": float(np.mean(total)) if total else None, "time": time.strftime("%H:%M:%S")}
-    labelled = [r for r in ok if r.label is not None]
-    if labelled:
-        out |= {"anomalous": sum(r.label == "anomalous" for r in labelled),
-                "normal": sum(r.label == "normal" for r in labelled),
-                "threshold": labelled[0].threshold, "threshold_source": labelled[0].threshold_source}
-    elif ok:
-        out["note"] = UNCALIBRATED_NOTE
-    return out

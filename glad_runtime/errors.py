@@ -18,7 +18,7 @@ __all__ = [
     "BundleError", "EngineError", "EngineMismatchError", "TensorRTUnavailable", "CalibrationError",
     "CalibrationWarning", "QueueFullError", "ServingError", "BadInputError", "ServerUnavailableError",
     "DeadlineExceededError", "ModelNotFoundError", "ExportError", "RefitError", "QuantizationError",
-    "ServerStartError", "RequestCancelledError", "PortInUseError",
+    "ServerStartError", "RequestCancelledError", "PortInUseError", "ContainerError",
 ]
 
 
@@ -73,6 +73,27 @@ class BundleError(GladError, RuntimeError):
 
 class EngineError(GladError, RuntimeError):
     """A network call failed (backend error, wrong output shape, non-finite output)."""
+
+
+class EngineSpecError(UsageError):
+    """An engine specification the backend cannot honour: an unknown backend, a setting the backend does not have
+    or a value it does not accept, an unknown option, a missing required one
+    (:class:`glad_runtime.engines.EngineSpec`)."""
+
+
+class MissingExtraError(UsageError):
+    """What the chosen backend imports is not installed; ``module`` is the missing module and ``extra`` the
+    ``glad-toolkit`` extra that installs it (from the backend's row, :data:`glad_runtime.engines.BACKENDS`)."""
+
+    def __init__(self, message: str, module: str | None = None, extra: str | None = None):
+        super().__init__(message)
+        self.module, self.extra = module, extra
+
+
+class EngineFilesError(BundleError, UsageError):
+    """The files the chosen backend loads are missing or modified (or the server serves another bundle): a
+    :class:`BundleError` that is also a usage error (CLI exit code 2: choose another backend or produce the files,
+    e.g. ``glad export``, ``glad build``, ``python -m bench.cpu_mix``). The backend's own error is ``__cause__``."""
 
 
 class EngineMismatchError(BundleError):
@@ -131,6 +152,11 @@ class ServerStartError(GladError, RuntimeError):
 class PortInUseError(ServerStartError):
     """A port the server must listen on is already taken; the message names the port and, when it can be found,
     the pid and name of the process holding it (the server is not started)."""
+
+
+class ContainerError(GladError, RuntimeError):
+    """A container could not be built, started or stopped (``triton_models.podman``): the podman command and the
+    tail of its output are in the message."""
 
 
 class RequestCancelledError(GladError, RuntimeError):

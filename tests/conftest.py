@@ -67,6 +67,26 @@ def stub_engines():
     return StubEngines()
 
 
+@pytest.fixture
+def stub_backends(monkeypatch):
+    """Every row of the backend table (``glad_runtime.engines.BACKENDS``) opening :class:`StubEngines` instead of
+    its networks, its accepted values and options unchanged (restored after the test): the CLI and
+    ``Detector.open`` run as they do, fast. Returns the list of the ``EngineSpec`` s opened, in order."""
+    import dataclasses
+
+    from glad_runtime.engines import BACKENDS
+
+    opened = []
+
+    def factory(bundle, spec):
+        opened.append(spec)
+        return StubEngines()
+
+    for name, row in list(BACKENDS.items()):
+        monkeypatch.setitem(BACKENDS, name, dataclasses.replace(row, factory=factory))
+    return opened
+
+
 @pytest.fixture(scope="session")
 def tiny_modules():
     """Random-init tiny modules with a small random ViT (no external weights)."""
@@ -144,8 +164,9 @@ def detect_without_torch(bundle_path, images_dir, out, engine_args):
 
 # ---------------------------------------------------------------------------------------------- tiers
 #: Test tiers by directory (issue 29): ``unit`` (pure: no network build, no export, no server; `make test-fast`,
-#: under a minute on 2 cores), ``integration`` (torch, export, training), ``serving`` (real tritonservers).
-TIERS = ("unit", "integration", "serving")
+#: under a minute on 2 cores), ``integration`` (torch, export, training), ``serving`` (real tritonservers),
+#: ``container`` (the CPU image built and run with podman; `make test-container`, skipped where podman cannot run).
+TIERS = ("unit", "integration", "serving", "container")
 
 
 def pytest_collection_modifyitems(config, items):

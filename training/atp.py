@@ -33,7 +33,7 @@ from torch import nn
 
 from glad_runtime.core.bundle import Bundle
 from glad_runtime.core.config import GladConfig, training_foreground_mode
-from glad_runtime.core.images import load_image, prepare
+from glad_runtime.core.images import Preprocessor, load_image
 from glad_runtime.core.schedule import scaled_linear_alphas_cumprod
 
 __all__ = ["TrainConfig", "atp_target", "atp_loss", "train_bundle", "load_train_images", "train_vae", "train_unet"]
@@ -135,27 +135,26 @@ def atp_loss(unet: nn.Module, cond: torch.Tensor, z_normal: torch.Tensor, z_anom
 
 
 # ------------------------------------------------------------------------------------------------- data
-def load_train_images(paths: list[Path], resolution: int) -> np.ndarray:
-    """Read training images with the runtime's loader and resize: uint8 ``[N, R, R, 3]``.
+def load_train_images(paths: list[Path], preprocessor: Preprocessor) -> np.ndarray:
+    """Read training images with the runtime's loader and resize them as detection does: uint8 ``[N, L, L, 3]``.
 
-    The same conversion as detection (``glad_runtime.core.images.prepare``: 8-bit sources resized as 8-bit
-    images), so training sees what serving sees; the anomaly synthesis works on these 8-bit images (spec 4.2).
-    Multi-class presets pass their ``load_resolution`` (256) here and upsample in :func:`_to_tensor`.
+    ``preprocessor.resize_rgb8`` of :func:`~glad_runtime.core.images.load_image` (L = ``preprocessor.load_size``:
+    256 for multi-class presets, else the resolution): 8-bit sources resized as 8-bit images, so training sees what
+    serving sees; the anomaly synthesis works on these 8-bit images (spec 4.2) and :func:`_to_tensor` makes the
+    network inputs of both.
+
+    Raises:
+        ImageLoadError, UnsupportedImageError: a file that cannot be used.
     """
-    out = []
-    for p in paths:
-        x = prepare(load_image(p), resolution)  # [-1, 1], CHW, on 8-bit levels for 8-bit sources
-        out.append(np.round((x.transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8))
-    return np.stack(out)
+    return np.stack([preprocessor.resize_rgb8(load_image(p).pixels) for p in paths])
 
 
-def _to_tensor(images_uint8: np.ndarray, resolution: int | None = None) -> torch.Tensor:
-    """uint8 ``[N, H, W, 3]`` -> float32 ``[N, 3, R, R]`` in [-1, 1]; upsampled bilinearly with
-    ``align_corners=True`` to ``resolution`` when given and larger (multi-class, ``main_multi.py`` L207-211)."""
-    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    if resolution and x.shape[-1] != resolution:
-        x = nn.functional.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=True)
-    return x
+def _to_tensor(images_uint8: np.ndarray, preprocessor: Preprocessor) -> torch.Tensor:
+    """uint8 ``[N, L, L, 3]`` -> float32 ``[N, 3, R, R]`` in [-1, 1]: ``preprocessor.to_tensor`` of each (the
+    align_corners upsample of multi-class presets included, ``main_multi.py`` L207-211)."""
+    r = preprocessor.resolution
+    return torch.from_numpy(np.stack([preprocessor.to_tensor(a) for a in images_uint8]) if len(images_uint8)
+                            else np.zeros((0, 3, r, r), np.float32))
 
 
 def synthesize_pairs(images: np.ndarray, variants: int, seed: int, source_dir: Path | None,
@@ -354,8 +353,9 @@ def train_bundle(data_root: str | Path, out: str | Path, config: GladConfig, cfg
     if cfg.max_train_images:
         paths = paths[:cfg.max_train_images]
     log(f"training on {len(paths)} normal images from {data_root}")
-    images = load_train_images(paths, config.load_resolution or config.resolution)
-    x = _to_tensor(images, config.resolution)
+    pre = Preprocessor.from_config(config)
+    images = load_train_images(paths, pre)
+    x = _to_tensor(images, pre)
 
     if init_bundle:
         modules = load_bundle_modules(Bundle(init_bundle))
@@ -383,7 +383,7 @@ def train_bundle(data_root: str | Path, out: str | Path, config: GladConfig, cfg
     idx, augs = synthesize_pairs(images, cfg.variants, cfg.seed, Path(source_dir) if source_dir else None,
                                  foreground_mode=fg_mode, progress=progress)
     z_n = encode_latents(modules.encoder, x)
-    z_a = encode_latents(modules.encoder, _to_tensor(augs, config.resolution))
+    z_a = encode_latents(modules.encoder, _to_tensor(augs, pre))
     z_n_pairs = z_n[torch.from_numpy(idx)]
     stats["pairs"] = len(idx)
     stats["anomalous_pairs"] = int((np.abs(augs.astype(int) - images[idx].astype(int)).sum((1, 2, 3)) > 0).sum())

@@ -4,7 +4,9 @@
 self-contained folder that builds one container image and runs it on Kubernetes or KServe::
 
     OUT/
-      Dockerfile, .dockerignore   the image: NGC tritonserver + this toolkit's runtime + the model repository
+      Dockerfile, .dockerignore   the image: target gpu: NGC tritonserver + this toolkit's runtime; target cpu: a
+                                  Debian / Python 3.11 base + this toolkit + nvidia-pytriton's tritonserver; both
+                                  with the model repository
       constraints.txt             exact versions of the runtime's Python dependencies (taken from this environment)
       src/                        the toolkit source the image installs (pyproject.toml, glad_runtime, triton_models,
                                   glad_cli; no tests, no build side)
@@ -18,14 +20,16 @@ self-contained folder that builds one container image and runs it on Kubernetes 
 
 Why an image of our own: the ``<prefix>_glad`` BLS model (and, for ``--target cpu``, every network model) is a
 python-backend model that imports ``glad_runtime`` (and ONNX Runtime), so a stock NGC ``tritonserver`` container
-cannot load the repository as generated. The python backend's stub embeds the container's system Python
+cannot load the repository as generated. GPU: the python backend's stub embeds the container's system Python
 (``libpython3.12`` in 24.04-based releases), so the runtime is installed for that interpreter (``pip --target``
 plus ``PYTHONPATH``, which the stub inherits from ``tritonserver``); the build fails if the stub links another
-Python.
+Python. CPU (issue 34): no NGC image is needed: the ``tritonserver`` of ``nvidia-pytriton`` runs from a virtualenv
+on a plain Debian / Python 3.11 base, under :mod:`triton_models.entrypoint`, which drains on SIGTERM.
 
-Nothing here needs a cluster or Docker: the tests lint the Dockerfile with ``hadolint`` and validate every
-Kubernetes object against the Kubernetes JSON schemas (``kubernetes-validate``), the KServe objects against a
-schema written from KServe's API types. Building the image and applying the manifests are not tested here.
+``tests/unit/test_deploy.py`` lints both Dockerfiles with ``hadolint`` and validates every Kubernetes object
+against the Kubernetes JSON schemas (``kubernetes-validate``), the KServe objects against a schema written from
+KServe's API types. The CPU image is built and run for real in ``tests/container`` (podman,
+:mod:`triton_models.podman`); the GPU image and the manifests are not applied anywhere.
 """
 
 from __future__ import annotations
@@ -51,8 +55,7 @@ GLAD_HISTOGRAMS = ("glad_adaptive_step", "glad_score", "glad_normalized_score")
 TRITON_METRICS = ("nv_inference_request_success", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
                   "nv_inference_compute_infer_duration_us", "nv_inference_pending_request_count")
 #: The model-name suffixes :func:`~triton_models.repository.generate_repository` writes under a prefix.
-MODEL_SUFFIXES = ("unet", "vae_encoder", "vae_decoder", "dino", "dino_ads", "ads_check", "resize", "recon_features",
-                  "glad", "glad_inflight")
+MODEL_SUFFIXES = ("unet", "vae_encoder", "vae_decoder", "dino", "dino_ads", "ads_check", "glad", "glad_inflight")
 #: Where the image holds the model repository.
 CONTAINER_REPOSITORY = "/models"
 #: The site-packages folder the image installs the runtime into (first on the python backend's ``sys.path``).
@@ -61,10 +64,18 @@ _SITE = "/opt/glad/site-packages"
 _UID = 1000
 #: The top-level source entries the image needs to ``pip install .[onnx]`` (the build side stays out).
 _SOURCE_ITEMS = ("pyproject.toml", "README.md", "glad_runtime", "triton_models", "glad_cli")
-#: Python of the container the constraints are evaluated for (NGC tritonserver >= 24.05: Ubuntu 24.04).
+#: Python of the container the constraints are evaluated for, per target: the GPU image is NGC tritonserver
+#: (>= 24.05: Ubuntu 24.04, Python 3.12); the CPU image a Debian 12 / Python 3.11 base (``python:3.11-slim`` or
+#: the Debian base made locally, :mod:`triton_models.podman`).
 _CONTAINER_PY = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
                  "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
                  "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+_CONTAINER_PY_CPU = dict(_CONTAINER_PY, python_version="3.11", python_full_version="3.11.2")
+#: The CPU image's default base (a build argument: ``--build-arg BASE_IMAGE=...``); any Debian 12 image with
+#: ``python3`` 3.11, its ``venv`` module and ``libpython3.11`` works.
+CPU_BASE_IMAGE = "python:3.11-slim"
+#: The CPU image's virtualenv (the project with the ``serve`` extra: nvidia-pytriton's tritonserver, onnxruntime).
+_VENV = "/opt/glad/venv"
 _DNS1123 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -139,15 +150,16 @@ def _canon(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _pins(source: Path, extras: tuple[str, ...] = ("onnx",)) -> tuple[dict[str, str], list[str]]:
+def _pins(source: Path, extras: tuple[str, ...] = ("onnx",),
+          python: dict | None = None) -> tuple[dict[str, str], list[str]]:
     """Exact versions, from this environment, of everything ``glad-toolkit[extras]`` of ``source``'s pyproject.toml
-    pulls in on the container's Python (markers evaluated for Linux / CPython 3.12), and the names left to pip
-    (not installed here, or installed at a version outside the declared range)."""
+    pulls in on the container's Python (markers evaluated for ``python``, default Linux / CPython 3.12), and the
+    names left to pip (not installed here, or installed at a version outside the declared range)."""
     import importlib.metadata as md
     import tomllib
 
     Requirement, default_environment = _packaging()
-    env = dict(default_environment(), **_CONTAINER_PY)
+    env = dict(default_environment(), **(python or _CONTAINER_PY))
     project = tomllib.loads((source / "pyproject.toml").read_text())["project"]
     own = _canon(project["name"])
     optional = project.get("optional-dependencies", {})
@@ -201,10 +213,17 @@ def _pins(source: Path, extras: tuple[str, ...] = ("onnx",)) -> tuple[dict[str, 
 # ----------------------------------------------------------------------------------------------------- Dockerfile
 
 def _server_args(repository: str, http: int, grpc: int, metrics: int, exit_timeout_s: int,
-                 extra: list[str]) -> list[str]:
-    return (["tritonserver", f"--model-repository={repository}", f"--http-port={http}", f"--grpc-port={grpc}",
+                 extra: list[str], target: str = "gpu") -> list[str]:
+    """The container's arguments: ``tritonserver`` and its flags for the NGC image (whose entrypoint runs it), the
+    flags alone for the CPU image (whose entrypoint, :mod:`triton_models.entrypoint`, execs the server)."""
+    flags = [f"--model-repository={repository}", f"--http-port={http}", f"--grpc-port={grpc}",
              f"--metrics-port={metrics}", "--allow-metrics=true", "--strict-readiness=true",
-             f"--exit-timeout-secs={exit_timeout_s}"] + list(extra))
+             f"--exit-timeout-secs={exit_timeout_s}"]
+    if not any(a.startswith(("--model-control-mode", "--load-model")) for a in extra):
+        # explicit model control (every model loaded at start) so a stop can drain: triton_models.server.drain
+        flags += ["--model-control-mode=explicit", "--load-model=*"]
+    flags += list(extra)
+    return flags if target == "cpu" else ["tritonserver"] + flags
 
 
 def _dockerfile(*, triton_version: str, target: str, prefixes: list[str], args: list[str], http: int, grpc: int,
@@ -264,6 +283,79 @@ EXPOSE {http} {grpc} {metrics}
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD {health}
 
 CMD {cmd}
+"""
+
+
+def _dockerfile_cpu(*, prefixes: list[str], args: list[str], http: int, grpc: int, metrics: int,
+                    glad_version: str, base_image: str) -> str:
+    """The CPU image: a Debian 12 / Python 3.11 base, the project with its ``serve`` extra in a virtualenv (the
+    ``tritonserver`` of ``nvidia-pytriton``, ONNX Runtime), the model repository at ``/models``, non-root, and
+    ``tritonserver`` as the container's main process (:mod:`triton_models.entrypoint`), so SIGTERM drains it."""
+    python = f"{_VENV}/bin/python"
+    health = json.dumps([python, "-c", "import urllib.request; urllib.request.urlopen("
+                         f"'http://127.0.0.1:{http}/v2/health/ready', timeout=4)"])
+    return f"""\
+# GLAD on Triton, CPU image: generated by `glad serve --deploy --target cpu` (triton_models.deploy,
+# glad-toolkit {glad_version}). Models: {", ".join(f"{p}_*" for p in prefixes)}; every model on the python backend
+# (the network models run ONNX Runtime on the CPU inside it).
+#
+# Build from this folder:  docker build -t IMAGE .       (or podman build --format docker, for the HEALTHCHECK)
+#   --build-arg BASE_IMAGE=...   any Debian 12 image with python3 3.11, its venv module and libpython3.11
+#                                (default {CPU_BASE_IMAGE}; where no registry is reachable, a base made from
+#                                Debian's packages: python -m triton_models.podman base)
+#   --secret id=pip_ca,src=FILE  optional: the CA bundle of a TLS-intercepting proxy between pip and the index;
+#                                used for the install only, never stored in the image
+#
+# The server is the tritonserver binary shipped in nvidia-pytriton (Triton 2.51, python backend); its python
+# backend stub embeds this image's libpython3.11, the same interpreter as the virtualenv.
+ARG BASE_IMAGE={base_image}
+FROM ${{BASE_IMAGE}}
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+ENV VIRTUAL_ENV={_VENV} \\
+    PATH={_VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
+    PYTHONDONTWRITEBYTECODE=1 \\
+    PYTHONUNBUFFERED=1 \\
+    OMP_NUM_THREADS=1 \\
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \\
+    PIP_NO_CACHE_DIR=1
+
+# The project with its serve extra, every version pinned by constraints.txt (PIP_CONSTRAINT also pins setuptools
+# in pip's isolated build environment); the python backend directory assembled now (the root file system may be
+# read-only at run time); the build fails if tritonserver or the stub cannot find a shared library (ldd).
+COPY constraints.txt /opt/glad/constraints.txt
+COPY src/ /opt/glad/src/
+RUN --mount=type=secret,id=pip_ca \\
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \\
+    && python3 -m venv {_VENV} \\
+    && PIP_CONSTRAINT=/opt/glad/constraints.txt {_VENV}/bin/pip install --no-cache-dir "/opt/glad/src[serve]" \\
+    && {python} -m triton_models.entrypoint --prepare-backends /opt/glad/backends \\
+    && {python} -c "import glad_runtime, onnxruntime, triton_models.repository; print(glad_runtime.__version__)" \\
+    && rm -rf /opt/glad/src
+
+# uid/gid 1000, the same non-root user as the NGC image and the Kubernetes manifests.
+RUN useradd --uid {_UID} --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin glad
+
+# The model repository, owned by root: read-only to the server.
+COPY model_repository/ {CONTAINER_REPOSITORY}/
+
+LABEL org.opencontainers.image.title="glad-triton-cpu" \\
+      org.opencontainers.image.version="{glad_version}"
+
+USER {_UID}:{_UID}
+
+EXPOSE {http} {grpc} {metrics}
+
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD {health}
+
+# The entrypoint (triton_models.entrypoint, PID 1) runs tritonserver and, on SIGTERM / SIGINT, drains first: the
+# entry models are unloaded (new requests refused at once, clients fail over), the accepted ones finish, then
+# tritonserver gets SIGTERM. (SIGTERM alone fails them: Triton then refuses the BLS calls they still make.)
+# Writable at run time: /dev/shm (the python backend's shared memory) only.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["{python}", "-m", "triton_models.entrypoint"]
+CMD {json.dumps(args)}
 """
 
 
@@ -362,6 +454,15 @@ def _resources(target: str, cpu: str, memory: str, gpus: int) -> dict:
     return {"requests": req, "limits": lim}
 
 
+def _prestop(target: str, http: int, prestop_s: int, exit_timeout_s: int) -> list[str]:
+    """The preStop command: sleep ``prestop_s`` (endpoints drop the pod), then drain the entry models
+    (:func:`triton_models.server.drain`, at most ``exit_timeout_s``) so the kubelet's SIGTERM finds nothing in
+    flight; Triton refuses the BLS calls of accepted requests once it has SIGTERM (tests/container)."""
+    python = f"{_VENV}/bin/python" if target == "cpu" else "python3"
+    return [python, "-c", f"import time; time.sleep({int(prestop_s)}); from triton_models.server import drain; "
+            f"drain('127.0.0.1:{int(http)}', {int(exit_timeout_s)})"]
+
+
 def _container_security() -> dict:
     return {"runAsNonRoot": True, "runAsUser": _UID, "runAsGroup": _UID, "allowPrivilegeEscalation": False,
             "privileged": False, "capabilities": {"drop": ["ALL"]}}
@@ -381,7 +482,8 @@ def _k8s_objects(*, name: str, namespace: str | None, image: str, target: str, p
             m["namespace"] = namespace
         return m
 
-    grace = prestop_s + exit_timeout_s + 15
+    # preStop: the sleep lets the Service drop the pod, then the drain (both bounded), then the kubelet's SIGTERM
+    grace = prestop_s + 2 * exit_timeout_s + 15
     period = 10
     ports = [{"name": "http", "containerPort": http, "protocol": "TCP"},
              {"name": "grpc", "containerPort": grpc, "protocol": "TCP"},
@@ -394,14 +496,14 @@ def _k8s_objects(*, name: str, namespace: str | None, image: str, target: str, p
             "name": "tritonserver",
             "image": image,
             "imagePullPolicy": "IfNotPresent",
-            "args": args,  # keeps the NGC entrypoint (nvidia_entrypoint.sh), replaces the image's CMD
+            "args": args,  # keeps the image's entrypoint (NGC: nvidia_entrypoint.sh; CPU: triton_models.entrypoint)
             "ports": ports,
             "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
             "resources": _resources(target, cpu, memory, gpus),
             "startupProbe": _probe("/v2/health/ready", http, period, max(1, -(-startup_timeout_s // period))),
             "readinessProbe": _probe("/v2/health/ready", http, 5, 2),
             "livenessProbe": _probe("/v2/health/live", http, 10, 3),
-            "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(prestop_s)]}}},
+            "lifecycle": {"preStop": {"exec": {"command": _prestop(target, http, prestop_s, exit_timeout_s)}}},
             "securityContext": _container_security(),
             "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
         }],
@@ -456,9 +558,10 @@ generated by `glad serve --deploy` (glad-toolkit {glad_version}).
 Probes: the KServe v2 health endpoints on the HTTP port. startupProbe gives a slow model load (TensorRT engines,
 python-backend stubs) up to {startup_timeout_s} s before readiness/liveness count; readiness drops a pod out of the
 Service as soon as Triton stops being ready (drain, a model unloaded).
-Shutdown: preStop sleeps {prestop_s} s so the endpoints controller removes the pod before Triton sees SIGTERM; Triton
-then refuses new requests and finishes in-flight ones for --exit-timeout-secs={exit_timeout_s};
-terminationGracePeriodSeconds={grace} (> {prestop_s} + {exit_timeout_s}) lets that drain end before SIGKILL.
+Shutdown: preStop sleeps {prestop_s} s so the endpoints controller removes the pod, then drains (at most
+{exit_timeout_s} s): the entry models are unloaded, new requests are refused and every accepted one finishes (Triton
+alone, on SIGTERM, refuses the BLS calls those still make); then SIGTERM, --exit-timeout-secs={exit_timeout_s};
+terminationGracePeriodSeconds={grace} (> {prestop_s} + 2 x {exit_timeout_s}) lets both end before SIGKILL.
 Rollout: maxUnavailable 0 / maxSurge 1, so serving capacity never drops during an image or bundle update.
 /dev/shm: the python backend exchanges tensors with its stubs through shared memory; the container runtime's
 default 64 MiB is too small for batches of 512x512 images, hence the memory-backed emptyDir ({shm_size}).
@@ -511,7 +614,7 @@ def _kserve_objects(*, name: str, namespace: str | None, image: str, target: str
                     glad_version: str) -> list[tuple[str, dict]]:
     runtime = f"{name}-runtime"
     store = "/mnt/models" if storage_uri else CONTAINER_REPOSITORY
-    args = _server_args(store, 8080, 9000, 8002, exit_timeout_s, extra)
+    args = _server_args(store, 8080, 9000, 8002, exit_timeout_s, extra, target)
     meta_rt = {"name": runtime, "labels": {"app.kubernetes.io/part-of": "glad",
                                            "app.kubernetes.io/version": glad_version}}
     meta_is = {"name": name, "labels": dict(meta_rt["labels"])}
@@ -716,8 +819,9 @@ def _readme(*, image: str, name: str, target: str, prefixes: list[str], storage_
 Generated by `glad serve --deploy` (`triton_models.deploy.write_deploy`). Regenerate after re-serving.
 
 ```bash
-docker build -t {image} .   # NGC tritonserver + glad runtime + model_repository/
-docker push {image}
+{"docker build -t " + image + " .   # NGC tritonserver + glad runtime + model_repository/" if target == "gpu" else
+ "docker build -t " + image + " .   # Debian/Python 3.11 base (--build-arg BASE_IMAGE=...) + glad + pytriton + models"}
+{"" if target == "gpu" else "docker run --rm -p 8000-8002:8000-8002 --cpus 4 --read-only --shm-size 1g " + image + chr(10)}docker push {image}
 kubectl apply -f k8s/glad-triton.yaml   # Deployment, Services, HPA, PodDisruptionBudget
 # the HPA scales on Triton's queue: install prometheus-adapter with k8s/prometheus-adapter-rules.yaml
 kubectl apply -f k8s/kserve.yaml        # or: KServe ServingRuntime + InferenceService
@@ -732,7 +836,10 @@ the pod addresses of the headless Service `{name}-pods`.
 What the generator's tests check offline (glad-toolkit tests/unit/test_deploy.py): hadolint finds nothing in the
 Dockerfile; every Kubernetes object validates against the Kubernetes 1.30+ JSON schemas (kubernetes-validate, strict);
 the KServe objects validate against a schema written from KServe's API types; the dashboard names only metrics the
-server exports. Not tested: building or running the image, a cluster, KServe, the Prometheus adapter.
+server exports. {"The CPU image is built and run by glad-toolkit's tests/container (podman): probes, --cpus, a read-only "
+"root file system, the drain on SIGTERM and failover between two containers. " if target == "cpu" else
+"The GPU image has not been built by the toolkit's tests (no NGC registry there). "}Not tested: a cluster, KServe, the
+Prometheus adapter.
 """
 
 
@@ -744,12 +851,15 @@ def write_deploy(repo: str | os.PathLike, out: str | os.PathLike, *, image: str,
                  grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002, exit_timeout_s: int = 30,
                  prestop_s: int = 5, startup_timeout_s: int = 600, cpu: str = "4", memory: str = "8Gi",
                  gpus: int = 1, shm_size: str = "1Gi", target_pending: int = 4, storage_uri: str | None = None,
-                 server_args: list[str] | tuple[str, ...] = (), source: str | os.PathLike | None = None) -> list[Path]:
+                 server_args: list[str] | tuple[str, ...] = (), source: str | os.PathLike | None = None,
+                 base_image: str = CPU_BASE_IMAGE) -> list[Path]:
     """Write the container, Kubernetes, KServe and Grafana recipes for a ``glad serve`` model repository.
 
-    ``out`` becomes a Docker build context (``docker build -t IMAGE OUT``): ``Dockerfile`` (FROM
-    ``nvcr.io/nvidia/tritonserver:<triton_version>-py3``, the runtime installed for the python backend's Python,
-    the repository at ``/models``, non-root, HEALTHCHECK on ``/v2/health/ready``), ``.dockerignore``,
+    ``out`` becomes a Docker build context (``docker build -t IMAGE OUT``): ``Dockerfile`` (target ``gpu``: FROM
+    ``nvcr.io/nvidia/tritonserver:<triton_version>-py3``, the runtime installed for the python backend's Python;
+    target ``cpu``: FROM ``ARG BASE_IMAGE`` (``base_image``, a Debian 12 / Python 3.11 image), the project and
+    ``nvidia-pytriton`` in a virtualenv, ``tritonserver`` exec'd as the main process; both: the repository at
+    ``/models``, non-root uid 1000, HEALTHCHECK on ``/v2/health/ready``), ``.dockerignore``,
     ``constraints.txt``, ``src/`` (the toolkit source), ``model_repository/`` (the models of ``prefixes``, hard
     links where possible), ``k8s/glad-triton.yaml`` (Deployment, Service, headless Service, HPA on Triton's queue,
     PodDisruptionBudget), ``k8s/prometheus-adapter-rules.yaml``, ``k8s/kserve.yaml`` (ServingRuntime +
@@ -767,8 +877,9 @@ def write_deploy(repo: str | os.PathLike, out: str | os.PathLike, *, image: str,
         replicas: Deployment replicas and the autoscalers' minimum; max_replicas: their maximum (default 4x).
         triton_version: NGC release (``YY.MM``) of the base image.
         grpc_port, http_port, metrics_port: tritonserver's ports (Deployment, Service, Dockerfile).
-        exit_timeout_s: ``--exit-timeout-secs`` (in-flight requests finish within it after SIGTERM); prestop_s: the
-            preStop sleep; ``terminationGracePeriodSeconds`` = prestop_s + exit_timeout_s + 15.
+        exit_timeout_s: ``--exit-timeout-secs`` and the drain's bound (the entry models are unloaded and the
+            accepted requests finish, :func:`triton_models.server.drain`); prestop_s: the preStop sleep before
+            that drain; ``terminationGracePeriodSeconds`` = prestop_s + 2 x exit_timeout_s + 15.
         startup_timeout_s: how long the startupProbe lets models load.
         cpu, memory, gpus: container resources; shm_size: the ``/dev/shm`` emptyDir of the python backend.
         target_pending: HPA target, average pending requests per pod (KServe: concurrency per pod).
@@ -776,6 +887,7 @@ def write_deploy(repo: str | os.PathLike, out: str | os.PathLike, *, image: str,
         server_args: extra ``tritonserver`` flags (each ``--flag[=value]``), passed in the image's CMD and both
             manifests.
         source: the glad-toolkit source tree to install (default: the checkout this module is imported from).
+        base_image: target ``cpu``: the ``BASE_IMAGE`` build argument's default (``python:3.11-slim``).
     Returns:
         the paths written: the recipe files, then the ``src`` and ``model_repository`` folders.
     Raises:
@@ -854,15 +966,22 @@ def write_deploy(repo: str | os.PathLike, out: str | os.PathLike, *, image: str,
         for model in _models_of(repo, p):
             _link_tree(model, out / "model_repository" / model.name)
 
-    pins, unpinned = _pins(src_root)
-    put("constraints.txt", "# Exact versions of glad-toolkit[onnx]'s dependencies, from the environment that ran "
-        "`glad serve --deploy`\n# (markers evaluated for the container's Linux CPython 3.12).\n"
+    extras, py = (("serve",), _CONTAINER_PY_CPU) if target == "cpu" else (("onnx",), _CONTAINER_PY)
+    pins, unpinned = _pins(src_root, extras, py)
+    put("constraints.txt", f"# Exact versions of glad-toolkit[{','.join(extras)}]'s dependencies, from the "
+        "environment that ran `glad serve --deploy`\n"
+        f"# (markers evaluated for the container's Linux CPython {py['python_version']}).\n"
         + (f"# Left to pip (not installed there, or outside pyproject's range): {', '.join(unpinned)}\n"
            if unpinned else "")
         + "".join(f"{k}=={v}\n" for k, v in pins.items()))
-    args = _server_args(CONTAINER_REPOSITORY, http_port, grpc_port, metrics_port, exit_timeout_s, extra)
-    put("Dockerfile", _dockerfile(triton_version=triton_version, target=target, prefixes=prefixes, args=args,
-                                  http=http_port, grpc=grpc_port, metrics=metrics_port, glad_version=glad_version))
+    args = _server_args(CONTAINER_REPOSITORY, http_port, grpc_port, metrics_port, exit_timeout_s, extra, target)
+    if target == "cpu":
+        put("Dockerfile", _dockerfile_cpu(prefixes=prefixes, args=args, http=http_port, grpc=grpc_port,
+                                          metrics=metrics_port, glad_version=glad_version, base_image=base_image))
+    else:
+        put("Dockerfile", _dockerfile(triton_version=triton_version, target=target, prefixes=prefixes, args=args,
+                                      http=http_port, grpc=grpc_port, metrics=metrics_port,
+                                      glad_version=glad_version))
     put(".dockerignore", _DOCKERIGNORE)
     common = dict(name=name, namespace=namespace, image=image, target=target, prefixes=prefixes, replicas=replicas,
                   max_replicas=max_replicas, cpu=cpu, memory=memory, gpus=gpus, shm_size=shm_size,

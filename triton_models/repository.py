@@ -11,11 +11,6 @@ model                                   what
 ``<p>_dino_ads`` (ADS at another size)  backend is not shipped for CPU); ``target="gpu"``: ``onnxruntime_onnx``, or
                                         ``tensorrt_plan`` where ``glad build`` stored an engine of the precision.
                                         Inputs/outputs, dtypes and dims are read from the exported ONNX graphs.
-``<p>_resize``                          python backend: bilinear resize to the scoring size (only when the VAE
-                                        resolution differs from the feature size).
-``<p>_recon_features``                  ensemble, a straight line: ``latents -> vae_decoder -> resize -> dino``;
-                                        outputs the reconstruction and its scoring tokens (the last stage of
-                                        every GLAD run: decode the final latents and extract their features).
 ``<p>_glad``                            python-backend BLS model: the whole ADS/SAFF loop server-side
                                         (``python/glad_model.py``), one request per batch of images.
 ``<p>_glad_inflight``                   decoupled python-backend model (``python/glad_inflight_model.py``):
@@ -65,6 +60,10 @@ __all__ = ["TensorSpec", "onnx_io", "generate_repository", "model_names", "queue
 TARGETS = ("cpu", "gpu")
 #: The python-backend model sources copied into the repository as ``model.py``.
 PYTHON_MODELS = Path(__file__).parent / "python"
+#: Models earlier generators wrote under a prefix and nothing called at run time (issue 29, item 6: the
+#: ``recon_features`` ensemble, latents -> decoder -> ``resize`` -> dino, and its python resize step); removed from
+#: a repository when it is regenerated.
+RETIRED_MODELS = ("recon_features", "resize")
 
 _ONNX_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 6: "TYPE_INT32", 7: "TYPE_INT64", 9: "TYPE_BOOL",
                10: "TYPE_FP16", 11: "TYPE_FP64"}
@@ -151,9 +150,7 @@ def model_names(bundle: Bundle, prefix: str | None = None, inflight: bool = True
     """The model names :func:`generate_repository` writes for ``bundle`` (prefix default from its folder;
     ``inflight``: with ``<prefix>_glad_inflight``)."""
     p = prefix or default_model_prefix(bundle)
-    cfg = bundle.config
-    extra = ["recon_features", protocol.GLAD_MODEL] + (["resize"] if cfg.resolution != cfg.dino_resolution else [])
-    extra += [protocol.INFLIGHT_MODEL] if inflight else []
+    extra = [protocol.GLAD_MODEL] + ([protocol.INFLIGHT_MODEL] if inflight else [])
     return [f"{p}_{n}" for n in _graphs(bundle) + extra]
 
 
@@ -294,6 +291,8 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
         for v in served_versions(repo, name):
             if v == version or v < version - 1:
                 shutil.rmtree(repo / name / str(v), ignore_errors=True)
+    for retired in RETIRED_MODELS:  # an older generator's models: their ensemble would outlive its steps' versions
+        shutil.rmtree(repo / f"{p}_{retired}", ignore_errors=True)
 
     def new_version_dir(name: str) -> Path:
         d = repo / name / str(version)
@@ -339,39 +338,6 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
                 + (_warmup(ins, net_batch) if warmup else "") + _params(params))
         (repo / name / "config.pbtxt").write_text(text)
         written.append(name)
-
-    # resize (python) + the straight-line ensemble decode -> [resize] -> dino
-    dec_in, dec_out = io["vae_decoder"]
-    dino_in, dino_out = io["dino"]
-    steps = [("vae_decoder", {dec_in[0].name: "latents"}, {dec_out[0].name: "reconstruction"})]
-    feat_src = "reconstruction"
-    if cfg.resolution != cfg.dino_resolution:
-        name = f"{p}_resize"
-        shutil.copy(PYTHON_MODELS / "resize_model.py", new_version_dir(name) / "model.py")
-        s = cfg.dino_resolution
-        text = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {net_batch}\n' + _version_policy(2)
-                + _io("input", [TensorSpec("images", "TYPE_FP32", dec_out[0].dims)])
-                + _io("output", [TensorSpec("resized", "TYPE_FP32", (3, s, s))])
-                + _instances(instances, "KIND_CPU") + _batching(net_batch, queue_delay_us, queue_timeout_us)
-                + _params(dict(common, size=s)))
-        (repo / name / "config.pbtxt").write_text(text)
-        written.append(name)
-        steps.append(("resize", {"images": "reconstruction"}, {"resized": "dino_input"}))
-        feat_src = "dino_input"
-    steps.append(("dino", {dino_in[0].name: feat_src}, {o.name: o.name for o in dino_out}))
-    name = f"{p}_recon_features"
-    new_version_dir(name)
-    step_txt = ",\n".join(
-        f'  {{ model_name: "{p}_{m}" model_version: {version}\n'
-        + "".join(f'    input_map {{ key: "{k}" value: "{v}" }}\n' for k, v in imap.items())
-        + "".join(f'    output_map {{ key: "{k}" value: "{v}" }}\n' for k, v in omap.items()) + "  }"
-        for m, imap, omap in steps)
-    text = (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {net_batch}\n'
-            + _io("input", [TensorSpec("latents", dec_in[0].data_type, dec_in[0].dims)])
-            + _io("output", [TensorSpec("reconstruction", dec_out[0].data_type, dec_out[0].dims)] + dino_out)
-            + f"ensemble_scheduling {{ step [\n{step_txt}\n] }}\n" + _params(common))
-    (repo / name / "config.pbtxt").write_text(text)
-    written.append(name)
 
     # the entry models: the whole loop server-side, per dynamic batch (BLS) and in flight (decoupled)
     cal = b.calibration()

@@ -34,7 +34,7 @@ from glad_runtime.serving import protocol
 
 __all__ = ["TritonServer", "ServerStartError", "PortInUseError", "launch_server", "free_port", "port_holder",
            "check_ports", "load_model", "model_index", "rollout", "pytriton_root", "server_available",
-           "MODEL_CONTROL_MODES"]
+           "MODEL_CONTROL_MODES", "drain", "unload_model", "prepare_backend_dir", "pytriton_environment", "PYTRITON_CPU_FLAGS"]
 
 #: ``--model-control-mode`` values :func:`launch_server` accepts. ``explicit`` (the default) loads every model at
 #: start (``--load-model=*``) and allows load / unload through the client (rollouts, :meth:`TritonServer.drain`).
@@ -190,9 +190,7 @@ class TritonServer:
     def unload_model(self, name: str, timeout: float = 300.0) -> None:
         """Unload ``name`` (explicit mode): new requests for it are refused at once (clients fail over), the ones
         in flight finish first. Raises ServerStartError with the server's message when it fails."""
-        status, body = self._http("POST", f"/v2/repository/models/{name}/unload", b"{}", timeout=timeout)
-        if status != 200:
-            raise ServerStartError(f"unload of {name} failed ({status}): {body.decode(errors='replace')}")
+        unload_model(self.http_url, name, timeout)
 
     def drain(self, grace: float = 30.0) -> list[str]:
         """Stop taking new images and let the ones in flight finish (a rolling restart's first half).
@@ -205,18 +203,7 @@ class TritonServer:
         """
         if self.model_control != "explicit" or not self.running():
             return []
-        names = sorted({m["name"] for m in self.model_index() if protocol.is_entry_model(m.get("name", ""))
-                        and m.get("state") == "READY"})
-        deadline = time.monotonic() + grace
-        for name in names:
-            try:
-                self.unload_model(name, timeout=max(1.0, deadline - time.monotonic()))
-            except ServerStartError:
-                pass
-        while time.monotonic() < deadline and any(
-                m.get("name") in names and m.get("state") in ("READY", "UNLOADING") for m in self.model_index()):
-            time.sleep(0.1)
-        return names
+        return drain(self.http_url, grace)
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -301,6 +288,41 @@ def load_model(http_url: str, name: str, timeout: float = 300.0) -> None:
         raise ServerStartError(f"{http_url}: load of {name} failed ({status}): {body.decode(errors='replace')}")
 
 
+def unload_model(http_url: str, name: str, timeout: float = 300.0) -> None:
+    """Unload ``name`` on the server at ``http_url`` (explicit mode): new requests for it are refused at once
+    (clients fail over), the ones in flight finish first. Raises ServerStartError with the server's message."""
+    status, body = _http(http_url, "POST", f"/v2/repository/models/{name}/unload", b"{}", timeout=timeout)
+    if status != 200:
+        raise ServerStartError(f"{http_url}: unload of {name} failed ({status}): {body.decode(errors='replace')}")
+
+
+def drain(http_url: str, grace: float = 30.0) -> list[str]:
+    """Stop the server at ``http_url`` taking new images and let the ones it holds finish (explicit model control).
+
+    Every entry model (``*_glad`` and ``*_glad_inflight``) is unloaded: requests for it are refused at once with
+    "model not found / no available versions" (clients fail over to another replica), while the requests it has
+    accepted, queued ones included, keep their network models and finish; Triton removes the model when the last
+    one ends. Waits up to ``grace`` seconds for that. Returns the models drained (none when the server does not
+    answer or is not in explicit mode).
+
+    Why not SIGTERM alone: on SIGTERM Triton refuses every new inference request, the BLS requests the entry
+    models send to the network models included ("Server not ready"), so the images it had accepted fail; draining
+    the entry models first, then SIGTERM, answers them (tests/container, issue 34).
+    """
+    names = sorted({m["name"] for m in model_index(http_url) if protocol.is_entry_model(m.get("name", ""))
+                    and m.get("state") == "READY"})
+    deadline = time.monotonic() + grace
+    for name in names:
+        try:
+            unload_model(http_url, name, timeout=max(1.0, deadline - time.monotonic()))
+        except ServerStartError:
+            pass
+    while time.monotonic() < deadline and any(
+            m.get("name") in names and m.get("state") in ("READY", "UNLOADING") for m in model_index(http_url)):
+        time.sleep(0.1)
+    return names
+
+
 def rollout(http_urls: "str | list[str]", repo: str | os.PathLike, bundle, *, prefix: str | None = None,
             timeout: float = 300.0, **generate_options) -> int:
     """Zero-downtime rollout of a new bundle under a served prefix (issue 16, item 5).
@@ -331,8 +353,7 @@ def rollout(http_urls: "str | list[str]", repo: str | os.PathLike, bundle, *, pr
     version = next_version(repo, p, b.checksum())
     names = generate_repository(b, repo, prefix=p, version=version, **generate_options)
     glad = [n for n in names if protocol.is_entry_model(n)]  # <prefix>_glad first, then _glad_inflight
-    ensembles = [n for n in names if n.endswith("_recon_features")]
-    order = [n for n in names if n not in glad and n not in ensembles] + ensembles + glad
+    order = [n for n in names if n not in glad] + glad
     for url in [http_urls] if isinstance(http_urls, str) else list(http_urls):
         for name in order:
             load_model(url, name, timeout)
@@ -349,7 +370,19 @@ def _kill_leftovers() -> None:
         server.stop(grace=5)
 
 
-def _backend_dir(root: Path, target: Path) -> Path:
+def prepare_backend_dir(target: str | os.PathLike, root: Path | None = None) -> Path:
+    """Assemble the python backend directory ``target/python`` for the ``tritonserver`` of ``nvidia-pytriton``:
+    links to its ``libtriton_python.so`` and ``triton_python_backend_utils.py`` and a copy of the stub built for
+    this interpreter's Python version (``--backend-directory=target``). Idempotent; the container image runs it at
+    build time so a read-only root file system needs nothing written at start.
+
+    Raises:
+        ServerStartError: no ``nvidia-pytriton``, or it has no stub for this Python version.
+    """
+    root = root if root is not None else pytriton_root()
+    if root is None:
+        raise ServerStartError("no tritonserver: install the serve extra (`pip install -e .[serve]`, nvidia-pytriton)")
+    target = Path(target)
     pyver = "%d.%d" % sys.version_info[:2]
     stub = root / "python_backend_stubs" / pyver / "triton_python_backend_stub"
     if not stub.is_file():
@@ -368,6 +401,27 @@ def _backend_dir(root: Path, target: Path) -> Path:
         tmp.chmod(0o755)
         os.replace(tmp, py / "triton_python_backend_stub")
     return target
+
+
+def pytriton_environment(env: dict[str, str], root: Path | None = None) -> dict[str, str]:
+    """``env`` with what the ``nvidia-pytriton`` server and its python-backend stubs need (triton-cpu.md):
+    ``LD_LIBRARY_PATH`` = this interpreter's ``LIBDIR`` (its ``libpython``) and the wheel's bundled libraries
+    (when ``root``, :func:`pytriton_root`, is given), ``PATH`` = this interpreter's folder first (the stub finds
+    the virtualenv through it), ``PYTHONPATH`` = the folder this toolkit is imported from (the python models
+    import the same ``glad_runtime``). Returns a new dict."""
+    env = dict(env)
+    if root is not None:
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        libs = root.parent.parent / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    pkg_root = str(Path(__file__).resolve().parent.parent)  # the folder holding glad_runtime/, calib/
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+#: Flags that keep the CPU-only pytriton binary from reserving CUDA memory pools.
+PYTRITON_CPU_FLAGS = ("--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0")
 
 
 def _pdeathsig() -> None:  # runs in the child between fork and exec
@@ -414,26 +468,21 @@ def launch_server(repo: str | os.PathLike, *, binary: str | os.PathLike | None =
     repo = Path(repo).resolve()
     if not repo.is_dir():
         raise ServerStartError(f"{repo}: no such model repository")
-    env = dict(os.environ if env is None else env)
     root = pytriton_root()
-    if binary is None:
+    bundled = binary is None  # the nvidia-pytriton binary: its libraries and backend directory are ours to set
+    if bundled:
         if root is None:
             raise ServerStartError("no tritonserver: install the serve extra (`pip install -e .[serve]`, "
                                    "nvidia-pytriton) or pass the binary of a Triton install")
         binary = root / "bin" / "tritonserver"
-        bdir = _backend_dir(root, Path(backends_dir) if backends_dir else repo.parent / "triton_backends")
-        libdir = sysconfig.get_config_var("LIBDIR") or ""
-        libs = root.parent.parent / "nvidia_pytriton.libs"
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        bdir = prepare_backend_dir(Path(backends_dir) if backends_dir else repo.parent / "triton_backends", root)
         backend_args = [f"--backend-directory={bdir}"]
     else:
         binary = Path(binary)
         if not binary.is_file():
             raise ServerStartError(f"{binary}: no such tritonserver binary")
         backend_args = [f"--backend-directory={backends_dir}"] if backends_dir else []
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    pkg_root = str(Path(__file__).resolve().parent.parent)  # the folder holding glad_runtime/, calib/
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH", "")) if p)
+    env = pytriton_environment(os.environ if env is None else env, root if bundled else None)
     ports = [p or free_port(host) for p in (http_port, grpc_port, metrics_port)]
     log_path = Path(log_path) if log_path else repo.parent / f"tritonserver-{ports[1]}.log"
     if log_path.exists():
@@ -451,7 +500,7 @@ def launch_server(repo: str | os.PathLike, *, binary: str | os.PathLike | None =
            f"--metrics-address={host}", f"--metrics-port={ports[2]}", "--allow-gpu-metrics=false",
            f"--exit-timeout-secs={int(exit_timeout)}", *extra_args]
     if root is not None and Path(binary) == root / "bin" / "tritonserver":
-        cmd += ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
+        cmd += list(PYTRITON_CPU_FLAGS)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             preexec_fn=_pdeathsig if die_with_parent and sys.platform == "linux" else None)
     server = TritonServer(proc, host, *ports, log_path=log_path, repo=repo, model_control=mode, _log=log)

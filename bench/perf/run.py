@@ -256,15 +256,14 @@ def _rate(x) -> str:
 
 
 def _network_totals(point: dict) -> tuple[float, float]:
-    """(queue, compute) in microseconds per entry-model request, summed over the network models (ensembles
-    excluded: their time is their steps')."""
+    """(queue, compute) in microseconds per entry-model request, summed over the network models it called."""
     models = point["server"]["models"]
     n = models[point["model"]]["requests"]
     if not n:
         return float("nan"), float("nan")
     q = c = 0.0
     for m, f in models.items():
-        if m == point["model"] or m.endswith("_recon_features") or not f["requests"]:
+        if m == point["model"] or not f["requests"]:
             continue
         q += f["queue_us"] * f["requests"]
         c += (f["compute_input_us"] + f["compute_infer_us"] + f["compute_output_us"]) * f["requests"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from glad_cli.options import bundle_argument, engine_options, engine_settings, open_detector
+from glad_cli.options import bundle_argument, engine_options, open_detector
 
 
 @click.command("calibrate")
@@ -48,8 +48,7 @@ from glad_cli.options import bundle_argument, engine_options, engine_settings, o
 @click.option("--save-calib", type=click.Path(file_okay=False, path_type=Path),
               help="--quantize: also write the recorded inputs as <graph>.npz here (ModelOpt reads them).")
 def calibrate_cmd(bundle: Path, normal_dir: Path, labelled: Path | None, target_fpr: float, batch_size: int,
-                  backend: str, device: str, precision: str, provider: str, threads: int, server, model_prefix,
-                  pixels_per_image: int, seed: int, quiet: bool, quantize_mode: str | None, quant_graphs,
+                  engine, pixels_per_image: int, seed: int, quiet: bool, quantize_mode: str | None, quant_graphs,
                   calib_images: int, calib_method: str, quant_tool: str, keep_first_last: bool,
                   eval_data: Path | None, max_delta: float, eval_max: int, save_calib: Path | None) -> None:
     """Compute thresholds and score normalisation for BUNDLE from held-out images; store BUNDLE/calibration.json.
@@ -71,7 +70,7 @@ def calibrate_cmd(bundle: Path, normal_dir: Path, labelled: Path | None, target_
 
     if quantize_mode is not None:
         _quantize(bundle, normal_dir, quantize_mode, quant_graphs, calib_images, calib_method, quant_tool,
-                  keep_first_last, eval_data, max_delta, eval_max, save_calib, batch_size, threads, quiet)
+                  keep_first_last, eval_data, max_delta, eval_max, save_calib, batch_size, engine.threads, quiet)
         return
 
     from calib.labelled import calibrate_images
@@ -80,8 +79,7 @@ def calibrate_cmd(bundle: Path, normal_dir: Path, labelled: Path | None, target_
     normal_paths = list_images([normal_dir])
     if not normal_paths:
         raise click.BadParameter("no images found", param_hint="NORMAL_DIR")
-    engine = engine_settings(backend, device, precision, provider, threads, server, model_prefix)
-    b, detector = open_detector(bundle, engine, batch_size)
+    b, detector = open_detector(bundle, engine, batch_size, calibrated=False)
     extra = {"pipeline_seed": detector.config.seed, "normal_dir": str(normal_dir.resolve())}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -103,7 +101,7 @@ def _quantize(bundle: Path, normal_dir: Path, mode: str, graphs, n_images: int, 
     code 1 when the gate rejects."""
     from calib.quantize import QuantSettings, format_gate_table, quantize_bundle
     from glad_runtime.core.bundle import Bundle
-    from glad_runtime.core.images import list_images, load_batches
+    from glad_runtime.core.images import Preprocessor, list_images
 
     paths = list_images([normal_dir])[:n_images]
     if not paths:
@@ -111,7 +109,8 @@ def _quantize(bundle: Path, normal_dir: Path, mode: str, graphs, n_images: int, 
     b = Bundle(bundle)
     say = (lambda m: None) if quiet else (lambda m: click.echo(f"  {m}", err=True))
     settings = QuantSettings(method=method, exclude_first_last=not keep_first_last)
-    report = quantize_bundle(b, load_batches(paths, b.config.resolution, batch_size, b.config.load_resolution), names=[str(p) for p in paths],
+    batches = Preprocessor.from_config(b.config).batches(paths, batch_size)
+    report = quantize_bundle(b, batches, names=[str(p) for p in paths],
                              graphs=list(graphs) or None, mode=mode, tool=tool, settings=settings,
                              eval_data=eval_data, max_delta=max_delta, eval_max=eval_max, batch_size=batch_size,
                              threads=threads, save_calibration=save_calib, progress=say)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from glad_cli.options import bundle_argument, engine_options, engine_settings, open_detector, set_option
+from glad_cli.options import bundle_argument, engine_options, open_detector, set_option
 
 
 @click.command("detect")
@@ -39,9 +39,8 @@ from glad_cli.options import bundle_argument, engine_options, engine_settings, o
 @set_option(help="Override a config field for this run, e.g. --set ads_enabled=true (repeatable). A calibrated "
                  "bundle's thresholds were set with its own config: the summary then says so.")
 def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size: int, seed: int | None,
-               backend: str, device: str, precision: str, provider: str, threads: int, server, model_prefix,
-               map_format: str, stream: bool, quiet: bool, max_image_pixels: int | None, threshold: float | None,
-               overrides: dict) -> None:
+               engine, map_format: str, stream: bool, quiet: bool, max_image_pixels: int | None,
+               threshold: float | None, overrides: dict) -> None:
     """Score images (files or folders) with a model BUNDLE; maps come back at each image's original size.
 
     Any image Pillow reads is accepted: 8/16-bit grayscale, RGB, RGBA, palette, EXIF-rotated, any size. A file that
@@ -56,7 +55,7 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
     """
     from glad_runtime.core.bundle import Bundle
     from glad_runtime.core.images import list_images
-    from glad_runtime.detector import detect_files, summarize
+    from glad_runtime.output import detect_files, summarize
 
     if threshold is not None and not math.isfinite(threshold):
         raise click.BadParameter("must be a finite number", param_hint="--threshold")
@@ -71,19 +70,18 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
     changes = dict(overrides) | ({} if seed is None else {"seed": seed})  # --seed wins over --set seed=
     if max_image_pixels is not None:  # a deployment limit: changes no result, so no recalibration note
         changes["max_image_pixels"] = max_image_pixels
+    server = engine.options["url"] if engine.backend == "triton" else None
     if stream:
         if not server:
             raise click.BadParameter("needs --server HOST:GRPC_PORT (a `glad serve` server)", param_hint="--stream")
         if set(changes) - {"max_image_pixels"}:  # the server applies its own pixel limit
             raise click.BadParameter("the served bundle's config applies; --set / --seed cannot change it",
                                      param_hint="--stream")
-        records = _detect_streamed(bundle, paths, out_dir, server, model_prefix, threshold, calibration,
-                                   window=2 * batch_size, map_format=map_format, progress=not quiet)
+        records = _detect_streamed(bundle, paths, out_dir, server, engine.options["model_prefix"], threshold,
+                                   calibration, window=2 * batch_size, map_format=map_format, progress=not quiet)
         run_seed = Bundle(bundle).config.seed
     else:
-        engine = engine_settings(backend, device, precision, provider, threads, server, model_prefix)
-        _, detector = open_detector(bundle, engine, batch_size, changes, calibration=calibration,
-                                    threshold=threshold)
+        _, detector = open_detector(bundle, engine, batch_size, changes, threshold=threshold)
         records = detect_files(detector, paths, out_dir, batch_size=batch_size, map_format=map_format,
                                progress=not quiet)
         run_seed = detector.config.seed
@@ -114,14 +112,14 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
 def _detect_streamed(bundle: Path, paths: list[Path], out_dir: Path, server: str, model_prefix: str | None,
                      threshold: float | None, calibration, *, window: int, map_format: str, progress: bool):
     """``glad detect --server URL --stream``: :meth:`GladClient.stream` over the files (sent as they are), each
-    result written as it finishes (:func:`glad_runtime.detector.write_detections`); records in input order."""
+    result written as it finishes (:func:`glad_runtime.output.write_detections`); records in input order."""
     from collections import defaultdict, deque
 
     from tqdm import tqdm
 
     from glad_runtime.core.bundle import Bundle
-    from glad_runtime.detector import write_detections
     from glad_runtime.engines.triton import default_model_prefix
+    from glad_runtime.output import write_detections
     from glad_runtime.render import MapScale
     from glad_runtime.serving.client import GladClient
 

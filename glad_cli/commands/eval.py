@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from glad_cli.options import bundle_argument, engine_options, engine_settings, open_detector, set_option
+from glad_cli.options import bundle_argument, engine_options, open_detector, set_option
 
 
 @click.command("eval")
@@ -25,8 +25,7 @@ from glad_cli.options import bundle_argument, engine_options, engine_settings, o
 @engine_options
 @set_option(help="Override a config field.")
 def eval_cmd(bundle: Path, data: Path, out_dir, baseline: str, batch_size: int, max_test: int,
-             threshold: float | None, backend: str, device: str, precision: str, provider: str, threads: int, server,
-             model_prefix, overrides: dict) -> None:
+             threshold: float | None, engine, overrides: dict) -> None:
     """I-AUROC / I-AP / I-F1max (and P-AUROC / P-AP / P-F1max / AUPRO with masks) plus a report with the
     kNN baseline beside GLAD.
 
@@ -36,15 +35,12 @@ def eval_cmd(bundle: Path, data: Path, out_dir, baseline: str, batch_size: int, 
     point; every overlay uses the bundle's one colour scale. --threshold overrides the image threshold for this
     run. An uncalibrated bundle without --threshold gets metrics and raw scores only.
     """
-    from glad_runtime.core.bundle import Bundle
     from training.evaluate import evaluate
 
     if threshold is not None and not math.isfinite(threshold):
         raise click.BadParameter("must be a finite number", param_hint="--threshold")
-    engine = engine_settings(backend, device, precision, provider, threads, server, model_prefix)
-    calibration = Bundle(bundle).calibration()
-    _, detector = open_detector(bundle, engine, batch_size, overrides, calibration=calibration,
-                                threshold=threshold)
+    _, detector = open_detector(bundle, engine, batch_size, overrides, threshold=threshold)
+    calibration = detector.calibration
     changed = sorted(k for k in overrides if k != "max_image_pixels")
     if calibration is not None and threshold is None and changed:
         click.echo(f"note: calibrated with the bundle's config, run with --set {', '.join(changed)}: the thresholds "

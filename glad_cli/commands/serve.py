@@ -88,8 +88,6 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
     Per bundle, under a prefix P:
       P_unet, P_vae_encoder, P_vae_decoder, P_dino[, P_dino_ads]   one model per network
       P_ads_check        the fused ADS check (ADS on, when exported): one distance map per check
-      P_recon_features   ensemble: latents -> decoder -> resize -> dino (reconstruction + its tokens)
-      P_resize           the ensemble's resize step (only when resolution != dino_resolution)
       P_glad             BLS model: the whole ADS/SAFF loop, one request per batch (glad_runtime.serving.client)
       P_glad_inflight    the same contract, decoupled: requests join one in-flight pool at the next DDIM step
     Clients: `glad detect BUNDLE --server HOST:GRPC_PORT` (loop here, networks there) or

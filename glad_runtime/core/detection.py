@@ -100,16 +100,19 @@ class Detection:
         return None if self.error is None else type(self.error).__name__
 
     def map_at_original_size(self) -> np.ndarray:
-        """The anomaly map resized (bilinear) to the input's original size (as ``glad detect`` writes it).
+        """The anomaly map resized (bilinear) to the input's original size (as ``glad detect`` writes it;
+        :meth:`~glad_runtime.core.images.Preprocessor.map_to_original`).
 
         Raises:
             ValueError: the detection has no map (it failed, or the map was not kept).
         """
-        from glad_runtime.core.images import resize_map
+        from glad_runtime.core.images import Preprocessor
 
         if self.anomaly_map is None:
             raise ValueError(f"{self.source}: no anomaly map ({self.error})")
-        return self.anomaly_map if self.original_size is None else resize_map(self.anomaly_map, self.original_size)
+        if self.original_size is None:
+            return self.anomaly_map
+        return Preprocessor.map_to_original(self.anomaly_map, self.original_size)
 
     def defect_mask(self) -> np.ndarray:
         """bool ``[H, W]`` at the original size: ``map_at_original_size() > pixel_threshold`` (the pixels the

@@ -9,18 +9,20 @@ Conversion rules (documented in the README):
 * ``RGB`` -> / 255. ``RGBA`` / ``LA`` / palette with transparency -> composited onto black (transparent pixels
   are background), then RGB. Palette, ``CMYK``, ``YCbCr``, 1-bit -> Pillow's RGB conversion.
 * 32-bit float ``F`` images and anything else are refused with :class:`UnsupportedImageError`.
-* Resize to ``resolution x resolution`` (bilinear, antialiased as Pillow does for torchvision's PIL ``Resize``;
-  the aspect ratio is not kept, as in the official code), then ``x * 2 - 1`` -> [-1, 1]. 8-bit sources are resized
-  as the 8-bit RGB image and then divided by 255, exactly the official ``Resize`` -> ``ToTensor`` order (the
-  resize rounds to 8-bit levels); 16-bit sources are resized as float channels (no 8-bit round trip).
+* Then the one :class:`Preprocessor` (built from the config): resize to ``resolution x resolution`` (bilinear,
+  antialiased as Pillow does for torchvision's PIL ``Resize``; the aspect ratio is not kept, as in the official
+  code), then ``x * 2 - 1`` -> [-1, 1]. 8-bit sources are resized as the 8-bit RGB image and then divided by 255,
+  exactly the official ``Resize`` -> ``ToTensor`` order (the resize rounds to 8-bit levels); 16-bit sources are
+  resized as float channels (no 8-bit round trip).
 * Multi-class presets (``load_resolution``): the image is first prepared at ``load_resolution`` (256) as above, then
   upsampled bilinearly with ``align_corners=True`` to ``resolution`` (512), as the official ``main_multi.py``. The
   scoring stage works on the load-size image again, recovered exactly from this one
-  (:func:`glad_runtime.core.scoring.scoring_images`, issue 30).
+  (:meth:`Preprocessor.scoring_images`, issue 30).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from dataclasses import dataclass
@@ -32,7 +34,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from glad_runtime.errors import ImageLoadError, ImageTooLargeError, UnsupportedImageError  # noqa: F401 (re-exported)
 
 __all__ = ["ImageLoadError", "UnsupportedImageError", "ImageTooLargeError", "LoadedImage", "load_image",
-           "check_pixels", "to_pixels", "to_unit_rgb", "to_rgb_pixels", "preprocess", "prepare", "upsample_align_corners", "resize_map", "IMAGE_EXTENSIONS"]
+           "check_pixels", "to_pixels", "to_unit_rgb", "to_rgb_pixels", "Preprocessor", "RESAMPLE_FILTERS", "preprocess",
+           "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -50,7 +53,7 @@ class LoadedImage:
     Attributes:
         pixels: uint8 ``[H, W, 3]`` for 8-bit colour sources (``RGB``, palette, alpha composited onto black ...),
             uint8 ``[H, W]`` for 8-bit grayscale (``L``), float32 ``[H, W]`` in [0, 1] for 16-bit grayscale; a
-            grayscale image is one channel replicated to RGB wherever RGB is needed (:attr:`rgb`, :func:`preprocess`
+            grayscale image is one channel replicated to RGB wherever RGB is needed (:attr:`rgb`, :class:`Preprocessor`
             gives the same result as for its 3-channel form), so an 81 MP grey file holds 81 MB, not 243 MB.
             None once released (the served models keep only the size and mode after preprocessing).
         original_size: ``(H, W)`` after EXIF orientation.
@@ -197,73 +200,188 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int | None = None,
     return LoadedImage(pixels=pixels, original_size=(pixels.shape[0], pixels.shape[1]), mode=mode, source=label)
 
 
+#: The Pillow filters a :class:`Preprocessor` may resize with, by name.
+RESAMPLE_FILTERS = {"nearest": Image.NEAREST, "box": Image.BOX, "bilinear": Image.BILINEAR,
+                    "hamming": Image.HAMMING, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """The one preprocessing of images, and its inverses: built from the config (:meth:`from_config`) by the
+    runtime (``Detector``, the served models through ``glad_bls``, ``GladPipeline``), training, evaluation,
+    calibration, export and the benchmarks alike, so a resize rule lives here and in the config only.
+
+    Forward (spec section 6; ``main_multi.py`` L207-211 for ``load_resolution``), :meth:`__call__` =
+    :meth:`to_tensor` of :meth:`resize`:
+
+    1. :meth:`resize`: the decoded pixels to ``load_size x load_size`` with Pillow's ``resample`` filter
+       (bilinear: antialiased when shrinking, what torchvision's ``Resize`` does to a PIL image; the aspect ratio is
+       not kept, as in the official code). 8-bit pixels are resized as the 8-bit image (the result stays on 8-bit
+       levels, the official ``Resize`` -> ``ToTensor`` order); float pixels in [0, 1] (16-bit sources) per channel
+       as 32-bit float images, then clipped to [0, 1]; grayscale ``[H, W]`` once, not three times (Pillow filters
+       each band alike, so the result equals that of the 3-channel form).
+    2. :meth:`to_tensor`: ``x / 255 * 2 - 1`` (8-bit; bit-identical to ``ToTensor`` + ``Normalize(0.5, 0.5)``
+       and to ``x / 127.5 - 1``) or ``x * 2 - 1`` (float), channels first, then, when ``load_size`` differs from
+       ``resolution`` (multi-class presets), the bilinear ``align_corners=True`` upsample to ``resolution``
+       (:func:`glad_runtime.core.scoring.resize_bilinear`, torch's ``F.interpolate`` to float rounding).
+
+    Inverses: :meth:`scoring_images` (the load-size image recovered exactly from the upsampled one, what the
+    multi-class scoring stage compares with, issue 30) and :meth:`map_to_original` (an anomaly map at the working
+    size back to the image's original size).
+
+    Attributes:
+        resolution: side of the square tensor the networks take (``GladConfig.resolution``).
+        load_resolution: side the image is resized to before the upsample (``GladConfig.load_resolution``,
+            multi-class presets: 256); None, or equal to ``resolution``: no upsample.
+        resample: the Pillow filter of step 1, a key of :data:`RESAMPLE_FILTERS` (the official code: bilinear).
+    Raises:
+        ValueError: a non-positive side, ``load_resolution`` above ``resolution``, or an unknown filter (a
+            programming error: configs are checked by ``GladConfig``).
+    """
+
+    resolution: int
+    load_resolution: int | None = None
+    resample: str = "bilinear"
+
+    def __post_init__(self):
+        if int(self.resolution) <= 0 or not (self.load_resolution is None
+                                             or 0 < int(self.load_resolution) <= int(self.resolution)):
+            raise ValueError(f"need resolution > 0 and load_resolution None or in (0, resolution], got "
+                             f"{self.resolution}, {self.load_resolution}")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"unknown resample filter {self.resample!r} (one of {sorted(RESAMPLE_FILTERS)})")
+
+    @classmethod
+    def from_config(cls, config) -> "Preprocessor":
+        """The preprocessing of a :class:`~glad_runtime.core.config.GladConfig` (``resolution``,
+        ``load_resolution``)."""
+        return cls(config.resolution, config.load_resolution)
+
+    def with_resolution(self, resolution: int) -> "Preprocessor":
+        """The same rule straight to another square side (no load size): e.g. the kNN baseline reading images at
+        its feature resolution."""
+        return dataclasses.replace(self, resolution=int(resolution), load_resolution=None)
+
+    @property
+    def load_size(self) -> int:
+        """The side of step 1: ``load_resolution`` or ``resolution``."""
+        return int(self.load_resolution or self.resolution)
+
+    def resize(self, pixels: np.ndarray) -> np.ndarray:
+        """Step 1: decoded pixels to ``load_size`` squared, in the same compact form.
+
+        Args:
+            pixels: uint8 ``[H, W, 3]`` or ``[H, W]``, or float ``[H, W, 3]`` or ``[H, W]`` in [0, 1]
+                (:attr:`LoadedImage.pixels`, or any such array).
+        Returns:
+            uint8 ``[L, L, 3]`` / ``[L, L]`` for uint8 input, else float32 ``[L, L, 3]`` / ``[L, L]`` in [0, 1]
+            (L = :attr:`load_size`).
+        Raises:
+            ValueError: not an ``[H, W, 3]`` or ``[H, W]`` array.
+        """
+        if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
+            raise ValueError(f"expected [H, W, 3] RGB or [H, W] grayscale, got {pixels.shape}")
+        size, f = (self.load_size, self.load_size), RESAMPLE_FILTERS[self.resample]
+        if pixels.dtype == np.uint8:
+            img = Image.fromarray(np.ascontiguousarray(pixels), "RGB" if pixels.ndim == 3 else "L")
+            return np.asarray(img.resize(size, f), dtype=np.uint8)
+        channels = [pixels] if pixels.ndim == 2 else [pixels[..., k] for k in range(3)]
+        out = [np.asarray(Image.fromarray(np.ascontiguousarray(c, dtype=np.float32)).resize(size, f))
+               for c in channels]
+        return (out[0] if pixels.ndim == 2 else np.stack(out, axis=-1)).clip(0.0, 1.0)
+
+    def resize_rgb8(self, pixels: np.ndarray) -> np.ndarray:
+        """Step 1 as uint8 ``[L, L, 3]`` (grayscale replicated, float sources rounded to 8-bit levels): the
+        images training synthesises anomalies on (spec 4.2), :meth:`to_tensor` giving its tensors.
+
+        Raises:
+            ValueError: as :meth:`resize`.
+        """
+        x = self.resize(pixels)
+        return _expand_rgb(x if x.dtype == np.uint8 else np.round(x * 255.0).astype(np.uint8))
+
+    def to_tensor(self, resized: np.ndarray) -> np.ndarray:
+        """Step 2: resized pixels (:meth:`resize`, :meth:`resize_rgb8`) to the network input.
+
+        Args:
+            resized: uint8 ``[h, w, 3]`` / ``[h, w]``, or float in [0, 1] (clipped), normally at :attr:`load_size`.
+        Returns:
+            float32 ``[3, resolution, resolution]`` in [-1, 1].
+        """
+        x = np.asarray(resized, np.float32) / np.float32(255.0) if resized.dtype == np.uint8 \
+            else np.clip(resized, 0.0, 1.0)
+        x = x.transpose(2, 0, 1) if x.ndim == 3 else np.broadcast_to(x, (3,) + x.shape)
+        x = (x * 2.0 - 1.0).astype(np.float32)
+        if x.shape[1:] != (self.resolution, self.resolution):
+            from glad_runtime.core.scoring import resize_bilinear
+
+            x = resize_bilinear(x, (self.resolution, self.resolution))
+        return x
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """:meth:`to_tensor` of :meth:`resize`: float32 ``[3, resolution, resolution]`` in [-1, 1].
+
+        Raises:
+            ValueError: not an ``[H, W, 3]`` or ``[H, W]`` array.
+        """
+        return self.to_tensor(self.resize(pixels))
+
+    def image(self, img: LoadedImage) -> np.ndarray:
+        """The tensor of a decoded image (:func:`load_image`): ``glad detect``, the served models (files sent
+        encoded), evaluation, calibration and training, so a result does not depend on who sent the image."""
+        return self(img.pixels)
+
+    def batches(self, paths: Sequence[str | os.PathLike], batch_size: int, max_pixels: int | None = None):
+        """Yield float32 ``[B, 3, R, R]`` batches in [-1, 1] of image files (:func:`load_image` + :meth:`image`).
+
+        Raises:
+            ImageLoadError, ImageTooLargeError, UnsupportedImageError: a file that cannot be used.
+        """
+        paths = list(paths)
+        for s in range(0, len(paths), batch_size):
+            yield np.stack([self.image(load_image(p, max_pixels)) for p in paths[s:s + batch_size]])
+
+    def scoring_images(self, images: np.ndarray) -> np.ndarray:
+        """The input images the scoring stage compares with the reconstructions: the one place that decides.
+
+        Multi-class presets score the **load-size** image: the official ``main_multi.test`` passes the 256-px
+        dataset tensor itself to DINO, to the pixel term and to the foreground mask, and only the diffusion part
+        sees the 512-px upsampled image (spec Appendix A, "Scoring input (multi-class)"; issue 30). The pipeline
+        receives the upsampled image (what every client sends), so the load-size image is recovered from it exactly
+        (:func:`glad_runtime.core.scoring.invert_upsample`, to 5e-8). Other presets score the images as they are.
+
+        Args:
+            images: float32 ``[B, 3, R, R]`` in [-1, 1] (R = :attr:`resolution`).
+        Returns:
+            float32 ``[B, 3, L, L]`` (L = :attr:`load_size`), or ``images`` itself when there is no upsample.
+        """
+        if not self.load_resolution or self.load_resolution == images.shape[-1]:
+            return images
+        from glad_runtime.core.scoring import invert_upsample
+
+        return invert_upsample(images, self.load_size)
+
+    @staticmethod
+    def map_to_original(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """An anomaly map ``[h, w]`` at the working size resized to the original ``(H, W)`` (Pillow bilinear on
+        float32; the preprocessing keeps no crop or pad, so the inverse is a plain resize): what ``glad detect``
+        writes and :meth:`Detection.map_at_original_size` returns. Returns float32 ``[H, W]``."""
+        h, w = size
+        if amap.shape == (h, w):
+            return amap.astype(np.float32)
+        return np.asarray(Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32))
+                          .resize((w, h), Image.BILINEAR), dtype=np.float32)
+
+
 def preprocess(rgb: np.ndarray, resolution: int, load_resolution: int | None = None) -> np.ndarray:
-    """Resize RGB pixels to ``resolution`` squared and map to [-1, 1] (spec section 6 / 4.2 step 8).
+    """``Preprocessor(resolution, load_resolution)(rgb)``: float32 ``[3, resolution, resolution]`` in [-1, 1] of
+    pixels (the :class:`Preprocessor` rules), for arrays in tests and notebooks; the project's code builds its
+    preprocessor from the config (:meth:`Preprocessor.from_config`).
 
-    * uint8 ``[H, W, 3]`` (8-bit sources): the 8-bit RGB image is resized with Pillow's bilinear filter
-      (antialiased when shrinking: what torchvision's ``Resize`` does to a PIL image), then divided by 255, so the
-      result sits on 8-bit levels exactly as the official ``Resize`` -> ``ToTensor`` -> ``Normalize(0.5, 0.5)``.
-    * float ``[H, W, 3]`` in [0, 1] (16-bit sources, arrays): each channel is resized as a 32-bit float Pillow
-      image with the same filter; values are clipped to [0, 1].
-    * ``load_resolution`` (multi-class presets, ``main_multi.py``): resize to ``load_resolution`` as above, then
-      upsample bilinearly with ``align_corners=True`` to ``resolution``.
-
-    * grayscale ``[H, W]`` (:class:`LoadedImage` keeps grey sources as one channel): resized once and replicated;
-      the same result as resizing its 3-channel form (Pillow filters each band alike), a third of the memory.
-
-    Args:
-        rgb: uint8 ``[H, W, 3]`` or ``[H, W]``, or float ``[H, W, 3]`` or ``[H, W]`` in [0, 1].
-        resolution: output side in pixels.
-        load_resolution: optional intermediate side (see above); None or equal to ``resolution`` skips it.
-    Returns:
-        float32 ``[3, resolution, resolution]`` in [-1, 1].
     Raises:
         ValueError: not an ``[H, W, 3]`` or ``[H, W]`` array.
     """
-    if not (rgb.ndim == 2 or (rgb.ndim == 3 and rgb.shape[2] == 3)):
-        raise ValueError(f"expected [H, W, 3] RGB or [H, W] grayscale, got {rgb.shape}")
-    size = load_resolution or resolution
-    if rgb.dtype == np.uint8:
-        x = np.asarray(Image.fromarray(np.ascontiguousarray(rgb), "RGB" if rgb.ndim == 3 else "L")
-                       .resize((size, size), Image.BILINEAR), dtype=np.float32) / np.float32(255.0)
-        x = x.transpose(2, 0, 1) if x.ndim == 3 else np.broadcast_to(x, (3, size, size))
-    else:
-        channels = [rgb] if rgb.ndim == 2 else [rgb[..., k] for k in range(3)]
-        x = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(c, dtype=np.float32))
-                                 .resize((size, size), Image.BILINEAR)) for c in channels]).clip(0.0, 1.0)
-        x = np.broadcast_to(x, (3, size, size))
-    x = (x * 2.0 - 1.0).astype(np.float32)
-    if size != resolution:
-        x = upsample_align_corners(x, resolution)
-    return x
-
-
-def upsample_align_corners(x: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of ``[C, h, w]`` float32 to ``[C, size, size]`` with ``align_corners=True`` (torch's
-    ``F.interpolate(..., mode="bilinear", align_corners=True)``; ``glad_runtime.core.scoring.resize_bilinear``)."""
-    from glad_runtime.core.scoring import resize_bilinear
-
-    return resize_bilinear(x, (size, size))
-
-
-def prepare(img: LoadedImage, resolution: int, load_resolution: int | None = None) -> np.ndarray:
-    """The one preprocessing of a decoded image, shared by ``glad detect``, the BLS model (images sent as encoded
-    files), evaluation, calibration and training: float32 ``[3, resolution, resolution]`` in [-1, 1]
-    (:func:`preprocess` of the image's pixels; pass ``config.load_resolution`` for multi-class presets).
-
-    A result therefore does not depend on who sent the image: a file scored in process and the same file's bytes
-    sent to the server go through :func:`load_image` and this function.
-    """
-    return preprocess(img.pixels, resolution, load_resolution)
-
-
-def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an anomaly map ``[h, w]`` to the original ``(H, W)`` (bilinear, Pillow float), float32."""
-    h, w = size
-    if amap.shape == (h, w):
-        return amap.astype(np.float32)
-    return np.asarray(Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32))
-                      .resize((w, h), Image.BILINEAR), dtype=np.float32)
+    return Preprocessor(resolution, load_resolution)(rgb)
 
 
 def list_images(inputs: list[str | os.PathLike]) -> list[Path]:
@@ -291,12 +409,3 @@ def even_subset(items: Sequence, count: int) -> list[int]:
     if not count or count >= n:
         return list(range(n))
     return [int(i) for i in np.linspace(0, n - 1, count).round().astype(int)]
-
-
-def load_batches(paths: Sequence[str | os.PathLike], resolution: int, batch_size: int,
-                 load_resolution: int | None = None):
-    """Yield preprocessed float32 ``[B, 3, R, R]`` batches in [-1, 1] of image files (:func:`load_image` +
-    :func:`prepare`). Raises ImageLoadError for a file that cannot be read."""
-    paths = list(paths)
-    for s in range(0, len(paths), batch_size):
-        yield np.stack([prepare(load_image(p), resolution, load_resolution) for p in paths[s:s + batch_size]])

@@ -92,6 +92,12 @@ class MixedEngines(GraphEngines):
 
     _kind = "mixed CPU feature graph"
 
+    @classmethod
+    def from_spec(cls, bundle: Bundle, spec) -> "MixedEngines":
+        """The ``mix`` row's factory (:mod:`glad_runtime.engines.registry`): the bundle's measured plan,
+        ``spec.threads`` per engine, ``spec.max_batch`` per call."""
+        return cls(bundle, threads=spec.threads, max_batch=spec.max_batch)
+
     def __init__(self, bundle: Bundle | str | os.PathLike, plan: Mapping[str, str] | None = None, *,
                  threads: int = 0, max_batch: int = 16):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)

@@ -95,6 +95,12 @@ class OpenVinoEngines(GraphEngines):
 
     _kind = "graph"
 
+    @classmethod
+    def from_spec(cls, bundle: Bundle, spec) -> "OpenVinoEngines":
+        """The ``openvino`` row's factory (:mod:`glad_runtime.engines.registry`): ``spec.precision`` (fp32 / f32,
+        bf16), ``spec.threads`` inference threads, ``spec.max_batch`` per call."""
+        return cls(bundle, precision=spec.precision, num_threads=spec.threads, max_batch=spec.max_batch)
+
     def __init__(self, bundle: Bundle | str | os.PathLike, precision: str | Mapping[str, str] = "f32", *,
                  num_threads: int = 0, max_batch: int = 16, static_batches: Sequence[int] = (),
                  cache_dir: str | os.PathLike | bool | None = None, verify: bool = True, fused_check: bool = False,

@@ -77,6 +77,13 @@ class OrtEngines(GraphEngines):
             that has it).
     """
 
+    @classmethod
+    def from_spec(cls, bundle: Bundle, spec) -> "OrtEngines":
+        """The ``ort`` row's factory (:mod:`glad_runtime.engines.registry`): ``spec.precision``,
+        ``spec.provider``, ``spec.threads`` intra-op threads, ``spec.max_batch`` per call."""
+        return cls(bundle, precision=spec.precision, provider=spec.provider, intra_op_threads=spec.threads,
+                   max_batch=spec.max_batch)
+
     def __init__(self, bundle: Bundle | str | os.PathLike, precision: str = "fp32", provider: str = "cpu", *,
                  intra_op_threads: int = 0, inter_op_threads: int = 0, max_batch: int = 16, verify: bool = True,
                  fused_check: bool | None = None, spinning: bool = False, graphs: Sequence[str] | None = None):

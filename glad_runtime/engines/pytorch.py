@@ -50,6 +50,14 @@ class TorchEngines:
         max_batch: split calls into chunks of at most this many images (bounded memory).
     """
 
+    @classmethod
+    def from_spec(cls, bundle, spec) -> "TorchEngines":
+        """The ``torch`` row's factory (:mod:`glad_runtime.engines.registry`): the bundle's modules
+        (:func:`load_modules`) on ``spec.device`` at ``spec.precision`` (fp32, fp16, bf16), ``spec.max_batch`` per
+        call."""
+        dtype = None if spec.precision == "fp32" else spec.precision
+        return cls(load_modules(bundle), device=spec.device, dtype=dtype, max_batch=spec.max_batch)
+
     def __init__(self, modules, device: str = "cpu", dtype: torch.dtype | str | None = None, max_batch: int = 16):
         self.device = resolve_device(device)
         if str(self.device) == "cpu":
@@ -120,7 +128,7 @@ class TorchEngines:
         """
         from export.models import AdsCheck
 
-        from glad_runtime.engines import ads_check_signature
+        from glad_runtime.engines.base import ads_check_signature
 
         key = ads_check_signature(config)
         if getattr(self, "_ads_key", None) != key:

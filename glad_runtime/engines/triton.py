@@ -74,6 +74,15 @@ class TritonEngines(GraphEngines):
             :mod:`glad_runtime.serving.client` error is the ``__cause__``).
     """
 
+    @classmethod
+    def from_spec(cls, bundle: Bundle, spec) -> "TritonEngines":
+        """The ``triton`` row's factory (:mod:`glad_runtime.engines.registry`): the server at
+        ``spec.options["url"]``, the bundle's models under ``options["model_prefix"]`` (default
+        :func:`default_model_prefix`), checked against the bundle's checksum; ``options["shared_memory"]``."""
+        o = spec.options
+        return cls(o["url"], o["model_prefix"] or default_model_prefix(bundle), bundle.config,
+                   checksum=bundle.checksum(), shared_memory=o["shared_memory"])
+
     def __init__(self, url: str, model_prefix: str, config: GladConfig, *, checksum: str | None = None,
                  timeout: float | None = 60.0, shared_memory: bool = False):
         import tritonclient.grpc as grpcclient

@@ -260,6 +260,12 @@ class TensorRTEngines(GraphEngines):
         EngineMismatchError: an engine is missing or was built for another GPU / TensorRT / precision.
     """
 
+    @classmethod
+    def from_spec(cls, bundle: Bundle, spec) -> "TensorRTEngines":
+        """The ``tensorrt`` row's factory (:mod:`glad_runtime.engines.registry`): the engines of
+        ``spec.precision``."""
+        return cls(bundle, precision=spec.precision)
+
     def __init__(self, bundle: Bundle | str, precision: str = "fp16", gpu_index: int = 0):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.config = self.bundle.config

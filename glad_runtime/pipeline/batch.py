@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from glad_runtime.core.ads import ads_decision, raw_feature_input, saff_fuse, saff_mask
-from glad_runtime.core.scoring import (anomaly_map, foreground_mask, nn_cosine_distance, resize_bilinear,
-                                      scoring_images, topk_mean)
+from glad_runtime.core.scoring import anomaly_map, foreground_mask, nn_cosine_distance, resize_bilinear, topk_mean
 from glad_runtime.core.config import GladConfig
+from glad_runtime.core.images import Preprocessor
 from glad_runtime.engines import EngineError, Engines, check_output
 from glad_runtime.core.schedule import NoiseSchedule
 from glad_runtime.errors import InvalidInputError  # noqa: F401 (re-exported)
@@ -90,6 +90,12 @@ class GladPipeline:
         #: :meth:`reconstruct` raise :class:`~glad_runtime.errors.RequestCancelledError` (the served BLS model
         #: sets it from the request's cancellation and timeout, so abandoned work stops).
         self.should_stop = None
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """The preprocessing of this pipeline's config (:meth:`Preprocessor.from_config`): what turns images
+        into the ``[B, 3, R, R]`` batches it takes, and :meth:`Preprocessor.scoring_images` for its scoring."""
+        return Preprocessor.from_config(self.config)
 
     # ------------------------------------------------------------------ helpers
     @contextmanager
@@ -254,7 +260,7 @@ class GladPipeline:
 
         Out-of-range input is refused, never scored: 0..255 floats would score as "anomalous" and all-5.0 input as
         anything at all (anomalib #3726 is the same trap). 0..1 floats lie inside the range and cannot be told
-        from a dark image: send encoded files (``image_files``) or use :func:`glad_runtime.core.images.preprocess`.
+        from a dark image: send encoded files (``image_files``) or use :attr:`preprocessor`.
 
         Raises:
             InvalidInputError: wrong rank, channel count or size, a non-float dtype, non-finite values, or values
@@ -278,7 +284,7 @@ class GladPipeline:
         """Run GLAD on a batch of preprocessed images.
 
         Args:
-            images: float32 ``[B, 3, R, R]`` in [-1, 1] (``glad_runtime.core.images.preprocess``).
+            images: float32 ``[B, 3, R, R]`` in [-1, 1] (``GladPipeline.preprocessor``).
         Returns:
             :class:`PipelineOutput`.
         Raises:
@@ -290,7 +296,7 @@ class GladPipeline:
         start = time.perf_counter()
         latents = self.encode(images)
         d = (c.dino_resolution, c.dino_resolution)
-        source = scoring_images(images, c)  # multi-class presets: the load-size image (issue 30)
+        source = self.preprocessor.scoring_images(images)  # multi-class presets: the load-size image
         reference = self.decode(latents) if c.score_reference == "vae_roundtrip" else source
         ref_small = resize_bilinear(reference, d)
         feats_in = self.features(ref_small)

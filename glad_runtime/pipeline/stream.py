@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from glad_runtime.core.scoring import anomaly_map, foreground_mask, resize_bilinear, scoring_images, topk_mean
+from glad_runtime.core.scoring import anomaly_map, foreground_mask, resize_bilinear, topk_mean
 from glad_runtime.core.config import GladConfig
 from glad_runtime.core.detection import Detection
 from glad_runtime.engines import EngineError, Engines, check_output
@@ -222,7 +222,7 @@ class StepScheduler:
         c, p = self.config, self.pipeline
         images = np.stack([s.image for s in new])
         d = (c.dino_resolution, c.dino_resolution)
-        source = scoring_images(images, c)  # multi-class presets: the load-size image (issue 30)
+        source = p.preprocessor.scoring_images(images)  # multi-class presets: the load-size image
         reference = p.decode(np.stack([s.latents for s in new])) if c.score_reference == "vae_roundtrip" else source
         ref_small = resize_bilinear(reference, d)
         feats_in = p.features(ref_small)

@@ -11,7 +11,7 @@ numpy only, so every one of them can import it; the README's "Served contract" s
 
   * ``image_files`` BYTES ``[B, 1]``: encoded image files as they are (PNG, JPEG, TIFF, BMP, WebP; 8 or 16 bit;
     any mode ``glad detect`` reads), decoded and preprocessed on the server by the code ``glad detect`` runs
-    (:func:`glad_runtime.core.images.load_image` + ``prepare``), so a score does not depend on the sender. In the
+    (:func:`glad_runtime.core.images.load_image` + ``Preprocessor.image``), so a score does not depend on the sender. In the
     HTTP JSON form, which cannot carry binary, an element may be the file's standard base64 text instead.
   * ``images`` FP32 ``[B, 3, R, R]`` in [-1, 1] for clients that preprocess (x / 255 * 2 - 1, bilinear resize):
     anything else (outside [-1, 1], NaN, Inf, wrong shape or dtype) is refused with INVALID_ARGUMENT.

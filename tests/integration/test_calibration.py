@@ -18,7 +18,7 @@ from glad_runtime.core.calibration import (SCHEMA_VERSION, Calibration, Calibrat
                               f1_optimal_threshold, quantile_threshold)
 from conftest import StubEngines, stub_config
 from glad_runtime.core.bundle import Bundle, BundleError
-from glad_runtime.core.images import load_image, prepare, preprocess
+from glad_runtime.core.images import load_image, preprocess
 from glad_runtime.pipeline.batch import GladPipeline
 
 
@@ -295,12 +295,13 @@ def _images(folder, values, size=(10, 12)):
 
 def test_detect_files_labels_override_and_uncalibrated(tmp_path):
     from calib.collect import score_images
-    from glad_runtime.detector import UNCALIBRATED_NOTE, Detector, detect_files, summarize
+    from glad_runtime.detector import Detector
+    from glad_runtime.output import UNCALIBRATED_NOTE, detect_files, summarize
 
     pipe = GladPipeline(StubEngines(), stub_config())
     normals = _images(tmp_path / "normal", [90, 95, 100, 105, 110, 100])
     scored = score_images(Detector(StubEngines(), stub_config()), normals, batch_size=4, progress=False)
-    direct = pipe(np.stack([prepare(load_image(p), 8) for p in normals]))
+    direct = pipe(np.stack([pipe.preprocessor.image(load_image(p)) for p in normals]))
     np.testing.assert_allclose(scored.scores, direct.scores, rtol=1e-6)  # batching does not change scores
     cal = quiet_from_normals(scored.scores, scored.pixels, target_fpr=0.2)
     probe = normals + _images(tmp_path / "probe", [250, 5])
@@ -350,17 +351,11 @@ def test_labelled_samples_layouts(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def test_cli_calibrate_labelled_on_stub_pipeline(tmp_path, monkeypatch):
+def test_cli_calibrate_labelled_on_stub_pipeline(tmp_path, stub_backends):
     """`glad calibrate --labelled` wiring with the stub engines in place of the torch engine (fast)."""
     import glad_cli.main as main
 
     b = _stub_bundle(tmp_path)
-
-    def stub_open(bundle, engine, max_batch=16, **changes):
-        bb = Bundle(bundle)
-        return bb, None, GladPipeline(StubEngines(), bb.config.replace(**changes))
-
-    monkeypatch.setattr(main, "_open_pipeline", stub_open)
     normal = tmp_path / "normal"
     _images(normal, [100, 102, 98, 101, 99])
     lab = tmp_path / "lab"

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from glad_runtime.core.config import PRESETS, get_preset
-from glad_runtime.core.images import load_image, prepare, preprocess
+from glad_runtime.core.images import Preprocessor, load_image, preprocess
 from glad_runtime.core.schedule import NoiseSchedule
 
 torch = pytest.importorskip("torch")
@@ -166,7 +166,7 @@ def test_8bit_image_is_resized_as_8bit_then_scaled(tmp_path, mode):
     arr = rng.integers(0, 256, (300, 200) if mode == "L" else (300, 200, 3), dtype=np.uint8)
     f = tmp_path / f"x_{mode}.png"
     Image.fromarray(arr, mode).save(f)
-    got = prepare(load_image(f), 128)
+    got = Preprocessor(128).image(load_image(f))
     ref = _torchvision_like_reference(Image.open(f), 128)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
     levels = (got + 1) / 2 * 255  # on 8-bit levels, as the official tensors are
@@ -177,7 +177,7 @@ def test_16bit_image_keeps_its_precision(tmp_path):
     g16 = (np.arange(300 * 200).reshape(300, 200) * 7 % 65536).astype(np.uint16)
     f = tmp_path / "x16.png"
     Image.fromarray(g16).save(f)
-    got = prepare(load_image(f), 128)
+    got = Preprocessor(128).image(load_image(f))
     ref = np.asarray(Image.fromarray(g16.astype(np.float32) / 65535.0).resize((128, 128), Image.BILINEAR))
     np.testing.assert_allclose(got[0], np.clip(ref, 0, 1) * 2 - 1, atol=1e-6)
     assert len(np.unique(got[0])) > 256
@@ -189,7 +189,7 @@ def test_multi_class_reads_at_256_then_upsamples_align_corners(tmp_path):
     f = tmp_path / "m.png"
     Image.fromarray(arr).save(f)
     cfg = get_preset("multi-visa-candle")
-    got = prepare(load_image(f), cfg.resolution, cfg.load_resolution)
+    got = Preprocessor.from_config(cfg).image(load_image(f))
     at256 = torch.from_numpy(_torchvision_like_reference(Image.open(f), 256))[None]
     ref = torch.nn.functional.interpolate(at256, size=(512, 512), mode="bilinear", align_corners=True)[0].numpy()
     assert got.shape == (3, 512, 512)

@@ -30,6 +30,7 @@ pytest.importorskip("onnxscript")  # the exported_bundle fixture exports
 from glad_runtime.core.bundle import Bundle, BundleError  # noqa: E402
 from glad_runtime.core.images import preprocess  # noqa: E402
 from glad_runtime.engines import EngineError, load_engines  # noqa: E402
+from glad_runtime.errors import EngineSpecError  # noqa: E402
 from glad_runtime.pipeline.batch import GladPipeline  # noqa: E402
 
 REL = {"f32": 1e-4, "bf16": 1e-1}       # per graph, max |difference| relative to the output's max |value|
@@ -174,8 +175,8 @@ def test_errors(bundle, engines, tiny_bundle, tmp_path, monkeypatch):
         e.features(np.zeros((1, 3, 64, 64), np.float32))
     with pytest.raises(ValueError, match="precision"):
         ove.OpenVinoEngines(bundle, "fp16")
-    with pytest.raises(ValueError, match="CPU only"):
-        load_engines(bundle, "openvino", provider="cuda")
+    with pytest.raises(EngineSpecError, match="openvino' accepts provider cpu; got 'cuda'"):
+        load_engines(bundle, "openvino", provider="cuda")  # runs on the CPU only
     with pytest.raises(BundleError, match="glad export"):
         ove.OpenVinoEngines(tiny_bundle)  # never exported
     shutil.copytree(bundle.path, tmp_path / "b", ignore=shutil.ignore_patterns("engines"))

@@ -147,7 +147,7 @@ def test_cli_detect_real_images(tiny_bundle, elpv_images, tmp_path):
 def test_detect_isolates_an_image_that_breaks_the_engine(tmp_path):
     """An engine failure on one image (non-finite output) costs only that image; the rest of the batch completes."""
     from conftest import StubEngines, stub_config
-    from glad_runtime.detector import detect_files
+    from glad_runtime.output import detect_files
 
     class Flaky(StubEngines):
         def unet(self, latents, timesteps):

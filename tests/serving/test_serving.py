@@ -23,7 +23,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient.grpc")
 
 from glad_runtime.core.bundle import Bundle  # noqa: E402
-from glad_runtime.core.images import load_image, prepare  # noqa: E402
+from glad_runtime.core.images import Preprocessor, load_image  # noqa: E402
 from glad_runtime.pipeline.batch import GladPipeline  # noqa: E402
 from triton_models.server import free_port, launch_server, server_available  # noqa: E402
 
@@ -56,11 +56,11 @@ def _png(array: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def reference(exported_bundle, images):
     """``(batch, PipelineOutput)``: in-process ONNX Runtime results for ``images`` (the ground truth of every
-    served test), decoded and preprocessed as ``glad detect`` does (``load_image`` + ``prepare``)."""
+    served test), decoded and preprocessed as ``glad detect`` does (``load_image`` + ``Preprocessor``)."""
     from glad_runtime.engines.ort import OrtEngines
 
     b = exported_bundle[0]
-    batch = np.stack([prepare(load_image(_png(i)), b.config.resolution) for i in images])
+    batch = np.stack([Preprocessor.from_config(b.config).image(load_image(_png(i))) for i in images])
     return batch, GladPipeline(OrtEngines(b), b.config)(batch)
 
 
@@ -128,7 +128,7 @@ def test_repository_layout_and_configs(served_bundle, repo, tmp_path):
     names = sorted(p.name for p in repo.iterdir() if p.name != "tiny_raw_glad")
     assert names == sorted(model_names(served_bundle)) == sorted(
         f"tiny_line_{n}" for n in ("unet", "vae_encoder", "vae_decoder", "dino", "dino_ads", "ads_check",
-                                   "resize", "recon_features", "glad", "glad_inflight"))
+                                   "glad", "glad_inflight"))
     unet = (repo / "tiny_line_unet" / "config.pbtxt").read_text()
     # dims read from the graph (not hard-coded): compare with what ONNX Runtime reports
     sess = ort.InferenceSession(str(served_bundle.file("onnx/unet.onnx")), providers=["CPUExecutionProvider"])
@@ -161,20 +161,20 @@ def test_repository_layout_and_configs(served_bundle, repo, tmp_path):
     assert 'key: "max_queue" value: { string_value: "16" }' in inflight
     for entry in ("tiny_line_glad", "tiny_line_glad_inflight"):
         assert (repo / entry / "1" / "glad_bls.py").is_file() and (repo / entry / "1" / "calibration.json").is_file()
-    ens = (repo / "tiny_line_recon_features" / "config.pbtxt").read_text()
-    assert 'platform: "ensemble"' in ens and ens.index("tiny_line_vae_decoder") < ens.index("tiny_line_resize") \
-        < ens.index("tiny_line_dino\"")
     # the graph is a hard link of the bundle's file (same bytes, no copy) when on one file system
     src, dst = served_bundle.file("onnx/unet.onnx"), repo / "tiny_line_unet" / "1" / "model.onnx"
     assert dst.read_bytes() == src.read_bytes()
     # gpu target: native onnxruntime models; two bundles share one repository under their prefixes
     gpu = tmp_path / "gpu"
+    for retired in ("a_recon_features", "a_resize"):  # an older generator's unused models go on regeneration
+        (gpu / retired / "1").mkdir(parents=True)
     generate_repository(served_bundle, gpu, target="gpu", prefix="a")
+    assert not (gpu / "a_recon_features").exists() and not (gpu / "a_resize").exists()
     generate_repository(served_bundle, gpu, target="gpu", prefix="b", max_batch=2)
     text = (gpu / "a_dino" / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in text and "kind: KIND_GPU" in text and "backend" not in text
     assert "max_batch_size: 4" in (gpu / "b_unet" / "config.pbtxt").read_text()
-    assert len(list(gpu.iterdir())) == 20  # 10 models per prefix
+    assert len(list(gpu.iterdir())) == 16  # 8 models per prefix
 
 
 def test_repository_refuses_unexported(tiny_bundle, tmp_path):
@@ -229,26 +229,6 @@ def test_bls_matches_in_process_with_labels(server, served_bundle, images, refer
         assert d.label == cal.label(d.score) and d.normalized_score == pytest.approx(cal.normalize(d.score), abs=1e-5)
         assert d.original_size == (300, 300) and d.map_at_original_size().shape == (300, 300)
     assert {d.label for d in dets} == {"normal", "anomalous"}
-
-
-def test_ensemble_decode_then_features(server, served_bundle, reference):
-    import tritonclient.grpc as grpcclient
-
-    from glad_runtime.core.scoring import resize_bilinear
-    from glad_runtime.engines.ort import OrtEngines
-
-    cfg = served_bundle.config
-    eng = OrtEngines(served_bundle)
-    latents = eng.encode(reference[0][:2])
-    recon = eng.decode(latents)
-    tokens = eng.features(resize_bilinear(recon, (cfg.dino_resolution,) * 2))[0]
-    c = grpcclient.InferenceServerClient(server.grpc_url)
-    inp = grpcclient.InferInput("latents", list(latents.shape), "FP32")
-    inp.set_data_from_numpy(latents)
-    r = c.infer("tiny_line_recon_features", [inp])
-    c.close()
-    np.testing.assert_allclose(r.as_numpy("reconstruction"), recon, atol=ATOL)
-    np.testing.assert_allclose(r.as_numpy("tokens_7"), tokens, atol=ATOL)
 
 
 # ---------------------------------------------------------------------------------------------- any client

@@ -11,13 +11,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import StubEngines, stub_config
+from conftest import stub_config
 from glad_cli.main import GladGroup, cli
 from glad_runtime.core.bundle import Bundle
 from glad_runtime.core.config import FIELD_CHOICES, GladConfig, get_preset, parse_overrides, parse_value
 from glad_runtime.errors import (BundleError, ConfigError, EngineError, GladError, UnknownPresetError,
                                  UsageError)
-from glad_runtime.pipeline.batch import GladPipeline
 
 
 def _run(*args, group=cli):
@@ -207,9 +206,10 @@ def test_train_bad_set_exit_2_before_training(tmp_path, item, words):
 
 # ---------------------------------------------------------------------------------------------- --set reaches the run
 @pytest.fixture
-def stub_cli(tmp_path, monkeypatch):
-    """A stub bundle, two images, and ``glad_cli.main._open_pipeline`` replaced by stub engines (records calls)."""
-    import glad_cli.main as main
+def stub_cli(tmp_path, monkeypatch, stub_backends):
+    """A stub bundle, two images, every backend opening stub engines (``stub_backends``) and ``Detector.open``
+    recording what each command asked it for: ``(EngineSpec, config_changes)``."""
+    from glad_runtime.detector import Detector
 
     b = Bundle.create(tmp_path / "b", stub_config())
     (b.file("weights") / "w.bin").write_bytes(b"weights")
@@ -219,24 +219,25 @@ def stub_cli(tmp_path, monkeypatch):
     for k, v in enumerate((100, 200)):
         Image.fromarray(np.full((10, 12), v, np.uint8)).save(src / f"im{k}.png")
     calls = []
+    real_open = Detector.open.__func__
 
-    def stub_open(bundle, engine, max_batch=16, **changes):
-        calls.append((engine, changes))
-        bb = Bundle(bundle)
-        return bb, None, GladPipeline(StubEngines(), bb.config.replace(**changes))
+    def recording_open(cls, bundle, spec="torch", **kw):
+        calls.append((spec, kw.get("config_changes") or {}))
+        return real_open(cls, bundle, spec, **kw)
 
-    monkeypatch.setattr(main, "_open_pipeline", stub_open)
+    monkeypatch.setattr(Detector, "open", classmethod(recording_open))
     return b, src, calls
 
 
-def test_detect_set_values_are_typed(stub_cli, tmp_path):
+def test_detect_set_values_are_typed(stub_cli, stub_backends, tmp_path):
     b, src, calls = stub_cli
     res = _run("detect", b.path, src, "--out", tmp_path / "out", "--quiet", "--set", "ads_enabled=False",
                "--set", "top_k=3", "--set", "tau=0.1", "--engine", "ort", "--threads", "2")
     assert res.exit_code == 0, res.output
     engine, changes = calls[-1]
     assert changes == {"ads_enabled": False, "top_k": 3, "tau": 0.1}  # "False" no longer turns ADS on
-    assert engine["backend"] == "ort" and engine["threads"] == 2 and engine["server"] is None
+    assert engine.backend == "ort" and engine.threads == 2 and engine.options == {}  # no server
+    assert stub_backends[-1] == engine.replace(max_batch=4)  # what the backend opened: --batch-size per call
 
 
 def test_detect_seed_and_set_seed_together(stub_cli, tmp_path):

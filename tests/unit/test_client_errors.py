@@ -16,9 +16,8 @@ import pytest
 from glad_runtime.core.detection import Detection
 from glad_runtime.errors import (BadInputError, ImageLoadError, ImageTooLargeError, InvalidInputError,
                                  ServerUnavailableError, ServingError)
-from glad_runtime.serving import client as client_module
 from glad_runtime.serving import protocol, routing
-from glad_runtime.serving.client import AsyncGladClient, GladClient, requested_outputs
+from glad_runtime.serving.client import AsyncGladClient, GladClient, plan, requested_outputs, streaming
 
 tritonutils = pytest.importorskip("tritonclient.utils")
 ISE = tritonutils.InferenceServerException
@@ -114,7 +113,7 @@ def test_errors_output_maps_to_typed_errors_naming_the_source():
     arrays = protocol.glad_output_arrays(dets, "working")
     assert arrays["errors"][0] == b"" and arrays["errors"][1].startswith(b"[INVALID_ARGUMENT] ImageTooLargeError: ")
     sources = ["good.png", "huge.tif", "broken.png", "#3", "cell.png"]
-    got = protocol.detections_from_arrays(arrays, sources, error_for=lambda s, m: client_module._image_error(
+    got = protocol.detections_from_arrays(arrays, sources, error_for=lambda s, m: plan.image_error(
         s, m, "h:8001"), server="h:8001")
     assert got[0].ok and got[0].score == pytest.approx(0.1) and got[0].server == "h:8001"
     huge, broken, full, nan = (d.error for d in got[1:])
@@ -240,7 +239,7 @@ def test_async_client_per_image_errors():
 
 # ---------------------------------------------------------------------------------------------- stream
 class FakeStreams:
-    """Stands in for ``client._Streams``: each request is answered at once by ``answer(url, request)``, which
+    """Stands in for ``client.streaming.Streams``: each request is answered at once by ``answer(url, request)``, which
     returns ``(error_message, arrays)``; the answer lands in the client's event queue like a real stream's."""
 
     sent: list = []
@@ -282,7 +281,7 @@ def _value(request) -> float:
 
 
 def test_stream_per_image_error_is_yielded_once_and_not_resent(monkeypatch):
-    monkeypatch.setattr(client_module, "_Streams", FakeStreams)
+    monkeypatch.setattr(streaming, "Streams", FakeStreams)
     FakeStreams.sent = []
     FakeStreams.answer = staticmethod(lambda url, r: (None, _arrays([_value(r)], True)))
     c = _client({"a:1": FakeServer()})
@@ -301,7 +300,7 @@ def test_stream_back_pressure_is_retried_until_the_deadline(monkeypatch):
     """``[UNAVAILABLE] in-flight pool full`` for the first 12 answers on the only replica: the image is resent
     (more than the old 4 rounds) and answered within its deadline; the per-image outputs a legacy model lacks are
     not asked for."""
-    monkeypatch.setattr(client_module, "_Streams", FakeStreams)
+    monkeypatch.setattr(streaming, "Streams", FakeStreams)
     FakeStreams.sent = []
     full = protocol.tag_stream_error("UNAVAILABLE", "in-flight pool full: 8 active, 32 queued")
     FakeStreams.answer = staticmethod(lambda url, r: (full, None) if len(FakeStreams.sent) <= 12 else

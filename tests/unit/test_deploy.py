@@ -50,9 +50,6 @@ def _fake_repo(root: Path, prefix: str, target: str) -> None:
         (d / "1" / "model.onnx").write_bytes(b"onnx-graph-" + g.encode())
         (d / "config.pbtxt").write_text(f'name: "{prefix}_{g}"\n{head}max_batch_size: 16\n'
                                         f"instance_group [ {{ count: 1 kind: {kind} }} ]\n")
-    d = root / f"{prefix}_recon_features"
-    (d / "1").mkdir(parents=True)
-    (d / "config.pbtxt").write_text(f'name: "{prefix}_recon_features"\nplatform: "ensemble"\n')
     d = root / f"{prefix}_glad"
     (d / "1").mkdir(parents=True)
     (d / "1" / "model.py").write_text("# glad_model.py\n")
@@ -90,7 +87,7 @@ def test_writes_every_recipe_and_only_the_chosen_models(recipes):
                    "model_repository"}
     assert all(p.exists() for p in written)
     models = sorted(p.name for p in (out / "model_repository").iterdir())
-    assert models == ["line1_dino", "line1_glad", "line1_recon_features", "line1_unet", "line1_vae_decoder",
+    assert models == ["line1_dino", "line1_glad", "line1_unet", "line1_vae_decoder",
                       "line1_vae_encoder"]  # not the other prefix's
     src, dst = repo / "line1_unet" / "1" / "model.onnx", out / "model_repository" / "line1_unet" / "1" / "model.onnx"
     assert dst.read_bytes() == src.read_bytes()
@@ -159,6 +156,7 @@ def test_dockerfile_content(recipes):
     cmd = json.loads(next(ln for ln in lines if ln.startswith("CMD ")).removeprefix("CMD "))
     assert cmd[0] == "tritonserver" and "--model-repository=/models" in cmd and "--exit-timeout-secs=30" in cmd
     assert cmd[-2:] == ["--log-verbose=0", "--model-control-mode=none"]  # server_args pass through
+    assert "--load-model=*" not in cmd  # ... and a model control mode of the caller's replaces the drainable one
     ignore = (out / ".dockerignore").read_text().splitlines()
     assert ignore[1] == "*" and {"!src", "!model_repository", "!constraints.txt", "**/__pycache__"} <= set(ignore)
 
@@ -194,8 +192,12 @@ def test_deployment_probes_drain_metrics_and_autoscaling(recipes):
     start = c["startupProbe"]
     assert start["httpGet"]["path"] == "/v2/health/ready" and start["periodSeconds"] * start["failureThreshold"] >= 600
     exit_timeout = int(next(a for a in c["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
-    prestop = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
-    assert pod["terminationGracePeriodSeconds"] > prestop + exit_timeout
+    python, flag, code = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert python == "python3" and flag == "-c"  # the NGC image's Python, which has triton_models installed
+    prestop = int(re.search(r"time\.sleep\((\d+)\)", code).group(1))
+    assert f"drain('127.0.0.1:{http}', {exit_timeout})" in code  # the entry models drained before SIGTERM
+    compile(code, "preStop", "exec")
+    assert pod["terminationGracePeriodSeconds"] > prestop + 2 * exit_timeout
     cmd = json.loads(next(ln for ln in (out / "Dockerfile").read_text().splitlines()
                           if ln.startswith("CMD ")).removeprefix("CMD "))
     assert c["args"] == cmd  # the manifest runs what the image would
@@ -228,6 +230,41 @@ def test_cpu_target_requests_no_gpu_and_sets_namespace(recipes):
     assert "tolerations" not in objs[0]["spec"]["template"]["spec"]
     assert "--exit-timeout-secs=60" in c["args"]
     assert objs[0]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 60
+    assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "/opt/glad/venv/bin/python"
+    cmd = json.loads(next(ln for ln in (out / "Dockerfile").read_text().splitlines()
+                          if ln.startswith("CMD ")).removeprefix("CMD "))
+    assert c["args"] == cmd  # the manifest runs what the image would (flags: the image's entrypoint runs the server)
+
+
+def test_cpu_dockerfile_content(recipes):
+    """The CPU image (issue 34): a Debian / Python 3.11 base as a build argument, the project with its serve extra
+    in a virtualenv (pinned for Python 3.11), the backend directory made at build time, the drain-aware entrypoint,
+    explicit model control, non-root, HEALTHCHECK; the proxy CA only as a build secret."""
+    _, out, _ = recipes["cpu"]
+    text = (out / "Dockerfile").read_text()
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert lines[:2] == ["ARG BASE_IMAGE=python:3.11-slim", "FROM ${BASE_IMAGE}"]
+    assert "RUN --mount=type=secret,id=pip_ca" in text and "PIP_CERT=/run/secrets/pip_ca" in text
+    assert "python3 -m venv /opt/glad/venv" in text
+    assert re.search(r'PIP_CONSTRAINT=/opt/glad/constraints.txt /opt/glad/venv/bin/pip install --no-cache-dir '
+                     r'"/opt/glad/src\[serve\]"', text)
+    assert "-m triton_models.entrypoint --prepare-backends /opt/glad/backends" in text
+    pins = dict(ln.split("==") for ln in (out / "constraints.txt").read_text().splitlines()
+                if ln and not ln.startswith("#"))
+    assert "CPython 3.11" in (out / "constraints.txt").read_text()
+    for name in ("nvidia-pytriton", "onnxruntime", "numpy", "tritonclient", "setuptools"):
+        assert name in pins, name
+    assert "torch" not in pins and "glad-toolkit" not in pins
+    assert [ln for ln in lines if ln.startswith("USER ")] == ["USER 1000:1000"]
+    assert "COPY model_repository/ /models/" in text and "EXPOSE 8000 8001 8002" in lines
+    health = json.loads(next(ln for ln in lines if ln.startswith("HEALTHCHECK")).split(" CMD ", 1)[1])
+    assert health[0] == "/opt/glad/venv/bin/python" and "/v2/health/ready" in health[-1]
+    entry = json.loads(next(ln for ln in lines if ln.startswith("ENTRYPOINT ")).removeprefix("ENTRYPOINT "))
+    assert entry == ["/opt/glad/venv/bin/python", "-m", "triton_models.entrypoint"]
+    cmd = json.loads(next(ln for ln in lines if ln.startswith("CMD ")).removeprefix("CMD "))
+    assert cmd[0] == "--model-repository=/models" and "--exit-timeout-secs=60" in cmd
+    assert {"--model-control-mode=explicit", "--load-model=*"} <= set(cmd)  # what the drain needs
+    assert "STOPSIGNAL SIGTERM" in lines
 
 
 # ---------------------------------------------------------------------------------------------------------- KServe

@@ -1,7 +1,7 @@
 """``glad eval`` on a calibrated bundle (issue 32): the bundle's calibration labels the test images by default,
 ``--threshold`` overrides it, and the report opens with the operating point (threshold and source, misses and false
 rejects with counts and rates, the pixel operating point with masks); overlays on the bundle's one scale. Stub
-engines behind the CLI's patch point (fast: no networks)."""
+engines behind every backend (``stub_backends``: fast, no networks)."""
 
 from __future__ import annotations
 
@@ -14,21 +14,18 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import StubEngines, html_image_sources, stub_config
+from conftest import html_image_sources, stub_config
 from glad_runtime.core.bundle import Bundle
 from glad_runtime.core.calibration import Calibration
-from glad_runtime.pipeline.batch import GladPipeline
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
 
 @pytest.fixture
-def stub_eval(tmp_path, monkeypatch):
-    """A stub bundle, an MVTec-format category (3 train, 3 good and 3 defective test images with masks) and the
-    CLI's ``_open_pipeline`` replaced by stub engines."""
-    import glad_cli.main as main
-
+def stub_eval(tmp_path, stub_backends):
+    """A stub bundle, an MVTec-format category (3 train, 3 good and 3 defective test images with masks) and every
+    backend opening stub engines."""
     b = Bundle.create(tmp_path / "b", stub_config())
     (b.file("weights") / "w.bin").write_bytes(b"weights")
     b.write_manifest()
@@ -45,12 +42,6 @@ def stub_eval(tmp_path, monkeypatch):
         mask = np.zeros((12, 12), np.uint8)
         mask[2:2 + 2 * (k + 1), 3:8] = 255
         Image.fromarray(mask).save(data / "ground_truth/crack" / f"{k}_mask.png")
-
-    def stub_open(bundle, engine, max_batch=16, **changes):
-        bb = Bundle(bundle)
-        return bb, None, GladPipeline(StubEngines(), bb.config.replace(**changes))
-
-    monkeypatch.setattr(main, "_open_pipeline", stub_open)
     return b, data
 
 

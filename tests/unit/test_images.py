@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glad_runtime.core.images import ImageLoadError, UnsupportedImageError, load_image, preprocess, resize_map
+from glad_runtime.core.images import ImageLoadError, Preprocessor, UnsupportedImageError, load_image, preprocess
 
 
 def _gradient(h=30, w=50):
@@ -90,6 +90,29 @@ def test_preprocess_and_map_back():
     assert x.shape == (3, 64, 64) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
     flat = preprocess(np.full((37, 91, 3), 0.25, np.float32), 64)
     np.testing.assert_allclose(flat, -0.5, atol=1e-6)
-    m = resize_map(np.ones((64, 64), np.float32), (37, 91))
+    m = Preprocessor.map_to_original(np.ones((64, 64), np.float32), (37, 91))
     assert m.shape == (37, 91)
     np.testing.assert_allclose(m, 1.0, atol=1e-6)
+
+
+def test_preprocessor_is_the_config_rule_and_training_sees_the_same_tensors():
+    from glad_runtime.core.config import get_preset
+
+    multi = get_preset("multi-visa-candle")
+    pre = Preprocessor.from_config(multi)
+    assert (pre.resolution, pre.load_size, pre.resample) == (512, 256, "bilinear")
+    rng = np.random.default_rng(4)
+    for px in (rng.integers(0, 256, (90, 70, 3), dtype=np.uint8), rng.integers(0, 256, (90, 70), dtype=np.uint8)):
+        x = pre(px)
+        assert x.shape == (3, 512, 512) and x.dtype == np.float32
+        np.testing.assert_array_equal(x, preprocess(px, 512, 256))
+        # training: the 8-bit load-size image it synthesises on, then the same tensor
+        rgb8 = pre.resize_rgb8(px)
+        assert rgb8.shape == (256, 256, 3) and rgb8.dtype == np.uint8
+        np.testing.assert_array_equal(pre.to_tensor(rgb8), x)
+        # the inverse: the load-size image back from the upsampled one
+        np.testing.assert_allclose(pre.scoring_images(x[None])[0], pre.with_resolution(256)(px), atol=2e-7)
+    with pytest.raises(ValueError, match="resample"):
+        Preprocessor(64, resample="sinc")
+    with pytest.raises(ValueError, match="load_resolution"):
+        Preprocessor(64, 128)

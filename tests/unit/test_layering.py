@@ -46,8 +46,36 @@ import numpy as np
 from glad_runtime.serving import client
 for x in (np.zeros((5, 7), np.uint8), np.zeros((5, 7, 3), np.uint8), np.zeros((5, 7), np.uint16),
           np.zeros((3, 8, 8), np.float32), b'raw bytes'):
-    print(client._prepare(x, 0, 8)[1], end=' ')
+    print(client.plan.prepare(x, 0, 8).kind, end=' ')
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["files", "files", "files", "tensor", "files"]
+
+
+def test_facade_and_served_models_import_neither_the_renderer_nor_matplotlib():
+    """Issue 29, item 5: what ``glad detect`` writes and draws lives in ``glad_runtime.output`` (and
+    ``glad_runtime.render``); the facade and the three python-backend models (over a stand-in
+    ``triton_python_backend_utils``) load neither, nor matplotlib, nor the engines' libraries. ``glad --help``
+    builds its engine options from the backend table without numpy."""
+    code = """
+import sys, types
+pb = types.ModuleType('triton_python_backend_utils')
+pb.__getattr__ = lambda name: 0  # constants read at import time
+sys.modules['triton_python_backend_utils'] = pb
+import glad_runtime.detector
+facade = sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m in ('glad_runtime.render',
+                'glad_runtime.output', 'torch', 'onnxruntime'))
+sys.path.insert(0, sys.argv[1])
+import glad_bls, glad_model, glad_inflight_model
+served = sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m in ('glad_runtime.render',
+                'glad_runtime.output', 'torch', 'onnxruntime'))
+print(facade, served)
+"""
+    models = RUNTIME.parent / "triton_models" / "python"
+    out = subprocess.run([sys.executable, "-c", code, str(models)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[] []"
+    cli = subprocess.run([sys.executable, "-c", "import sys, glad_cli.main; print('numpy' in sys.modules)"],
+                         capture_output=True, text=True)
+    assert cli.returncode == 0 and cli.stdout.strip() == "False", cli.stderr

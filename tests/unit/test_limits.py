@@ -122,7 +122,7 @@ def test_regions_over_defect_pixels_equal_whole_map_statistics(seed):
 def test_overlay_of_a_large_image_is_capped_and_maps_stay_full_size(tmp_path):
     from glad_runtime.core.calibration import Calibration
     from glad_runtime.core.detection import Detection
-    from glad_runtime.detector import OVERLAY_MAX_SIDE, write_outputs
+    from glad_runtime.output import OVERLAY_MAX_SIDE, write_outputs
     from glad_runtime.render import MapScale
 
     h, w = 3000, 2400

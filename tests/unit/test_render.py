@@ -145,7 +145,7 @@ def test_uncalibrated_fallback_is_per_image():
 
 
 def test_write_outputs_mask_and_one_png_scale(calibration, tmp_path):
-    from glad_runtime.detector import write_outputs
+    from glad_runtime.output import write_outputs
 
     s = MapScale.for_bundle(calibration)
     t = calibration.pixel_threshold

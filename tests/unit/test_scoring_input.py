@@ -18,8 +18,8 @@ from scipy import ndimage
 
 from conftest import StubEngines, stub_config
 from glad_runtime.core.config import get_preset
-from glad_runtime.core.images import preprocess
-from glad_runtime.core.scoring import invert_upsample, resize_bilinear, scoring_images
+from glad_runtime.core.images import Preprocessor, preprocess
+from glad_runtime.core.scoring import invert_upsample, resize_bilinear
 
 R, LOAD = 32, 16  # the stub sizes standing in for 512 / 256
 
@@ -117,6 +117,6 @@ def test_invert_upsample_is_exact_and_single_class_unchanged():
     single = get_preset("tiny")
     assert single.load_resolution is None
     imgs = rng.uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32)
-    assert scoring_images(imgs, single) is imgs
+    assert Preprocessor.from_config(single).scoring_images(imgs) is imgs
     multi = dataclasses.replace(single, resolution=16, load_resolution=8)
-    assert scoring_images(resize_bilinear(imgs, (16, 16)), multi).shape == (1, 3, 8, 8)
+    assert Preprocessor.from_config(multi).scoring_images(resize_bilinear(imgs, (16, 16))).shape == (1, 3, 8, 8)

@@ -25,7 +25,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from glad_runtime.core.config import GladConfig
-from glad_runtime.core.images import load_image, prepare
+from glad_runtime.core.images import load_image
 from glad_runtime.detector import Detector
 from glad_runtime.engines import EngineError, GraphEngines, network_graphs
 from glad_runtime.errors import GladError, ImageLoadError, InvalidInputError
@@ -353,7 +353,7 @@ class Served:
             label = f"{name}[{k}]"
             try:
                 img = load_image(protocol.file_bytes(element), self.max_pixels, label=label)
-                arr = prepare(img, self.config.resolution, self.config.load_resolution)
+                arr = self.detector.pipeline.preprocessor.image(img)
                 items.append((arr, img.released(), None))
             except GladError as e:
                 items.append((None, None, e))

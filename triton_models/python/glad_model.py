@@ -8,7 +8,7 @@ them). The version directory holds the bundle's ``config.json`` and, when calibr
 
 Inputs and outputs are the served contract of :mod:`glad_runtime.serving.protocol` (``images`` FP32 or
 ``image_files`` BYTES, the ``map_size`` request parameter, ``GLAD_OUTPUTS``). Files are decoded and preprocessed
-here by the code ``glad detect`` runs (``core.images.load_image`` + ``prepare``), and every result is made by
+here by the code ``glad detect`` runs (``core.images.load_image`` + ``Preprocessor.image``), and every result is made by
 :class:`glad_runtime.detector.Detector` (``detect_arrays`` + ``locate``: labels, regions), so a served result equals
 the in-process one. The requests of a dynamic batch run as one pipeline call (results do not depend on batch
 mates, project decision 2). A malformed request (no image, both or neither inputs, too many images, a tensor of

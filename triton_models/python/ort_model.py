@@ -18,7 +18,7 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from glad_runtime.core.bundle import sha256_file
-from glad_runtime.core.cpus import threads_for
+from glad_runtime.core.cpus import threads_for, usable_cores
 from glad_runtime.engines.ort import session_options
 
 
@@ -56,6 +56,10 @@ class TritonPythonModel:
         self.inputs = [i["name"] for i in cfg["input"]]
         self.outputs = [o["name"] for o in cfg["output"]]
         self.name = cfg["name"]
+        # One line per instance in the server log: how the thread rule (core/cpus) sized this session, the check a
+        # container with a CPU quota (--cpus, resources.limits.cpu) is read by.
+        pb_utils.Logger.log_info(f"{self.name}: ONNX Runtime intra-op threads {threads} "
+                                 f"(usable cores {usable_cores()}, instances {instances})")
 
     def _run(self, feeds):
         return self.session.run(self.outputs, feeds)
