@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from glad_runtime.errors import UsageError
+
 __all__ = ["graph_flops", "stage_flops", "infer_shapes", "count_flops", "PEAK_TFLOPS", "main"]
 
 #: Dense fp16 / bf16 tensor-core peak (TFLOP/s, no sparsity), from NVIDIA's data sheets, for the printout.
@@ -250,7 +252,7 @@ def count_flops(model, shapes: dict[str, tuple], name: str = "graph") -> dict[st
     """FLOPs per counted op type (``{op_type: FLOPs}``) from ``shapes``.
 
     Raises:
-        ValueError: a counted op whose operand shapes are unknown.
+        UsageError: a counted op whose operand shapes are unknown.
     """
     out: dict[str, float] = {}
     for node in model.graph.node:
@@ -259,7 +261,7 @@ def count_flops(model, shapes: dict[str, tuple], name: str = "graph") -> dict[st
         ins = [shapes.get(i) for i in node.input[:2]]
         res = shapes.get(node.output[0])
         if not all(_known(s) for s in ins + [res]):
-            raise ValueError(f"{name}: unknown shapes for {node.op_type} {node.name}: {ins} -> {res}")
+            raise UsageError(f"{name}: unknown shapes for {node.op_type} {node.name}: {ins} -> {res}")
         attrs = {a.name: a for a in node.attribute}
         if node.op_type == "Conv":
             f = 2.0 * np.prod(res) * np.prod(ins[1][1:])  # w [C_out, C_in/groups, kH, kW]
@@ -288,7 +290,7 @@ def graph_flops(path: str | Path, detail: bool = False):
     Returns:
         the FLOPs, or with ``detail`` ``{"flops", "by_op": {op: FLOPs}, "shapes_from", "nodes"}``.
     Raises:
-        ValueError: a counted op whose operand shapes are unknown.
+        UsageError: a counted op whose operand shapes are unknown.
     """
     import onnx
 

@@ -1,6 +1,7 @@
 """Which project files and functions run for one image, from the Detector call to its label (after the bundle and
 engines are loaded): ``python -m bench.image_path`` (a tiny random bundle, torch engine, built under a temporary
-folder, or ``--work DIR`` to keep it). Works from any checkout: the project root is this file's parent's parent.
+folder, or ``--work DIR`` to keep it). Works from any checkout: the project root is this file's parent's parent, as
+imported and as resolved (a checkout reached through a symbolic link counts either way).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+#: the root as the code objects name their files: as imported (through a link, say) and resolved
+_ROOTS = tuple(dict.fromkeys(str(r) + os.sep for r in (Path(os.path.abspath(__file__)).parent.parent, ROOT)))
 
 
 def trace(work: Path) -> dict[str, set[str]]:
@@ -37,13 +40,14 @@ def trace(work: Path) -> dict[str, set[str]]:
     Image.fromarray(np.random.default_rng(0).uniform(0, 255, (64, 64)).astype(np.uint8)).save(image)
     det = Detector.open(b, "torch", threshold=0.1)
     seen: dict[str, set[str]] = {}
-    root = str(ROOT) + os.sep
 
     def prof(frame, event, arg):
         if event == "call":
             f = frame.f_code.co_filename
-            if f.startswith(root) and ".venv" not in f:
-                seen.setdefault(os.path.relpath(f, root), set()).add(frame.f_code.co_name)
+            for root in _ROOTS:
+                if f.startswith(root) and ".venv" not in f:
+                    seen.setdefault(os.path.relpath(f, root), set()).add(frame.f_code.co_name)
+                    break
 
     sys.setprofile(prof)
     try:

@@ -18,6 +18,8 @@ import statistics
 import time
 from typing import Callable, Mapping, Sequence
 
+from glad_runtime.errors import UsageError
+
 __all__ = ["interleave", "cell_stats", "paired_ratio", "round_order", "format_cell"]
 
 
@@ -35,11 +37,11 @@ def cell_stats(values: Sequence[float]) -> dict:
     single value; inf for a zero median with a nonzero range).
 
     Raises:
-        ValueError: no values.
+        UsageError: no values.
     """
     v = [float(x) for x in values]
     if not v:
-        raise ValueError("cell_stats needs at least one value")
+        raise UsageError("cell_stats needs at least one value")
     med, lo, hi = statistics.median(v), min(v), max(v)
     spread = (hi - lo) / med if med else (0.0 if hi == lo else float("inf"))
     return {"median": med, "min": lo, "max": hi, "spread": spread, "n": len(v), "values": v}
@@ -64,13 +66,13 @@ def interleave(options: Mapping[str, Callable[[], object]], repeats: int, *, war
         ``{"order": [names in the order they were timed, warm-up excluded], "repeats", "warmup", "rotate",
         "cells": {name: cell_stats of its seconds}, "last": {name: last return value}}``.
     Raises:
-        ValueError: no options or ``repeats < 1``.
+        UsageError: no options or ``repeats < 1``.
     """
     names = list(options)
     if not names:
-        raise ValueError("interleave needs at least one option")
+        raise UsageError("interleave needs at least one option")
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise UsageError(f"repeats must be >= 1, got {repeats}")
     last: dict = {}
     for w in range(max(0, int(warmup))):
         for name in round_order(names, w, rotate):

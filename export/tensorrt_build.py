@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 from glad_runtime.core.bundle import Bundle
 from glad_runtime.engines.trt import (EngineKey, GpuInfo, PRECISIONS, TensorRTUnavailable, current_gpu, onnx_source,
                                      optimization_profile, tensorrt_version)
-from glad_runtime.errors import RefitError  # noqa: F401 (re-exported)
+from glad_runtime.errors import ExportError, RefitError, UsageError  # noqa: F401 (re-exported)
 
 __all__ = ["graph_signature", "refit_plan", "RefitError", "BuildResult", "build_engine", "build_bundle",
            "refit_engine", "parse_batch"]
@@ -36,13 +36,16 @@ def parse_batch(text: str | int) -> tuple[int, int, int]:
     """``"8"`` -> (8, 8, 8) static; ``"1:4:16"`` -> (1, 4, 16) dynamic.
 
     Raises:
-        ValueError: malformed text or min <= opt <= max violated.
+        UsageError: malformed text or min <= opt <= max violated.
     """
-    parts = [int(p) for p in str(text).split(":")]
+    try:
+        parts = [int(p) for p in str(text).split(":")]
+    except ValueError:
+        parts = []
     if len(parts) == 1:
         parts *= 3
     if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2]:
-        raise ValueError(f"batch must be N or MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
+        raise UsageError(f"batch must be N or MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got {text!r}")
     return parts[0], parts[1], parts[2]
 
 
@@ -136,7 +139,7 @@ def build_engine(onnx_path: Path, profile: dict, *, refittable: bool = True, tim
 
     Raises:
         TensorRTUnavailable: no TensorRT.
-        RuntimeError: the parser errors (each listed) or a failed build.
+        ExportError: the parser errors (each listed) or a failed build.
     """
     try:
         import tensorrt as trt
@@ -148,7 +151,7 @@ def build_engine(onnx_path: Path, profile: dict, *, refittable: bool = True, tim
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     config.builder_optimization_level = int(optimization_level)
@@ -165,7 +168,7 @@ def build_engine(onnx_path: Path, profile: dict, *, refittable: bool = True, tim
         config.set_timing_cache(cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise RuntimeError(f"TensorRT build failed for {onnx_path} (see the log above)")
+        raise ExportError(f"TensorRT build failed for {onnx_path} (see the log above)")
     if cache is not None:
         Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
         Path(timing_cache).write_bytes(memoryview(config.get_timing_cache().serialize()))
@@ -187,12 +190,12 @@ def build_bundle(bundle: Bundle, precision: str = "fp16", *, batch: tuple[int, i
     Raises:
         TensorRTUnavailable: no GPU / TensorRT (clear message, before any work).
         BundleError: the ONNX graphs are missing (run ``glad export``; int8/fp8 need quantised graphs).
-        ValueError: unknown precision.
+        UsageError: unknown precision.
     """
     import onnx
 
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     gpu: GpuInfo = current_gpu(gpu_index)
     version = tensorrt_version()
     say = progress or (lambda m: None)

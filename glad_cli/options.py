@@ -126,11 +126,15 @@ def _engine_spec(kwargs: dict) -> EngineSpec:
             flags.setdefault(row.name, []).append(o.flag)
             if o.selects:
                 selected.append(row.name)
+    chosen = backend is not None
     if backend is None:
-        backend = selected[0] if len(set(selected)) == 1 else DEFAULT_BACKEND
+        # `glad calibrate --quantize` runs ONNX Runtime (its --threads are ONNX Runtime's), not the default torch
+        backend = (selected[0] if len(set(selected)) == 1 else
+                   "ort" if kwargs.get("quantize_mode") else DEFAULT_BACKEND)
     others = [f"{flag} ({name})" for name, fl in flags.items() if name != backend for flag in fl]
     if others:
-        raise EngineSpecError(f"{', '.join(others)}: an option of another backend than --engine {backend}")
+        against = f"--engine {backend}" if chosen else f"the default engine {backend}"
+        raise EngineSpecError(f"{', '.join(others)}: an option of another backend than {against}")
     return EngineSpec(backend, **settings, options=given.get(backend, {}))
 
 

@@ -1,22 +1,8 @@
-"""GLAD runtime: run a trained GLAD bundle and get one :class:`Detection` per image. Never imports torch.
+"""GLAD runtime: run a trained GLAD bundle and get one :class:`Detection` per image; importing it never imports torch.
 
-Layers (each a folder; a layer imports only the ones above it)::
-
-    errors.py        GladError and its typed subclasses (one place)
-    core/            the pure math and data: schedule (noise schedule, DDIM), ads (ADS, SAFF), scoring (anomaly
-                     maps, scores), images (decode, Preprocessor), config (GladConfig, presets), bundle (files,
-                     checksums), calibration (thresholds, normalisation, the one labelling rule), detection
-                     (the one per-image result type)
-    engines/         the Engines interface (base), EngineSpec and the backend table (registry), one module
-                     per backend
-    pipeline/        orchestration: batch (GladPipeline, one call per batch) and stream (StepScheduler, in-flight
-                     batching across images at different steps)
-    detector.py      the facade: Detector(bundle, engines, calibration).detect(images) -> [Detection]
-    output.py        what `glad detect` writes (maps, overlays via render.py, masks, JSON); not the facade's
-    serving/         protocol (the served contract: names, dtypes, shapes) and client (the SDK, no torch/ORT)
-
-Names are resolved lazily (PEP 562), so ``import glad_runtime`` costs nothing and importing the client SDK pulls
-neither scipy nor the pipeline.
+The public names below load lazily (PEP 562): ``import glad_runtime`` costs nothing, and the client SDK
+(``glad_runtime.serving.client``) pulls neither scipy nor the pipeline. The map of the packages, their layers and
+an image's path: ARCHITECTURE.md at the repository root.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ complete.
 from __future__ import annotations
 
 __all__ = [
-    "GladError", "UsageError", "ConfigError", "UnknownPresetError", "InvalidInputError", "ImageLoadError", "UnsupportedImageError",
-    "ImageTooLargeError",
+    "GladError", "UsageError", "ConfigError", "UnknownPresetError", "PathNotFoundError", "InvalidInputError",
+    "ImageLoadError", "UnsupportedImageError", "ImageTooLargeError",
     "BundleError", "EngineError", "EngineMismatchError", "TensorRTUnavailable", "CalibrationError",
     "CalibrationWarning", "QueueFullError", "ServingError", "BadInputError", "ServerUnavailableError",
     "DeadlineExceededError", "ModelNotFoundError", "ExportError", "RefitError", "QuantizationError",
@@ -43,9 +43,16 @@ class UnknownPresetError(ConfigError, KeyError):
     __str__ = BaseException.__str__  # the message as given, not KeyError's repr of it
 
 
+class PathNotFoundError(UsageError, FileNotFoundError):
+    """A file or folder the caller named does not exist, or holds none of what it should (no images, no
+    ``train/`` folder, no model repository, a package's model file not installed). Also a ``FileNotFoundError``,
+    as these raised before this module existed."""
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 class InvalidInputError(GladError, ValueError):
-    """The input batch has the wrong shape, dtype or non-finite values."""
+    """The input data has the wrong shape, dtype or values: an image batch, arrays passed to a scoring, rendering
+    or metrics function (labels, scores, maps, masks), a received tensor, a text to parse."""
 
 
 class ImageLoadError(GladError, ValueError):

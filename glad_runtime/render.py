@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from glad_runtime.core.regions import MAX_REGIONS, defect_mask  # a Detection's region list is capped at MAX_REGIONS
+from glad_runtime.errors import InvalidInputError
 
 __all__ = ["MapScale", "colorize", "contour", "overlay", "render_detection", "map_to_png16", "png16_to_map",
            "MIN_SIDE", "PNG_HEADROOM"]
@@ -256,13 +257,13 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, *, scale: MapScale, mask: np.ndar
         ``"bar"`` (value ``vmax`` in the bar's first row, 0 in its last) and the ``"enlarge"`` factor. Caption
         lines wider than the picture and its bar are wrapped at spaces.
     Raises:
-        ValueError: ``rgb`` is not ``[H, W, 3]`` of ``amap``'s size, or ``mask`` has another size.
+        InvalidInputError: ``rgb`` is not ``[H, W, 3]`` of ``amap``'s size, or ``mask`` has another size.
     """
     rgb, amap = np.asarray(rgb, np.float32), np.asarray(amap, np.float32)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[:2] != amap.shape:
-        raise ValueError(f"rgb [H, W, 3] and amap [H, W] must match, got {rgb.shape} and {amap.shape}")
+        raise InvalidInputError(f"rgb [H, W, 3] and amap [H, W] must match, got {rgb.shape} and {amap.shape}")
     if mask is not None and np.shape(mask) != amap.shape:
-        raise ValueError(f"mask {np.shape(mask)} must match amap {amap.shape}")
+        raise InvalidInputError(f"mask {np.shape(mask)} must match amap {amap.shape}")
     threshold = scale.threshold if threshold is None else float(threshold)
     vmax = scale.vmax_for(amap)
     blend = (1 - alpha) * rgb * 255.0 + alpha * colorize(amap, vmax).astype(np.float32)
@@ -355,7 +356,7 @@ def render_detection(detection: Any, rgb: np.ndarray, scale: MapScale, *, amap: 
         amap: optional float ``[H, W]`` map at the original size (default ``detection.map_at_original_size()``).
         alpha: map opacity.
     Raises:
-        ValueError: the detection has no map and none is given, or the sizes do not match.
+        UsageError: the detection has no map and none is given. InvalidInputError: the sizes do not match.
     """
     d = detection
     amap = d.map_at_original_size() if amap is None else np.asarray(amap, np.float32)

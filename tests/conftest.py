@@ -138,6 +138,17 @@ def elpv_images():
     return images[good], images[bad]
 
 
+def png_bytes(array: np.ndarray) -> bytes:
+    """``array`` (uint8 [H, W] or [H, W, 3]) encoded as a PNG file's bytes (Pillow)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def detect_without_torch(bundle_path, images_dir, out, engine_args):
     """Run ``glad detect BUNDLE IMAGES --out OUT <engine_args> --quiet`` in a fresh interpreter and assert that
     it exits 0 without importing torch, diffusers or timm; returns the ``results.jsonl`` records."""

@@ -35,6 +35,7 @@ from glad_runtime.core.bundle import Bundle
 from glad_runtime.core.config import GladConfig, training_foreground_mode
 from glad_runtime.core.images import Preprocessor, load_image
 from glad_runtime.core.schedule import scaled_linear_alphas_cumprod
+from glad_runtime.errors import UsageError
 
 __all__ = ["TrainConfig", "atp_target", "atp_loss", "train_bundle", "load_train_images", "train_vae", "train_unet"]
 
@@ -338,7 +339,7 @@ def train_bundle(data_root: str | Path, out: str | Path, config: GladConfig, cfg
     Returns:
         the written :class:`Bundle`.
     Raises:
-        FileNotFoundError: no training images.
+        PathNotFoundError: no training images. UsageError: an sd14 preset without ``init_bundle``.
     """
     from export.models import build_tiny_modules, load_bundle_modules, save_bundle_modules
 
@@ -362,7 +363,7 @@ def train_bundle(data_root: str | Path, out: str | Path, config: GladConfig, cfg
     elif config.architecture == "tiny":
         modules = build_tiny_modules(config, seed=cfg.seed, features=features)
     else:
-        raise ValueError("sd14 presets train from an initial bundle: run `glad init` first and pass --init")
+        raise UsageError("sd14 presets train from an initial bundle: run `glad init` first and pass --init")
     stats: dict = {"train_images": len(paths)}
     if config.architecture == "tiny" and not init_bundle:
         vae = modules.encoder.vae

@@ -32,6 +32,7 @@ from PIL import Image
 from scipy import ndimage
 
 from glad_runtime.core.images import IMAGE_EXTENSIONS
+from glad_runtime.errors import InvalidInputError, MissingExtraError, PathNotFoundError, UsageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -90,7 +91,7 @@ class MVTecCategory:
             defect type.
 
     Raises:
-        FileNotFoundError: ``root`` does not exist or has neither ``train/`` nor ``test/`` (nor ``test_dir``).
+        PathNotFoundError: ``root`` does not exist or has neither ``train/`` nor ``test/`` (nor ``test_dir``).
 
     Mask lookup for ``test/<defect>/<stem>.<ext>``: ``ground_truth/<defect>/<stem>_mask.<any image ext>``
     (MVTec/MPDD), else ``ground_truth/<defect>/<stem>.<any image ext>`` (VisA). When there is no ground_truth
@@ -101,9 +102,9 @@ class MVTecCategory:
         self.root = Path(root)
         self.test_dir = self.root / "test" if test_dir is None else Path(test_dir)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"category folder not found: {self.root}")
+            raise PathNotFoundError(f"category folder not found: {self.root}")
         if not (self.root / "train").is_dir() and not self.test_dir.is_dir():
-            raise FileNotFoundError(f"{self.root} is not an MVTec-format category: no train/ or test/ folder")
+            raise PathNotFoundError(f"{self.root} is not an MVTec-format category: no train/ or test/ folder")
         self._test: list[TestSample] | None = None
 
     @property
@@ -118,12 +119,12 @@ class MVTecCategory:
         """Sorted image paths under ``train/good``.
 
         Raises:
-            FileNotFoundError: no ``train/good`` folder or no images in it.
+            PathNotFoundError: no ``train/good`` folder or no images in it.
         """
         d = self.root / "train" / "good"
         imgs = _list_images(d)
         if not imgs:
-            raise FileNotFoundError(f"no training images in {d}")
+            raise PathNotFoundError(f"no training images in {d}")
         return imgs
 
     def defect_types(self) -> list[str]:
@@ -148,13 +149,13 @@ class MVTecCategory:
             list of :class:`TestSample` (label 0/1, mask path or None).
 
         Raises:
-            FileNotFoundError: no ``test/`` folder or no test images.
+            PathNotFoundError: no ``test/`` folder or no test images.
         """
         if self._test is not None:
             return list(self._test)
         test_dir = self.test_dir
         if not test_dir.is_dir():
-            raise FileNotFoundError(f"no test folder in {self.root}")
+            raise PathNotFoundError(f"no test folder in {self.root}")
         samples: list[TestSample] = []
         for kind in ["good"] + self.defect_types():
             imgs = _list_images(test_dir / kind)
@@ -166,7 +167,7 @@ class MVTecCategory:
                 mask = index.get(f"{p.stem}_mask") or index.get(p.stem)
                 samples.append(TestSample(p, 1, kind, mask))
         if not samples:
-            raise FileNotFoundError(f"no test images under {test_dir}")
+            raise PathNotFoundError(f"no test images under {test_dir}")
         self._test = samples
         return list(samples)
 
@@ -208,7 +209,7 @@ class MVTecCategory:
                 out.append(load_mask(t.mask_path, hw))
         shapes = {o.shape for o in out}
         if len(shapes) != 1:
-            raise ValueError(f"masks of {self.root} have different sizes {sorted(shapes)}; pass size=")
+            raise InvalidInputError(f"masks of {self.root} have different sizes {sorted(shapes)}; pass size=")
         return np.stack(out)
 
 
@@ -225,13 +226,13 @@ def labelled_samples(folder: str | os.PathLike) -> list[TestSample]:
       ``folder/ground_truth/<defect>/``.
 
     Raises:
-        FileNotFoundError: no ``test/`` or ``good/`` sub-folder, or no images.
+        PathNotFoundError: (a FileNotFoundError) no ``test/`` or ``good/`` sub-folder, or no images.
     """
     root = Path(folder)
     if (root / "test").is_dir():
         return MVTecCategory(root).test_samples()
     if not (root / "good").is_dir():
-        raise FileNotFoundError(f"{root} has neither test/ (an MVTec-format category) nor good/ (a labelled folder)")
+        raise PathNotFoundError(f"{root} has neither test/ (an MVTec-format category) nor good/ (a labelled folder)")
     if root.name == "test":
         return MVTecCategory(root.parent).test_samples()
     return MVTecCategory(root, test_dir=root).test_samples()
@@ -259,7 +260,7 @@ def load_mask(path: str | os.PathLike | None, size: int | Sequence[int] | None =
     hw = _hw(size)
     if path is None:
         if hw is None:
-            raise ValueError("load_mask(None) needs size=")
+            raise UsageError("load_mask(None) needs size=")
         return np.zeros(hw, bool)
     with Image.open(path) as im:
         a = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I", "I;16") else im)
@@ -276,7 +277,7 @@ def load_mask(path: str | os.PathLike | None, size: int | Sequence[int] | None =
 def _prepare_out(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+            raise UsageError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
         for sub in ("train", "test", "ground_truth", "dataset.json"):
             p = out_dir / sub
             if p.is_dir():
@@ -330,22 +331,22 @@ def prepare_elpv(
         The ``dataset.json`` content as a dict.
 
     Raises:
-        ImportError: ``elpv-dataset`` is not installed (the message says how to install it).
-        ValueError: bad ``cell_type``, negative counts or ``test_fold``.
-        FileExistsError: ``out_dir`` is not empty and ``overwrite`` is False.
+        MissingExtraError: ``elpv-dataset`` is not installed (the message says how to install it).
+        UsageError: bad ``cell_type``, negative counts or ``test_fold``; ``out_dir`` is not empty and
+            ``overwrite`` is False.
     """
     try:
         from elpv_dataset import utils as elpv_utils
     except ImportError as e:  # pragma: no cover - exercised only without the package
-        raise ImportError(
-            f"prepare_elpv needs the ELPV images from PyPI: `{ELPV_INSTALL_HINT}` (nothing is downloaded here)"
-        ) from e
+        raise MissingExtraError(
+            f"prepare_elpv needs the ELPV images from PyPI: `{ELPV_INSTALL_HINT}` (nothing is downloaded here)",
+            module="elpv_dataset", extra="data") from e
     if cell_type not in ("mono", "poly", "all"):
-        raise ValueError(f"cell_type must be 'mono', 'poly' or 'all', got {cell_type!r}")
+        raise UsageError(f"cell_type must be 'mono', 'poly' or 'all', got {cell_type!r}")
     for k, v in (("n_train", n_train), ("n_test_good", n_test_good), ("n_test_defect", n_test_defect),
                  ("test_fold", test_fold)):
         if int(v) < 0:
-            raise ValueError(f"{k} must be >= 0, got {v}")
+            raise UsageError(f"{k} must be >= 0, got {v}")
 
     images, probs, types = elpv_utils.load_dataset()
     names = _elpv_file_names(elpv_utils, len(probs))
@@ -524,7 +525,7 @@ def make_test_defect(
     """
     x = np.asarray(img)
     if x.ndim != 2 or x.dtype != np.uint8:
-        raise ValueError(f"make_test_defect expects a uint8 [H, W] image, got {x.dtype} {x.shape}")
+        raise InvalidInputError(f"make_test_defect expects a uint8 [H, W] image, got {x.dtype} {x.shape}")
     h, w = x.shape
     kind = str(rng.choice(["foreign", "scratch", "stain"]))
     if kind == "foreign" and not sources:
@@ -605,21 +606,21 @@ def prepare_textures(
         ``{category: category folder}``.
 
     Raises:
-        ValueError: unknown image, bad sizes or counts. FileExistsError: a category folder is not empty and
-        ``overwrite`` is False. FileNotFoundError: ``defect_source_dir`` has no images.
+        UsageError: unknown image, bad sizes or counts, or a category folder is not empty and ``overwrite`` is
+        False. PathNotFoundError: ``defect_source_dir`` has no images.
     """
     if int(size) < 8:
-        raise ValueError(f"size must be >= 8, got {size}")
+        raise UsageError(f"size must be >= 8, got {size}")
     for k, v in (("n_train", n_train), ("n_test_good", n_test_good), ("n_test_defect", n_test_defect)):
         if int(v) < 0:
-            raise ValueError(f"{k} must be >= 0, got {v}")
+            raise UsageError(f"{k} must be >= 0, got {v}")
     size = int(size)
     crop = int(crop_size) if crop_size is not None else min(size, 192)
 
     if defect_source_dir is not None:
         paths = _list_images_recursive(Path(defect_source_dir))
         if not paths:
-            raise FileNotFoundError(f"no images in defect_source_dir {defect_source_dir}")
+            raise PathNotFoundError(f"no images in defect_source_dir {defect_source_dir}")
         sources = [_load_gray(p) for p in paths]
         source_desc = f"images under {defect_source_dir} ({len(paths)})"
     else:
@@ -632,7 +633,7 @@ def prepare_textures(
         th, tw = tex.shape
         half = th // 2
         if crop > half or crop > tw or crop < 1:
-            raise ValueError(f"crop_size {crop} does not fit the {th}x{tw} texture {cat!r} (max {min(half, tw)})")
+            raise UsageError(f"crop_size {crop} does not fit the {th}x{tw} texture {cat!r} (max {min(half, tw)})")
         regions = {"train": (0, half), "test": (half, th)}
         rng = np.random.default_rng([int(seed), zlib.crc32(cat.encode())])
 

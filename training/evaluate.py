@@ -25,6 +25,7 @@ import numpy as np
 
 from glad_runtime.core.images import Preprocessor, even_subset
 from glad_runtime.detector import Detector
+from glad_runtime.errors import UsageError
 from glad_runtime.render import MapScale
 
 from .data import MVTecCategory
@@ -139,7 +140,7 @@ def evaluate(detector: Detector, data_root: str | Path, out_dir: str | Path, *,
             result["knn"] |= pixel_metrics(masks, knn_maps)
         log(f"kNN baseline: {_fmt(result['knn'])}")
     elif baseline is not None:
-        raise ValueError(f"unknown baseline {baseline!r} (supported: knn)")
+        raise UsageError(f"unknown baseline {baseline!r} (supported: knn)")
 
     with open(out / "scores.csv", "w") as f:
         f.write("path,label,glad_score,adaptive_step" + (",knn_score" if knn_scores is not None else "") + "\n")

@@ -22,19 +22,21 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
+from glad_runtime.errors import InvalidInputError, UsageError
+
 __all__ = ["image_metrics", "pixel_metrics", "aupro", "f1_max", "operating_point", "pixel_operating_point"]
 
 
 def _check_scores(scores: np.ndarray, what: str) -> np.ndarray:
     s = np.asarray(scores)
     if s.dtype == bool or not np.issubdtype(s.dtype, np.number):
-        raise ValueError(f"{what} must be a real-valued array, got dtype {s.dtype}")
+        raise InvalidInputError(f"{what} must be a real-valued array, got dtype {s.dtype}")
     if np.issubdtype(s.dtype, np.integer):
         s = s.astype(np.float64)
     if np.isnan(s).any():
-        raise ValueError(f"{what} contain NaN values ({int(np.isnan(s).sum())} of {s.size})")
+        raise InvalidInputError(f"{what} contain NaN values ({int(np.isnan(s).sum())} of {s.size})")
     if not np.isfinite(s).all():
-        raise ValueError(f"{what} contain infinite values")
+        raise InvalidInputError(f"{what} contain infinite values")
     return s
 
 
@@ -42,15 +44,15 @@ def _check_labels(labels: np.ndarray, what: str, both_classes: bool = True) -> n
     y = np.asarray(labels)
     if y.dtype != bool:
         if not np.issubdtype(y.dtype, np.number):
-            raise ValueError(f"{what} must be bool or 0/1, got dtype {y.dtype}")
+            raise InvalidInputError(f"{what} must be bool or 0/1, got dtype {y.dtype}")
         bad = ~np.isin(y, (0, 1))
         if bad.any():
-            raise ValueError(f"{what} must be binary (bool or 0/1); found values such as {y[bad][:3].tolist()}")
+            raise InvalidInputError(f"{what} must be binary (bool or 0/1); found values such as {y[bad][:3].tolist()}")
         y = y.astype(bool)
     n_pos = int(y.sum())
     if both_classes and (n_pos == 0 or n_pos == y.size):
         only = "anomalous (1)" if n_pos else "normal (0)"
-        raise ValueError(f"{what} contain a single class (all {only}); AUROC/AP/F1 need both classes")
+        raise InvalidInputError(f"{what} contain a single class (all {only}); AUROC/AP/F1 need both classes")
     return y
 
 
@@ -83,7 +85,7 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
     y = _check_labels(np.ravel(labels), "labels")
     s = _check_scores(np.ravel(scores), "scores")
     if y.size != s.size:
-        raise ValueError(f"labels and scores differ in length: {y.size} vs {s.size}")
+        raise InvalidInputError(f"labels and scores differ in length: {y.size} vs {s.size}")
     precision, recall, _ = precision_recall_curve(y, s)
     return _f1_from_pr(precision, recall)
 
@@ -100,16 +102,17 @@ def image_metrics(labels, scores) -> dict[str, float]:
         ``sklearn.metrics.average_precision_score``; F1max is the max of 2PR/(P+R) over ``precision_recall_curve``.
 
     Raises:
-        ValueError: empty input, not 1-D, length mismatch, NaN/inf scores, non-binary labels, or a single class.
+        InvalidInputError: empty input, not 1-D, length mismatch, NaN/inf scores, non-binary labels, or a single
+        class.
     """
     y = np.asarray(labels)
     s = np.asarray(scores)
     if y.size == 0 or s.size == 0:
-        raise ValueError("image_metrics got empty input")
+        raise InvalidInputError("image_metrics got empty input")
     if y.ndim != 1 or s.ndim != 1:
-        raise ValueError(f"labels and scores must be 1-D [N], got shapes {y.shape} and {s.shape}")
+        raise InvalidInputError(f"labels and scores must be 1-D [N], got shapes {y.shape} and {s.shape}")
     if y.shape != s.shape:
-        raise ValueError(f"labels and scores differ in length: {y.shape[0]} vs {s.shape[0]}")
+        raise InvalidInputError(f"labels and scores differ in length: {y.shape[0]} vs {s.shape[0]}")
     y = _check_labels(y, "labels")
     s = _check_scores(s, "scores")
     auroc, ap, f1 = _curve_metrics(y, s)
@@ -120,17 +123,17 @@ def _check_pixel_inputs(masks, maps, both_classes: bool = True) -> tuple[np.ndar
     m = np.asarray(masks)
     a = np.asarray(maps)
     if m.size == 0 or a.size == 0:
-        raise ValueError("pixel metrics got empty input")
+        raise InvalidInputError("pixel metrics got empty input")
     if m.ndim == 2:
         m = m[None]
     if a.ndim == 2:
         a = a[None]
     if m.ndim != 3 or a.ndim != 3:
-        raise ValueError(
+        raise InvalidInputError(
             f"masks and maps must be [N, H, W] (or a single [H, W]), got {np.shape(masks)} and {np.shape(maps)}"
         )
     if m.shape != a.shape:
-        raise ValueError(f"masks and maps differ in shape: {m.shape} vs {a.shape}")
+        raise InvalidInputError(f"masks and maps differ in shape: {m.shape} vs {a.shape}")
     m = _check_labels(m, "masks", both_classes)
     a = _check_scores(a, "maps")
     return m, a
@@ -155,7 +158,7 @@ def pixel_metrics(
         ``{"P-AUROC", "P-AP", "P-F1max", "AUPRO"}``, floats in [0, 1].
 
     Raises:
-        ValueError: empty input, shape mismatch, NaN/inf in maps, non-binary masks, or a single class over all
+        InvalidInputError: empty input, shape mismatch, NaN/inf in maps, non-binary masks, or a single class over all
         pixels.
     """
     m, a = _check_pixel_inputs(masks, maps)
@@ -199,8 +202,8 @@ def aupro(masks, maps, fpr_limit: float = 0.3, num_thresholds: int = 200) -> flo
         float in [0, 1].
 
     Raises:
-        ValueError: empty input, shape mismatch, NaN/inf in maps, non-binary masks, a single class, or bad
-        ``fpr_limit`` / ``num_thresholds``.
+        InvalidInputError: empty input, shape mismatch, NaN/inf in maps, non-binary masks, a single class.
+        UsageError: bad ``fpr_limit`` / ``num_thresholds``.
     """
     m, a = _check_pixel_inputs(masks, maps)
     return _aupro(m, a, fpr_limit, num_thresholds)
@@ -210,9 +213,9 @@ def _aupro(
     m: np.ndarray, a: np.ndarray, fpr_limit: float, num_thresholds: int
 ) -> float:
     if not (0.0 < float(fpr_limit) <= 1.0):
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+        raise UsageError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     if int(num_thresholds) < 1:
-        raise ValueError(f"num_thresholds must be >= 1, got {num_thresholds}")
+        raise UsageError(f"num_thresholds must be >= 1, got {num_thresholds}")
     fpr_limit = float(fpr_limit)
     n = int(num_thresholds)
 
@@ -291,14 +294,14 @@ def operating_point(labels, scores, threshold: float) -> dict:
         rejected); rates are floats in [0, 1], or None when their denominator is 0 (no predicted or no actual
         positives / negatives).
     Raises:
-        ValueError: shape mismatch, NaN / inf, non-binary labels, a non-finite threshold.
+        InvalidInputError: shape mismatch, NaN / inf, non-binary labels. UsageError: a non-finite threshold.
     """
     y = _check_labels(labels, "labels", both_classes=False).ravel()
     s = _check_scores(scores, "scores").ravel()
     if s.shape != y.shape:
-        raise ValueError(f"labels and scores differ in shape: {y.shape} vs {s.shape}")
+        raise InvalidInputError(f"labels and scores differ in shape: {y.shape} vs {s.shape}")
     if not np.isfinite(threshold):
-        raise ValueError(f"threshold must be finite, got {threshold}")
+        raise UsageError(f"threshold must be finite, got {threshold}")
     c = _counts(y, s > threshold)
     return {"threshold": float(threshold), **c, "misses": c["FN"], "false_rejects": c["FP"], **_rates(c)}
 
@@ -314,11 +317,11 @@ def pixel_operating_point(masks, maps, pixel_threshold: float) -> dict:
         ``{"pixel_threshold", "TP", "FN", "FP", "TN", "precision", "recall", "F1", "FPR", "IoU"}`` (counts in
         pixels; rates in [0, 1] or None when undefined).
     Raises:
-        ValueError: as :func:`pixel_metrics`, or a non-finite threshold.
+        InvalidInputError: as :func:`pixel_metrics`. UsageError: a non-finite threshold.
     """
     m, a = _check_pixel_inputs(masks, maps, both_classes=False)
     if not np.isfinite(pixel_threshold):
-        raise ValueError(f"pixel_threshold must be finite, got {pixel_threshold}")
+        raise UsageError(f"pixel_threshold must be finite, got {pixel_threshold}")
     c = _counts(m.ravel(), a.ravel() > pixel_threshold)
     union = c["TP"] + c["FP"] + c["FN"]
     return {"pixel_threshold": float(pixel_threshold), **c, **_rates(c), "IoU": c["TP"] / union if union else None}

@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from glad_runtime.core.scoring import otsu_foreground as foreground_mask  # spec 4.2 step 5 (one Otsu rule)
 from glad_runtime.core.images import IMAGE_EXTENSIONS
+from glad_runtime.errors import InvalidInputError, PathNotFoundError, UsageError
 
 # albumentations 2 checks PyPI for a newer version at import time; this project runs offline.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -73,10 +74,10 @@ def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
         h = w = int(size)
     else:
         if len(size) != 2:
-            raise ValueError(f"size must be an int or (H, W), got {size!r}")
+            raise UsageError(f"size must be an int or (H, W), got {size!r}")
         h, w = int(size[0]), int(size[1])
     if h < 1 or w < 1:
-        raise ValueError(f"size must be positive, got {(h, w)}")
+        raise UsageError(f"size must be positive, got {(h, w)}")
     return h, w
 
 
@@ -98,7 +99,7 @@ def perlin_noise_2d(shape: Sequence[int], res: Sequence[int], rng: np.random.Gen
     h, w = _as_hw(shape)
     ry, rx = int(res[0]), int(res[1])
     if ry < 1 or rx < 1:
-        raise ValueError(f"res must be >= 1 per axis, got {tuple(res)}")
+        raise UsageError(f"res must be >= 1 per axis, got {tuple(res)}")
     angles = 2.0 * np.pi * rng.random((ry + 1, rx + 1))
     grad = np.stack((np.cos(angles), np.sin(angles)), axis=-1)  # [ry+1, rx+1, 2]
 
@@ -246,7 +247,7 @@ def structure_source(img: np.ndarray, rng: np.random.Generator, grid: int = 8) -
     h, w = img.shape[:2]
     th, tw = h // grid, w // grid
     if th == 0 or tw == 0:
-        raise ValueError(f"image {h}x{w} is too small for a {grid}x{grid} tile grid")
+        raise InvalidInputError(f"image {h}x{w} is too small for a {grid}x{grid} tile grid")
     out = img.copy()
     core = img[: th * grid, : tw * grid]
     tiles = core.reshape(grid, th, grid, tw, *img.shape[2:]).swapaxes(1, 2).reshape(grid * grid, th, tw, *img.shape[2:])
@@ -272,7 +273,7 @@ def _to_rgb_uint8(img: np.ndarray) -> np.ndarray:
     elif a.ndim == 3 and a.shape[-1] == 4:
         a = a[..., :3]
     if a.ndim != 3 or a.shape[-1] != 3:
-        raise ValueError(f"expected an image [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got shape {a.shape}")
+        raise InvalidInputError(f"expected an image [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got shape {a.shape}")
     return np.ascontiguousarray(a)
 
 
@@ -323,7 +324,7 @@ class AnomalySynthesizer:
     ) -> None:
         self.size = _as_hw(size)
         if foreground_mode not in (1, 2, 3):
-            raise ValueError(f"foreground_mode must be 1, 2 or 3, got {foreground_mode!r}")
+            raise UsageError(f"foreground_mode must be 1, 2 or 3, got {foreground_mode!r}")
         self.foreground_mode = foreground_mode
         self.anomaly_prob = float(anomaly_prob)
         self.texture_prob = float(texture_prob)
@@ -334,10 +335,10 @@ class AnomalySynthesizer:
         if source_dir is not None:
             d = Path(source_dir)
             if not d.is_dir():
-                raise FileNotFoundError(f"anomaly source folder not found: {d}")
+                raise PathNotFoundError(f"anomaly source folder not found: {d}")
             self.source_paths = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
             if not self.source_paths:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under anomaly source folder {d}")
+                raise PathNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under anomaly source folder {d}")
         self.source_arrays: list[np.ndarray] = [_resize_rgb(_to_rgb_uint8(a), self.size) for a in (source_images or [])]
         self.last_info: dict = {}
 
@@ -369,7 +370,7 @@ class AnomalySynthesizer:
         rng = self.rng if rng is None else rng
         x = _to_rgb_uint8(image)
         if x.shape[:2] != self.size:
-            raise ValueError(f"image is {x.shape[:2]}, synthesizer was built for size {self.size}")
+            raise InvalidInputError(f"image is {x.shape[:2]}, synthesizer was built for size {self.size}")
         h, w = self.size
         if not rng.random() < self.anomaly_prob:
             self.last_info = {"anomaly": False}
@@ -408,13 +409,13 @@ def skimage_image(name: str) -> np.ndarray:
     """A scikit-image bundled image as uint8: ``[H, W]`` gray or ``[H, W, 3]`` RGB (alpha dropped, bool -> 0/255).
 
     Raises:
-        ValueError: ``skimage.data`` has no such image. An image that needs a download raises scikit-image's error.
+        UsageError: ``skimage.data`` has no such image. An image that needs a download raises scikit-image's error.
     """
     import skimage.data as skdata
 
     fn = getattr(skdata, name, None)
     if fn is None or not callable(fn):
-        raise ValueError(f"skimage.data has no image {name!r}")
+        raise UsageError(f"skimage.data has no image {name!r}")
     img = np.asarray(fn())
     if img.dtype == bool:
         img = img.astype(np.uint8) * 255
@@ -445,7 +446,7 @@ def texture_sources(
         Sorted list of written PNG paths (``<name>.png`` and ``<name>_q<k>.png``); 5 per image by default.
 
     Raises:
-        ValueError: unknown image name. An image that would need a download raises the scikit-image error.
+        UsageError: unknown image name. An image that would need a download raises the scikit-image error.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,8 @@ import re
 import shutil
 from pathlib import Path
 
+from glad_runtime.errors import PathNotFoundError, UsageError
+
 __all__ = ["write_deploy", "grafana_dashboard", "detect_prefixes", "detect_target", "GLAD_COUNTERS",
            "GLAD_GAUGES", "GLAD_HISTOGRAMS", "TRITON_METRICS", "MODEL_SUFFIXES", "CONTAINER_REPOSITORY"]
 
@@ -76,6 +78,9 @@ _CONTAINER_PY_CPU = dict(_CONTAINER_PY, python_version="3.11", python_full_versi
 CPU_BASE_IMAGE = "python:3.11-slim"
 #: The CPU image's virtualenv (the project with the ``serve`` extra: nvidia-pytriton's tritonserver, onnxruntime).
 _VENV = "/opt/glad/venv"
+#: tritonserver flags :func:`write_deploy` sets itself (from its arguments) and the probes / drain rely on.
+_OWN_FLAGS = ("--model-repository", "--http-port", "--grpc-port", "--metrics-port", "--exit-timeout-secs",
+              "--allow-http", "--allow-metrics", "--strict-readiness")
 _DNS1123 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
@@ -85,11 +90,11 @@ def detect_prefixes(repo: str | os.PathLike) -> list[str]:
     """The model prefixes of a repository: every ``<p>_glad`` folder holding a ``config.pbtxt`` (sorted).
 
     Raises:
-        FileNotFoundError: ``repo`` is not a folder.
+        PathNotFoundError: (a FileNotFoundError) ``repo`` is not a folder.
     """
     repo = Path(repo)
     if not repo.is_dir():
-        raise FileNotFoundError(f"{repo}: no model repository (write one with `glad serve BUNDLE --repo {repo}`)")
+        raise PathNotFoundError(f"{repo}: no model repository (write one with `glad serve BUNDLE --repo {repo}`)")
     return sorted(d.name[:-len("_glad")] for d in repo.iterdir()
                   if d.is_dir() and d.name.endswith("_glad") and len(d.name) > 5 and (d / "config.pbtxt").is_file())
 
@@ -128,7 +133,7 @@ def _link_tree(src: Path, dst: Path) -> None:
 def _source_root(source: str | os.PathLike | None) -> Path:
     root = Path(source) if source is not None else Path(__file__).resolve().parents[1]
     if not (root / "pyproject.toml").is_file() or not (root / "glad_runtime").is_dir():
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             f"{root}: not the glad-toolkit source tree (no pyproject.toml / glad_runtime); the image installs the "
             "toolkit from source: run from a checkout or pass source=<checkout>")
     return root
@@ -352,7 +357,8 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 CMD {hea
 # The entrypoint (triton_models.entrypoint, PID 1) runs tritonserver and, on SIGTERM / SIGINT, drains first: the
 # entry models are unloaded (new requests refused at once, clients fail over), the accepted ones finish, then
 # tritonserver gets SIGTERM. (SIGTERM alone fails them: Triton then refuses the BLS calls they still make.)
-# Writable at run time: /dev/shm (the python backend's shared memory) only.
+# Writable at run time: /dev/shm (the python backend's shared memory) and /tmp (its stub environments); the root
+# file system can be read-only (docker run --read-only --tmpfs /tmp; Kubernetes: the manifests' emptyDir).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["{python}", "-m", "triton_models.entrypoint"]
 CMD {json.dumps(args)}
@@ -463,9 +469,25 @@ def _prestop(target: str, http: int, prestop_s: int, exit_timeout_s: int) -> lis
             f"drain('127.0.0.1:{int(http)}', {int(exit_timeout_s)})"]
 
 
-def _container_security() -> dict:
-    return {"runAsNonRoot": True, "runAsUser": _UID, "runAsGroup": _UID, "allowPrivilegeEscalation": False,
-            "privileged": False, "capabilities": {"drop": ["ALL"]}}
+def _container_security(target: str) -> dict:
+    """Non-root, no privilege escalation, no capabilities; on the CPU image also a read-only root file system (run
+    that way in tests/container: only /dev/shm and /tmp are written, both volumes, :func:`_volumes`)."""
+    sec = {"runAsNonRoot": True, "runAsUser": _UID, "runAsGroup": _UID, "allowPrivilegeEscalation": False,
+           "privileged": False, "capabilities": {"drop": ["ALL"]}}
+    if target == "cpu":
+        sec["readOnlyRootFilesystem"] = True
+    return sec
+
+
+def _volumes(target: str, shm_size: str) -> tuple[list[dict], list[dict]]:
+    """``(volumes, volumeMounts)``: the memory-backed ``/dev/shm`` of the python backend, and on the CPU image
+    (read-only root) a small ``/tmp`` for the python backend's stub environments."""
+    vols = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}}]
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    if target == "cpu":
+        vols.append({"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}})
+        mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    return vols, mounts
 
 
 def _k8s_objects(*, name: str, namespace: str | None, image: str, target: str, prefixes: list[str], replicas: int,
@@ -504,10 +526,10 @@ def _k8s_objects(*, name: str, namespace: str | None, image: str, target: str, p
             "readinessProbe": _probe("/v2/health/ready", http, 5, 2),
             "livenessProbe": _probe("/v2/health/live", http, 10, 3),
             "lifecycle": {"preStop": {"exec": {"command": _prestop(target, http, prestop_s, exit_timeout_s)}}},
-            "securityContext": _container_security(),
-            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+            "securityContext": _container_security(target),
+            "volumeMounts": _volumes(target, shm_size)[1],
         }],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}}],
+        "volumes": _volumes(target, shm_size)[0],
     }
     if target == "gpu":
         pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -611,7 +633,7 @@ prometheus.io annotations) with `namespace` and `pod` labels.""",
 def _kserve_objects(*, name: str, namespace: str | None, image: str, target: str, prefixes: list[str],
                     replicas: int, max_replicas: int, exit_timeout_s: int, cpu: str, memory: str, gpus: int,
                     shm_size: str, target_pending: int, storage_uri: str | None, extra: list[str],
-                    glad_version: str) -> list[tuple[str, dict]]:
+                    glad_version: str, prestop_s: int) -> list[tuple[str, dict]]:
     runtime = f"{name}-runtime"
     store = "/mnt/models" if storage_uri else CONTAINER_REPOSITORY
     args = _server_args(store, 8080, 9000, 8002, exit_timeout_s, extra, target)
@@ -636,10 +658,11 @@ def _kserve_objects(*, name: str, namespace: str | None, image: str, target: str
                 "resources": _resources(target, cpu, memory, gpus),
                 "readinessProbe": _probe("/v2/health/ready", 8080, 5, 2),
                 "livenessProbe": _probe("/v2/health/live", 8080, 10, 3, initial=30),
-                "securityContext": _container_security(),
-                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+                "lifecycle": {"preStop": {"exec": {"command": _prestop(target, 8080, prestop_s, exit_timeout_s)}}},
+                "securityContext": _container_security(target),
+                "volumeMounts": _volumes(target, shm_size)[1],
             }],
-            "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}}],
+            "volumes": _volumes(target, shm_size)[0],
         },
     }
     model = {"modelFormat": {"name": "triton", "version": "2"}, "runtime": runtime, "protocolVersion": "v2",
@@ -650,6 +673,7 @@ def _kserve_objects(*, name: str, namespace: str | None, image: str, target: str
         "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta_is,
         "spec": {"predictor": {"minReplicas": replicas, "maxReplicas": max_replicas,
                                "scaleMetric": "concurrency", "scaleTarget": target_pending,
+                               "terminationGracePeriodSeconds": prestop_s + 2 * exit_timeout_s + 15,
                                "timeout": 300, "model": model}},
     }
     models = ", ".join(f"{p}_glad" for p in prefixes)
@@ -812,7 +836,8 @@ def grafana_dashboard() -> dict:
 
 # --------------------------------------------------------------------------------------------------------- README
 
-def _readme(*, image: str, name: str, target: str, prefixes: list[str], storage_uri: str | None) -> str:
+def _readme(*, image: str, name: str, target: str, prefixes: list[str], storage_uri: str | None,
+            exit_timeout_s: int) -> str:
     return f"""\
 # GLAD deploy recipe ({", ".join(prefixes)}; target {target})
 
@@ -821,7 +846,7 @@ Generated by `glad serve --deploy` (`triton_models.deploy.write_deploy`). Regene
 ```bash
 {"docker build -t " + image + " .   # NGC tritonserver + glad runtime + model_repository/" if target == "gpu" else
  "docker build -t " + image + " .   # Debian/Python 3.11 base (--build-arg BASE_IMAGE=...) + glad + pytriton + models"}
-{"" if target == "gpu" else "docker run --rm -p 8000-8002:8000-8002 --cpus 4 --read-only --shm-size 1g " + image + chr(10)}docker push {image}
+{"" if target == "gpu" else "docker run --rm -p 8000-8002:8000-8002 --cpus 4 --read-only --tmpfs /tmp --shm-size 1g --stop-timeout " + str(2 * exit_timeout_s + 5) + " " + image + chr(10)}docker push {image}
 kubectl apply -f k8s/glad-triton.yaml   # Deployment, Services, HPA, PodDisruptionBudget
 # the HPA scales on Triton's queue: install prometheus-adapter with k8s/prometheus-adapter-rules.yaml
 kubectl apply -f k8s/kserve.yaml        # or: KServe ServingRuntime + InferenceService
@@ -891,55 +916,59 @@ def write_deploy(repo: str | os.PathLike, out: str | os.PathLike, *, image: str,
     Returns:
         the paths written: the recipe files, then the ``src`` and ``model_repository`` folders.
     Raises:
-        FileNotFoundError: ``repo`` missing, a prefix without ``<p>_glad/config.pbtxt``, no prefix at all, or no
-            source tree (installed from a wheel: pass ``source``).
-        ValueError: bad argument (image without tag or ``:latest``, target, name, ports, replicas, versions,
+        PathNotFoundError: (a FileNotFoundError) ``repo`` missing, a prefix without ``<p>_glad/config.pbtxt``, no
+            prefix at all, or no source tree (installed from a wheel: pass ``source``).
+        UsageError: bad argument (image without tag or ``:latest``, target, name, ports, replicas, versions,
             server_args), or ``out`` inside ``repo``.
     """
     repo, out = Path(repo), Path(out)
     found = detect_prefixes(repo)
     prefixes = list(prefixes) if prefixes is not None else found
     if not prefixes:
-        raise FileNotFoundError(f"{repo}: no <prefix>_glad model (write one with `glad serve BUNDLE --repo {repo}`)")
+        raise PathNotFoundError(f"{repo}: no <prefix>_glad model (write one with `glad serve BUNDLE --repo {repo}`)")
     for p in prefixes:
         if p not in found:
-            raise FileNotFoundError(f"{repo}: no model {p}_glad (config.pbtxt); prefixes here: {found}")
+            raise PathNotFoundError(f"{repo}: no model {p}_glad (config.pbtxt); prefixes here: {found}")
     target = target or detect_target(repo, prefixes)
     if target not in ("cpu", "gpu"):
-        raise ValueError(f"target must be 'cpu' or 'gpu', got {target!r}")
+        raise UsageError(f"target must be 'cpu' or 'gpu', got {target!r}")
     if not image or re.search(r"\s", image):
-        raise ValueError(f"image must be an image reference, got {image!r}")
+        raise UsageError(f"image must be an image reference, got {image!r}")
     last = image.rsplit("/", 1)[-1]
     if "@" not in image and (":" not in last or last.endswith(":latest")):
-        raise ValueError(f"image {image!r}: give a pinned tag or digest (not latest), so rollouts are reproducible")
+        raise UsageError(f"image {image!r}: give a pinned tag or digest (not latest), so rollouts are reproducible")
     if not _DNS1123.match(name) or len(name) > 58:
-        raise ValueError(f"name {name!r} must be a DNS-1123 label (lower case, digits, '-'; at most 58 characters)")
+        raise UsageError(f"name {name!r} must be a DNS-1123 label (lower case, digits, '-'; at most 58 characters)")
     if namespace is not None and not _DNS1123.match(namespace):
-        raise ValueError(f"namespace {namespace!r} must be a DNS-1123 label")
+        raise UsageError(f"namespace {namespace!r} must be a DNS-1123 label")
     if not re.fullmatch(r"\d{2}\.\d{2}", triton_version):
-        raise ValueError(f"triton_version must be an NGC release YY.MM (e.g. 25.01), got {triton_version!r}")
+        raise UsageError(f"triton_version must be an NGC release YY.MM (e.g. 25.01), got {triton_version!r}")
     ports = (http_port, grpc_port, metrics_port)
     if len(set(ports)) != 3 or not all(1 <= p <= 65535 for p in ports):
-        raise ValueError(f"http, grpc and metrics ports must be distinct TCP ports, got {ports}")
+        raise UsageError(f"http, grpc and metrics ports must be distinct TCP ports, got {ports}")
     if replicas < 1:
-        raise ValueError("replicas must be >= 1")
+        raise UsageError("replicas must be >= 1")
     max_replicas = max_replicas if max_replicas is not None else 4 * replicas
     if max_replicas < replicas:
-        raise ValueError(f"max_replicas ({max_replicas}) < replicas ({replicas})")
+        raise UsageError(f"max_replicas ({max_replicas}) < replicas ({replicas})")
     for v, what in ((exit_timeout_s, "exit_timeout_s"), (prestop_s, "prestop_s"),
                     (startup_timeout_s, "startup_timeout_s"), (target_pending, "target_pending"), (gpus, "gpus")):
         if int(v) < (0 if what == "prestop_s" else 1):
-            raise ValueError(f"{what} must be positive, got {v}")
+            raise UsageError(f"{what} must be positive, got {v}")
     extra = list(server_args)
     bad = [a for a in extra if not a.startswith("--") or re.search(r"\s", a)]
     if bad:
-        raise ValueError(f"server_args must be single tritonserver flags '--flag[=value]', got {bad}")
+        raise UsageError(f"server_args must be single tritonserver flags '--flag[=value]', got {bad}")
+    owned = [a for a in extra if a.split("=", 1)[0] in _OWN_FLAGS]
+    if owned:  # tritonserver reads the last of a repeated flag; the probes, drain and grace period the first
+        raise UsageError(f"server_args {owned}: set by the generator (use the ports / exit_timeout_s arguments); "
+                         "HTTP must stay on: the probes and the drain use it")
     out_r, repo_r = out.resolve(), repo.resolve()
     if out_r == repo_r or repo_r in out_r.parents:
-        raise ValueError(f"out ({out}) must not lie inside the model repository ({repo})")
+        raise UsageError(f"out ({out}) must not lie inside the model repository ({repo})")
     src_root = _source_root(source).resolve()
     if out_r == src_root or any(out_r == src_root / i or (src_root / i) in out_r.parents for i in _SOURCE_ITEMS):
-        raise ValueError(f"out ({out}) must not be the source tree or lie inside its packages")
+        raise UsageError(f"out ({out}) must not be the source tree or lie inside its packages")
 
     from glad_runtime import __version__ as glad_version
 
@@ -990,7 +1019,9 @@ def write_deploy(repo: str | os.PathLike, out: str | os.PathLike, *, image: str,
         args=args, http=http_port, grpc=grpc_port, metrics=metrics_port, prestop_s=prestop_s,
         startup_timeout_s=startup_timeout_s, **common)))
     put("k8s/prometheus-adapter-rules.yaml", _yaml_docs(_adapter_rules(name, namespace, glad_version)))
-    put("k8s/kserve.yaml", _yaml_docs(_kserve_objects(storage_uri=storage_uri, extra=extra, **common)))
+    put("k8s/kserve.yaml", _yaml_docs(_kserve_objects(storage_uri=storage_uri, extra=extra, prestop_s=prestop_s,
+                                                      **common)))
     put("grafana/glad-dashboard.json", json.dumps(grafana_dashboard(), indent=2, ensure_ascii=False) + "\n")
-    put("README.md", _readme(image=image, name=name, target=target, prefixes=prefixes, storage_uri=storage_uri))
+    put("README.md", _readme(image=image, name=name, target=target, prefixes=prefixes, storage_uri=storage_uri,
+                             exit_timeout_s=exit_timeout_s))
     return written + [out / "src", out / "model_repository"]

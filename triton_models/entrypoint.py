@@ -31,13 +31,21 @@ import signal
 import subprocess
 import sys
 
-from triton_models.server import (PYTRITON_CPU_FLAGS, drain, prepare_backend_dir, pytriton_environment,
-                                  pytriton_root)
+# triton_models.server (and what it imports) is imported inside the functions: as PID 1 the entrypoint installs
+# its signal handlers first, since the kernel drops a SIGTERM sent to a namespace's PID 1 that has none.
 
 __all__ = ["main", "server_command", "missing_libraries", "supervise", "BACKENDS_DIR"]
 
 #: Where the image assembles the python backend directory at build time.
 BACKENDS_DIR = "/opt/glad/backends"
+
+
+#: The stop signal received (set by the handlers :func:`main` installs before anything else).
+_STOP: dict = {"signal": None}
+
+
+def _on_signal(signum, _frame) -> None:
+    _STOP["signal"] = signum
 
 
 def server_command(args: list[str], backends_dir: str = BACKENDS_DIR) -> list[str]:
@@ -49,6 +57,7 @@ def server_command(args: list[str], backends_dir: str = BACKENDS_DIR) -> list[st
         ServerStartError: ``nvidia-pytriton`` is not installed.
     """
     from glad_runtime.errors import ServerStartError
+    from triton_models.server import PYTRITON_CPU_FLAGS, pytriton_root
 
     root = pytriton_root()
     if root is None:
@@ -74,36 +83,46 @@ def missing_libraries(paths: list[str], env: dict[str, str]) -> list[str]:
 
 
 def _flag(args: list[str], name: str, default: str) -> str:
-    return next((a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")), default)
+    """The value of ``--name=VALUE`` in ``args``: the last one, as tritonserver reads repeated flags."""
+    return next((a.split("=", 1)[1] for a in reversed(args) if a.startswith(f"--{name}=")), default)
 
 
 def supervise(cmd: list[str], env: dict[str, str], *, http_url: str, grace: float, drains: bool) -> int:
-    """Run ``cmd`` (tritonserver) as a child; on SIGTERM / SIGINT drain it through ``http_url`` (when
-    ``drains``: explicit model control) for at most ``grace`` seconds, then send it SIGTERM and wait. Returns
-    its exit code (``128 + signal`` when a signal killed it)."""
-    stop = {"signal": None}
+    """Run ``cmd`` (tritonserver) as a child in its own session (a terminal's Ctrl-C reaches only this process);
+    on SIGTERM / SIGINT drain it through ``http_url`` (when ``drains``: explicit model control) for at most
+    ``grace`` seconds, then send it SIGTERM, wait at most ``grace + 15`` s for it (SIGKILL after) and return its
+    exit code (``128 + signal`` when a signal ended it). Handlers are installed here too (idempotent).
 
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
+    Allow the container runtime's stop timeout for both halves: ``docker stop -t`` / ``podman stop -t`` /
+    ``--stop-timeout`` of at least 2 x ``--exit-timeout-secs`` + 5 (their default, 10 s, kills a drain midway).
+    """
+    from triton_models.server import drain
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    proc = subprocess.Popen(cmd, env=env)
+        signal.signal(sig, _on_signal)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     while True:
         try:
             code = proc.wait(timeout=0.2)
             break
         except subprocess.TimeoutExpired:
             pass
-        if stop["signal"] is not None:
-            name = signal.Signals(stop["signal"]).name
+        if _STOP["signal"] is not None:
+            name = signal.Signals(_STOP["signal"]).name
             print(f"triton_models.entrypoint: {name}: draining the entry models (at most {grace:.0f} s), then "
                   "stopping tritonserver", flush=True)
             drained = drain(http_url, grace) if drains else []
-            print(f"triton_models.entrypoint: drained {', '.join(drained) or 'nothing'}; SIGTERM to tritonserver",
-                  flush=True)
+            why = "" if drained else (" (no READY entry model answered at " + http_url + ")" if drains else
+                                      " (not in explicit model control: Triton's own SIGTERM handling only)")
+            print(f"triton_models.entrypoint: drained {', '.join(drained) or 'nothing'}{why}; SIGTERM to "
+                  "tritonserver", flush=True)
             proc.send_signal(signal.SIGTERM)
-            code = proc.wait()
+            try:
+                code = proc.wait(timeout=grace + 15)
+            except subprocess.TimeoutExpired:
+                print("triton_models.entrypoint: tritonserver still running; SIGKILL", flush=True)
+                proc.kill()
+                code = proc.wait()
             break
     return code if code >= 0 else 128 - code
 
@@ -111,6 +130,10 @@ def supervise(cmd: list[str], env: dict[str, str], *, http_url: str, grace: floa
 def main(argv: list[str] | None = None) -> int:
     """Prepare the backend directory (``--prepare-backends DIR``: 0, or 1 when a library is missing) or run
     ``tritonserver`` with ``argv`` under :func:`supervise` (its exit code); 2 for a usage error."""
+    for sig in (signal.SIGTERM, signal.SIGINT):  # first: a stop signal before this point would be lost
+        signal.signal(sig, _on_signal)
+    from triton_models.server import prepare_backend_dir, pytriton_environment, pytriton_root
+
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--prepare-backends"]:
         if len(args) != 2:

@@ -264,8 +264,8 @@ def run_container(image: str, name: str, *, http_port: int, grpc_port: int, metr
     Args:
         cpus: ``--cpus`` (a CFS quota: the served ONNX Runtime sessions size their threads from it).
         memory: ``--memory`` (e.g. ``"4g"``).
-        read_only: ``--read-only`` root file system (``/dev/shm`` and podman's ``/tmp``, ``/run`` tmpfs stay
-            writable).
+        read_only: ``--read-only`` root file system, writable only ``/dev/shm`` and a 64 MiB ``/tmp`` tmpfs (what the
+            python backend needs; podman's other default tmpfs mounts are turned off).
         shm_size: ``/dev/shm`` size (the python backend's shared memory between server and stubs).
         env: extra environment variables.
         replace: remove a container of that name first.
@@ -282,7 +282,9 @@ def run_container(image: str, name: str, *, http_port: int, grpc_port: int, metr
     if memory:
         args += ["--memory", memory]
     if read_only:
-        args += ["--read-only"]
+        # only what the server writes: /dev/shm (always) and /tmp (the python backend's stub environments:
+        # "Failed to create temporary directory for Python environments" without it); not podman's other tmpfs
+        args += ["--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,size=64m,mode=1777"]
     for k, v in (env or {}).items():
         args += ["--env", f"{k}={v}"]
     started = time.monotonic()

@@ -53,6 +53,7 @@ from glad_runtime.engines import network_graphs
 from glad_runtime.serving import protocol
 from glad_runtime.serving.protocol import TensorSpec
 from glad_runtime.engines.triton import default_model_prefix
+from glad_runtime.errors import UsageError
 
 __all__ = ["TensorSpec", "onnx_io", "generate_repository", "model_names", "queue_policy", "next_version",
            "served_versions", "TARGETS", "PYTHON_MODELS"]
@@ -247,22 +248,22 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
         the model names written.
     Raises:
         BundleError: graphs missing (run ``glad export``) or modified since export, or not batchable.
-        ValueError: unknown target / precision, max_batch < 1.
+        UsageError: unknown target / precision, max_batch < 1, bad in-flight limits or version.
     """
     b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        raise UsageError(f"target must be one of {TARGETS}, got {target!r}")
     if precision not in ("fp32", "fp16"):
-        raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
+        raise UsageError(f"precision must be fp32 or fp16, got {precision!r}")
     if max_batch < 1:
-        raise ValueError("max_batch must be >= 1")
+        raise UsageError("max_batch must be >= 1")
     if queue_timeout_us < 0:
-        raise ValueError("queue_timeout_us must be >= 0")
+        raise UsageError("queue_timeout_us must be >= 0")
     overlap = intra_op_threads == 1 if inflight_overlap is None else bool(inflight_overlap)
     max_active = max_batch if inflight_max_active is None else int(inflight_max_active)
     max_queue = 4 * max_batch if inflight_max_queue is None else int(inflight_max_queue)
     if not 1 <= max_active <= max_batch or max_queue < 0:
-        raise ValueError(f"inflight_max_active must be in [1, max_batch={max_batch}] and inflight_max_queue >= 0, "
+        raise UsageError(f"inflight_max_active must be in [1, max_batch={max_batch}] and inflight_max_queue >= 0, "
                          f"got {max_active}, {max_queue}")
     cfg = b.config
     p = prefix or default_model_prefix(b)
@@ -282,7 +283,7 @@ def generate_repository(bundle: Bundle | str | os.PathLike, repo: str | os.PathL
     if version is None:
         version = next_version(repo, p, checksum)
     if version < 1:
-        raise ValueError("version must be >= 1")
+        raise UsageError("version must be >= 1")
     common = {"bundle_checksum": checksum, "model_version": version, "glad_version": __version__,
               "preset": cfg.preset}
     repo = Path(repo)

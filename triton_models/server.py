@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from glad_runtime.errors import PortInUseError, ServerStartError  # noqa: F401 (re-exported)
+from glad_runtime.errors import PortInUseError, ServerStartError, UsageError  # noqa: F401 (re-exported)
 from glad_runtime.serving import protocol
 
 __all__ = ["TritonServer", "ServerStartError", "PortInUseError", "launch_server", "free_port", "port_holder",
@@ -463,7 +463,7 @@ def launch_server(repo: str | os.PathLike, *, binary: str | os.PathLike | None =
             is in the message).
     """
     if model_control not in MODEL_CONTROL_MODES:
-        raise ValueError(f"model_control must be one of {MODEL_CONTROL_MODES}, got {model_control!r}")
+        raise UsageError(f"model_control must be one of {MODEL_CONTROL_MODES}, got {model_control!r}")
     check_ports(host, {"http": http_port, "grpc": grpc_port, "metrics": metrics_port})
     repo = Path(repo).resolve()
     if not repo.is_dir():

@@ -38,25 +38,24 @@ def parse_range(text: str, *, integer: bool, what: str) -> list[float] | list[in
     """
     s = str(text).strip()
     conv = int if integer else float
+    malformed = UsageError(f"{what} {s!r}: expected start[:end[:step]] or a comma list of "
+                           f"{'integers' if integer else 'numbers'}")
     try:
-        if "," in s:
-            values = [conv(v) for v in s.split(",") if v.strip()]
-        else:
-            parts = [conv(p) for p in s.split(":")]
-            if not 1 <= len(parts) <= 3:
-                raise ValueError(s)
-            start = parts[0]
-            end = parts[1] if len(parts) > 1 else start
-            step = parts[2] if len(parts) > 2 else conv(1)
-            if step <= 0 or end < start:
-                raise UsageError(f"{what} {s!r}: need start <= end and a step > 0")
-            n = int(math.floor((end - start) / step + 1e-9)) + 1
-            values = [conv(round(start + k * step, 9)) if not integer else start + k * step for k in range(n)]
-    except ValueError as e:
-        if isinstance(e, UsageError):
-            raise
-        raise UsageError(f"{what} {s!r}: expected start[:end[:step]] or a comma list of "
-                         f"{'integers' if integer else 'numbers'}") from None
+        parts = [conv(v) for v in s.split(",") if v.strip()] if "," in s else [conv(p) for p in s.split(":")]
+    except ValueError:
+        raise malformed from None
+    if "," in s:
+        values = parts
+    else:
+        if not 1 <= len(parts) <= 3:
+            raise malformed
+        start = parts[0]
+        end = parts[1] if len(parts) > 1 else start
+        step = parts[2] if len(parts) > 2 else conv(1)
+        if step <= 0 or end < start:
+            raise UsageError(f"{what} {s!r}: need start <= end and a step > 0")
+        n = int(math.floor((end - start) / step + 1e-9)) + 1
+        values = [conv(round(start + k * step, 9)) if not integer else start + k * step for k in range(n)]
     if not values or any(v <= 0 for v in values):
         raise UsageError(f"{what} {s!r}: values must be > 0")
     return values

@@ -37,10 +37,7 @@ def build_cmd(bundle: Path, precision: str, batch: str, graphs, refittable: bool
     from glad_runtime.core.bundle import Bundle
     from glad_runtime.errors import TensorRTUnavailable
 
-    try:
-        batch_range = parse_batch(batch)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--batch") from e
+    batch_range = parse_batch(batch)  # a UsageError (exit 2) names the malformed value
     b = Bundle(bundle)
     try:
         results = build_bundle(b, precision, batch=batch_range, graphs=graphs or None, refittable=refittable,

@@ -51,7 +51,6 @@ def demo_cmd(workdir: Path, textures: bool) -> None:
             click.echo(f"[demo] reusing the trained bundle {bundle}")
         out = workdir / "reports" / name
         ctx.invoke(eval_cmd, bundle=bundle, data=data, out_dir=out, baseline="knn", batch_size=8, max_test=0,
-                   threshold=None, backend="torch", device="cpu", precision="fp32", provider="cpu", threads=0,
-                   server=None, model_prefix=None, overrides={})
+                   threshold=None, overrides={})  # the engine options' defaults: torch on the CPU
         reports.append(out / "report.md")
     click.echo(f"[demo] done in {time.perf_counter() - start:.0f} s; reports: " + ", ".join(map(str, reports)))

@@ -60,10 +60,7 @@ def detect_cmd(bundle: Path, inputs: tuple[Path, ...], out_dir: Path, batch_size
     if threshold is not None and not math.isfinite(threshold):
         raise click.BadParameter("must be a finite number", param_hint="--threshold")
     calibration = Bundle(bundle).calibration()
-    try:
-        paths = list_images(list(inputs))
-    except FileNotFoundError as e:
-        raise click.BadParameter(str(e), param_hint="INPUTS") from e
+    paths = list_images(list(inputs))  # a missing input: PathNotFoundError, a usage error (exit 2)
     if not paths:
         raise click.BadParameter("no images found", param_hint="INPUTS")
     start = time.perf_counter()

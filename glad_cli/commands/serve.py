@@ -104,7 +104,6 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
 
     from glad_runtime.core.bundle import Bundle
     from glad_runtime.engines.triton import default_model_prefix
-    from glad_runtime.errors import GladError
     from triton_models.repository import generate_repository
 
     if deploy_dir is not None and not image:
@@ -124,22 +123,12 @@ def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instan
         from triton_models.server import rollout
 
         for bpath, prefix in zip(bundles, names):
-            try:
-                v = rollout(list(rollout_urls), repo, Bundle(bpath), prefix=prefix, **options)
-            except ValueError as e:
-                if isinstance(e, GladError):
-                    raise
-                raise GladError(str(e)) from e
+            v = rollout(list(rollout_urls), repo, Bundle(bpath), prefix=prefix, **options)
             click.echo(f"{bpath}: prefix {prefix} now serves version {v} on {', '.join(rollout_urls)}")
         return
     for bpath, prefix in zip(bundles, names):
         b = Bundle(bpath)
-        try:
-            models = generate_repository(b, repo, prefix=prefix, version=model_version, **options)
-        except ValueError as e:
-            if isinstance(e, GladError):
-                raise
-            raise GladError(str(e)) from e  # a setting the repository refuses (exit 1, as before)
+        models = generate_repository(b, repo, prefix=prefix, version=model_version, **options)
         from triton_models.repository import served_versions
 
         version = max(v for v, c in served_versions(repo, f"{prefix}_glad").items() if c == b.checksum())

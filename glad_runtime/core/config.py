@@ -401,7 +401,8 @@ def _describe(hint: Any) -> str:
 
 
 def _convert(hint: Any, text: str) -> Any:
-    """``text`` as a value of type ``hint``; raises ``ValueError`` when it does not parse."""
+    """``text`` as a value of type ``hint``; raises ``ConfigError`` (or the builtin's ``ValueError``)
+    when it does not parse; :func:`parse_value` words the message."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if text.strip().lower() in _NONE:
@@ -412,7 +413,7 @@ def _convert(hint: Any, text: str) -> Any:
                 return _convert(a, text)
             except ValueError:
                 pass
-        raise ValueError(text)
+        raise ConfigError(text)
     t = text.strip()
     if hint is bool:
         low = t.lower()
@@ -420,13 +421,13 @@ def _convert(hint: Any, text: str) -> Any:
             return True
         if low in _FALSE:
             return False
-        raise ValueError(text)
+        raise ConfigError(text)
     if hint is int:
         return int(t)
     if hint is float:
         v = float(t)
         if not math.isfinite(v):
-            raise ValueError(text)
+            raise ConfigError(text)
         return v
     if hint is str:
         return text
@@ -439,9 +440,9 @@ def _convert(hint: Any, text: str) -> Any:
     if origin is dict:
         v = json.loads(t)
         if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
-            raise ValueError(text)
+            raise ConfigError(text)
         return v
-    raise ValueError(f"no parser for {hint}")
+    raise ConfigError(f"no parser for {hint}")
 
 
 def _unknown_field(key: str, names: Sequence[str]) -> ConfigError:

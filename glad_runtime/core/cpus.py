@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from glad_runtime.errors import UsageError
+
 __all__ = ["affinity_cores", "cgroup_cpu_limit", "usable_cores", "threads_for", "ort_spinning"]
 
 
@@ -112,9 +114,9 @@ def usable_cores(root: str | os.PathLike = "/sys/fs/cgroup", proc_cgroup: str | 
 
 def threads_for(instances: int = 1, requested: int = 0) -> int:
     """Threads of one pool: ``requested`` when > 0, else ``max(1, usable_cores() // instances)`` (the cores shared
-    among ``instances`` pools that may run at once). Raises ValueError for ``instances`` < 1 or ``requested`` < 0."""
+    among ``instances`` pools that may run at once). Raises UsageError for ``instances`` < 1 or ``requested`` < 0."""
     if instances < 1 or requested < 0:
-        raise ValueError(f"instances must be >= 1 and requested >= 0, got {instances}, {requested}")
+        raise UsageError(f"instances must be >= 1 and requested >= 0, got {instances}, {requested}")
     return int(requested) if requested else max(1, usable_cores() // int(instances))
 
 

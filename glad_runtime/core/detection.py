@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from glad_runtime.errors import UsageError
+
 __all__ = ["Detection", "ADS_STATES", "ads_state"]
 
 #: ``ads_state`` values, in the order of their served code (``ads_states`` INT8 on the wire: 0, 1, 2, 3):
@@ -104,12 +106,12 @@ class Detection:
         :meth:`~glad_runtime.core.images.Preprocessor.map_to_original`).
 
         Raises:
-            ValueError: the detection has no map (it failed, or the map was not kept).
+            UsageError: the detection has no map (it failed, or the map was not kept).
         """
         from glad_runtime.core.images import Preprocessor
 
         if self.anomaly_map is None:
-            raise ValueError(f"{self.source}: no anomaly map ({self.error})")
+            raise UsageError(f"{self.source}: no anomaly map ({self.error})")
         if self.original_size is None:
             return self.anomaly_map
         return Preprocessor.map_to_original(self.anomaly_map, self.original_size)
@@ -119,12 +121,12 @@ class Detection:
         regions were found in).
 
         Raises:
-            ValueError: no map, or no pixel threshold (uncalibrated for pixels).
+            UsageError: no map, or no pixel threshold (uncalibrated for pixels).
         """
         from glad_runtime.core.regions import defect_mask
 
         if self.pixel_threshold is None:
-            raise ValueError(f"{self.source}: no pixel threshold (the bundle is not calibrated for pixels)")
+            raise UsageError(f"{self.source}: no pixel threshold (the bundle is not calibrated for pixels)")
         return defect_mask(self.map_at_original_size(), self.pixel_threshold)
 
     def to_dict(self) -> dict[str, Any]:

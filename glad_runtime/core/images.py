@@ -31,7 +31,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from glad_runtime.errors import ImageLoadError, ImageTooLargeError, UnsupportedImageError  # noqa: F401 (re-exported)
+from glad_runtime.errors import (ImageLoadError, ImageTooLargeError, InvalidInputError, PathNotFoundError,
+                                 UnsupportedImageError, UsageError)  # noqa: F401 (re-exported)
 
 __all__ = ["ImageLoadError", "UnsupportedImageError", "ImageTooLargeError", "LoadedImage", "load_image",
            "check_pixels", "to_pixels", "to_unit_rgb", "to_rgb_pixels", "Preprocessor", "RESAMPLE_FILTERS", "preprocess",
@@ -235,7 +236,7 @@ class Preprocessor:
             multi-class presets: 256); None, or equal to ``resolution``: no upsample.
         resample: the Pillow filter of step 1, a key of :data:`RESAMPLE_FILTERS` (the official code: bilinear).
     Raises:
-        ValueError: a non-positive side, ``load_resolution`` above ``resolution``, or an unknown filter (a
+        UsageError: a non-positive side, ``load_resolution`` above ``resolution``, or an unknown filter (a
             programming error: configs are checked by ``GladConfig``).
     """
 
@@ -246,10 +247,10 @@ class Preprocessor:
     def __post_init__(self):
         if int(self.resolution) <= 0 or not (self.load_resolution is None
                                              or 0 < int(self.load_resolution) <= int(self.resolution)):
-            raise ValueError(f"need resolution > 0 and load_resolution None or in (0, resolution], got "
+            raise UsageError(f"need resolution > 0 and load_resolution None or in (0, resolution], got "
                              f"{self.resolution}, {self.load_resolution}")
         if self.resample not in RESAMPLE_FILTERS:
-            raise ValueError(f"unknown resample filter {self.resample!r} (one of {sorted(RESAMPLE_FILTERS)})")
+            raise UsageError(f"unknown resample filter {self.resample!r} (one of {sorted(RESAMPLE_FILTERS)})")
 
     @classmethod
     def from_config(cls, config) -> "Preprocessor":
@@ -277,10 +278,10 @@ class Preprocessor:
             uint8 ``[L, L, 3]`` / ``[L, L]`` for uint8 input, else float32 ``[L, L, 3]`` / ``[L, L]`` in [0, 1]
             (L = :attr:`load_size`).
         Raises:
-            ValueError: not an ``[H, W, 3]`` or ``[H, W]`` array.
+            InvalidInputError: not an ``[H, W, 3]`` or ``[H, W]`` array.
         """
         if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
-            raise ValueError(f"expected [H, W, 3] RGB or [H, W] grayscale, got {pixels.shape}")
+            raise InvalidInputError(f"expected [H, W, 3] RGB or [H, W] grayscale, got {pixels.shape}")
         size, f = (self.load_size, self.load_size), RESAMPLE_FILTERS[self.resample]
         if pixels.dtype == np.uint8:
             img = Image.fromarray(np.ascontiguousarray(pixels), "RGB" if pixels.ndim == 3 else "L")
@@ -295,7 +296,7 @@ class Preprocessor:
         images training synthesises anomalies on (spec 4.2), :meth:`to_tensor` giving its tensors.
 
         Raises:
-            ValueError: as :meth:`resize`.
+            InvalidInputError: as :meth:`resize`.
         """
         x = self.resize(pixels)
         return _expand_rgb(x if x.dtype == np.uint8 else np.round(x * 255.0).astype(np.uint8))
@@ -322,7 +323,7 @@ class Preprocessor:
         """:meth:`to_tensor` of :meth:`resize`: float32 ``[3, resolution, resolution]`` in [-1, 1].
 
         Raises:
-            ValueError: not an ``[H, W, 3]`` or ``[H, W]`` array.
+            InvalidInputError: not an ``[H, W, 3]`` or ``[H, W]`` array.
         """
         return self.to_tensor(self.resize(pixels))
 
@@ -379,7 +380,7 @@ def preprocess(rgb: np.ndarray, resolution: int, load_resolution: int | None = N
     preprocessor from the config (:meth:`Preprocessor.from_config`).
 
     Raises:
-        ValueError: not an ``[H, W, 3]`` or ``[H, W]`` array.
+        InvalidInputError: not an ``[H, W, 3]`` or ``[H, W]`` array.
     """
     return Preprocessor(resolution, load_resolution)(rgb)
 
@@ -388,7 +389,7 @@ def list_images(inputs: list[str | os.PathLike]) -> list[Path]:
     """Expand files and folders (recursively, by image extension, sorted) into a list of paths.
 
     Raises:
-        FileNotFoundError: an input that does not exist.
+        PathNotFoundError: (a UsageError and a FileNotFoundError) an input that does not exist.
     """
     out: list[Path] = []
     for item in inputs:
@@ -398,7 +399,7 @@ def list_images(inputs: list[str | os.PathLike]) -> list[Path]:
         elif p.exists():
             out.append(p)
         else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
+            raise PathNotFoundError(f"no such file or folder: {p}")
     return out
 
 

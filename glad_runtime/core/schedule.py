@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from glad_runtime.errors import UsageError
+
 __all__ = [
     "NoiseSchedule",
     "scaled_linear_alphas_cumprod",
@@ -36,12 +38,12 @@ def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 
         For the SD v1 schedule, ``alphas_cumprod[750] ~= 0.0562`` (spec Appendix B).
 
     Raises:
-        ValueError: for non-positive betas, ``beta_end <= beta_start`` or fewer than 2 timesteps.
+        UsageError: for non-positive betas, ``beta_end <= beta_start`` or fewer than 2 timesteps.
     """
     if num_train_timesteps < 2:
-        raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+        raise UsageError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
     if not (0 < beta_start < beta_end < 1):
-        raise ValueError(f"need 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}")
+        raise UsageError(f"need 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}")
     betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=np.float64) ** 2
     return np.cumprod(1.0 - betas)
 
@@ -61,12 +63,12 @@ def ddim_timesteps(t_max: int, num_inference_steps: int) -> np.ndarray:
         int64 array of shape ``[n]``, strictly descending, last element 1.
 
     Raises:
-        ValueError: when ``n`` is not in [1, t_max] or ``t_max`` is outside [1, 999].
+        UsageError: when ``n`` is not in [1, t_max] or ``t_max`` is outside [1, 999].
     """
     if not 1 <= t_max <= 999:
-        raise ValueError(f"t_max must be in [1, 999], got {t_max}")
+        raise UsageError(f"t_max must be in [1, 999], got {t_max}")
     if not 1 <= num_inference_steps <= t_max:
-        raise ValueError(f"num_inference_steps must be in [1, t_max={t_max}], got {num_inference_steps}")
+        raise UsageError(f"num_inference_steps must be in [1, t_max={t_max}], got {num_inference_steps}")
     stride = t_max // num_inference_steps
     return (np.arange(num_inference_steps - 1, -1, -1, dtype=np.int64) * stride + 1)
 
@@ -81,16 +83,16 @@ def noising_timestep(t_max: int, num_inference_steps: int, noise_at: str = "t_ma
       UNet timestep agree.
 
     Raises:
-        ValueError: unknown ``noise_at`` or a result outside [0, 999].
+        UsageError: unknown ``noise_at`` or a result outside [0, 999].
     """
     if noise_at == "t_max":
         t = t_max + offset
     elif noise_at == "first_timestep":
         t = int(ddim_timesteps(t_max, num_inference_steps)[0])
     else:
-        raise ValueError(f"noise_at must be 't_max' or 'first_timestep', got {noise_at!r}")
+        raise UsageError(f"noise_at must be 't_max' or 'first_timestep', got {noise_at!r}")
     if not 0 <= t <= 999:
-        raise ValueError(f"noising timestep {t} outside [0, 999]")
+        raise UsageError(f"noising timestep {t} outside [0, 999]")
     return t
 
 

@@ -17,6 +17,8 @@ import functools
 import numpy as np
 from scipy import ndimage
 
+from glad_runtime.errors import InvalidInputError, UsageError
+
 __all__ = [
     "nn_cosine_distance",
     "resize_bilinear",
@@ -53,17 +55,17 @@ def nn_cosine_distance(query: np.ndarray, reference: np.ndarray, chunk_size: int
         float32 of the query's leading shape without ``D`` (``[B, gh, gw]`` or ``[B, N]``), values in [0, 2].
 
     Raises:
-        ValueError: mismatched batch or feature sizes, non-finite features, ``chunk_size < 1``.
+        InvalidInputError: mismatched batch or feature sizes, non-finite features. UsageError: ``chunk_size < 1``.
     """
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise UsageError(f"chunk_size must be >= 1, got {chunk_size}")
     q_shape = query.shape[:-1]
     q = _l2_normalize(query.reshape(query.shape[0], -1, query.shape[-1]))
     r = _l2_normalize(reference.reshape(reference.shape[0], -1, reference.shape[-1]))
     if q.shape[0] != r.shape[0] or q.shape[-1] != r.shape[-1]:
-        raise ValueError(f"query {query.shape} and reference {reference.shape} differ in batch or feature size")
+        raise InvalidInputError(f"query {query.shape} and reference {reference.shape} differ in batch or feature size")
     if not (np.isfinite(q).all() and np.isfinite(r).all()):
-        raise ValueError("non-finite features")
+        raise InvalidInputError("non-finite features")
     out = np.empty(q.shape[:2], dtype=np.float32)
     rt = np.swapaxes(r, 1, 2)
     for start in range(0, q.shape[1], chunk_size):
@@ -178,11 +180,11 @@ def otsu_foreground(gray_uint8: np.ndarray, mode: int) -> np.ndarray:
     if g.ndim == 3 and g.shape[-1] == 3:
         g = g[..., 0] * 0.299 + g[..., 1] * 0.587 + g[..., 2] * 0.114
     if g.ndim != 2:
-        raise ValueError(f"foreground_mask expects a [H, W] grayscale image, got shape {g.shape}")
+        raise InvalidInputError(f"foreground_mask expects a [H, W] grayscale image, got shape {g.shape}")
     if mode == 3:
         return np.ones(g.shape, np.float32)
     if mode not in (1, 2):
-        raise ValueError(f"foreground mode must be 1, 2 or 3, got {mode!r}")
+        raise UsageError(f"foreground mode must be 1, 2 or 3, got {mode!r}")
     from skimage.filters import threshold_otsu
 
     if g.min() == g.max():
@@ -207,10 +209,10 @@ def foreground_mask(images: np.ndarray, mode: int, size: tuple[int, int]) -> np.
     Returns:
         float32 ``[B, h, w]`` in [0, 1] (all ones for mode 3).
     Raises:
-        ValueError: unknown mode.
+        UsageError: unknown mode.
     """
     if mode not in (1, 2, 3):
-        raise ValueError(f"foreground mode must be 1, 2 or 3, got {mode}")
+        raise UsageError(f"foreground mode must be 1, 2 or 3, got {mode}")
     b = images.shape[0]
     if mode == 3:
         return np.ones((b,) + tuple(size), dtype=np.float32)
@@ -253,12 +255,13 @@ def anomaly_map(feats_input: list[np.ndarray], feats_recon: list[np.ndarray], si
     Returns:
         float32 ``[B, H, W]``, non-negative.
     Raises:
-        ValueError: empty or mismatched layer lists, unknown ``bidirectional``, missing images for the pixel term.
+        InvalidInputError: empty or mismatched layer lists. UsageError: unknown ``bidirectional``, missing images
+            for the pixel term.
     """
     if not feats_input or len(feats_input) != len(feats_recon):
-        raise ValueError("need the same non-zero number of feature layers for input and reconstruction")
+        raise InvalidInputError("need the same non-zero number of feature layers for input and reconstruction")
     if bidirectional not in ("none", "sum", "mean"):
-        raise ValueError(f"bidirectional must be 'none', 'sum' or 'mean', got {bidirectional!r}")
+        raise UsageError(f"bidirectional must be 'none', 'sum' or 'mean', got {bidirectional!r}")
     forward = sum(resize_bilinear(nn_cosine_distance(fi, fr, chunk_size), size)
                   for fi, fr in zip(feats_input, feats_recon))
     if bidirectional != "none":
@@ -268,7 +271,7 @@ def anomaly_map(feats_input: list[np.ndarray], feats_recon: list[np.ndarray], si
     amap = forward.astype(np.float32)
     if pixel_weight:
         if images_input is None or images_recon is None:
-            raise ValueError("the pixel term needs images_input and images_recon")
+            raise UsageError("the pixel term needs images_input and images_recon")
         d = np.abs(imagenet_normalize(images_input) - imagenet_normalize(images_recon)).mean(axis=1)
         ratio = amap.reshape(len(amap), -1).max(1) / np.maximum(d.reshape(len(d), -1).max(1), 1e-12)
         amap = amap + pixel_weight * ratio[:, None, None].astype(np.float32) * d

@@ -21,6 +21,7 @@ import numpy as np
 
 from glad_runtime.core.bundle import Bundle, BundleError
 from glad_runtime.engines.base import GraphEngines, network_graphs
+from glad_runtime.errors import EngineSpecError
 
 __all__ = ["MixedEngines", "CHOICES", "PLAN_FILE", "cpu_key", "read_plan", "write_plan"]
 
@@ -86,7 +87,7 @@ class MixedEngines(GraphEngines):
     Attributes:
         choices: ``{graph: choice}`` of every graph loaded.
     Raises:
-        BundleError: no plan, a plan of another CPU, missing graphs. ValueError: an unknown choice.
+        BundleError: no plan, a plan of another CPU, missing graphs. EngineSpecError: an unknown choice.
         EngineError (calls): the routed engine's error.
     """
 
@@ -106,7 +107,7 @@ class MixedEngines(GraphEngines):
             plan = {g: v["choice"] for g, v in read_plan(self.bundle)["graphs"].items()}
         bad = {g: c for g, c in plan.items() if c not in CHOICES}
         if bad:
-            raise ValueError(f"choices must be among {CHOICES}, got {bad}")
+            raise EngineSpecError(f"choices must be among {CHOICES}, got {bad}")
         graphs = network_graphs(self.config, dino_ads_present=self.bundle.file("onnx/dino_ads.onnx").is_file())
         self.choices = {g: plan.get(g, "ort-fp32") for g in graphs}
         self.engines: dict[str, GraphEngines] = {}

@@ -36,6 +36,7 @@ import numpy as np
 from glad_runtime.core.bundle import Bundle, BundleError
 from glad_runtime.core.cpus import threads_for
 from glad_runtime.engines import EngineError, GraphEngines, network_graphs
+from glad_runtime.errors import EngineSpecError
 
 __all__ = ["OpenVinoEngines", "PRECISIONS", "cache_key"]
 
@@ -87,7 +88,7 @@ class OpenVinoEngines(GraphEngines):
         cache_dir: the cache folder used, or None.
     Raises:
         ImportError: the ``openvino`` package is not installed (the ``openvino`` extra).
-        ValueError: unknown precision, a negative thread count or a static batch size < 1.
+        EngineSpecError: unknown precision, a negative thread count or a static batch size < 1.
         EngineError: ``bf16`` asked on a CPU without bf16 support (OpenVINO's capabilities are named), or OpenVINO
             failed to read or compile a graph (naming it).
         BundleError: graphs missing (run ``glad export``) or modified since export.
@@ -112,12 +113,12 @@ class OpenVinoEngines(GraphEngines):
         requested = {"*": precision} if isinstance(precision, str) else dict(precision)
         bad = {g: p for g, p in requested.items() if p not in PRECISIONS}
         if bad:
-            raise ValueError(f"openvino precision must be one of {sorted(PRECISIONS)} (or a {{graph: precision}} "
-                             f"map), got {precision!r}")
+            raise EngineSpecError(f"openvino precision must be one of {sorted(PRECISIONS)} (or a {{graph: precision}} "
+                                  f"map), got {precision!r}")
         if int(num_threads) < 0:
-            raise ValueError(f"num_threads must be >= 0 (0 = the cores this process may use), got {num_threads}")
+            raise EngineSpecError(f"num_threads must be >= 0 (0 = the cores this process may use), got {num_threads}")
         if any(int(b) < 1 for b in static_batches):
-            raise ValueError(f"static_batches must be batch sizes >= 1, got {list(static_batches)}")
+            raise EngineSpecError(f"static_batches must be batch sizes >= 1, got {list(static_batches)}")
         self.precision, self.max_batch = precision, max(1, int(max_batch))
         self.num_threads = threads_for(1, int(num_threads))
         self.static_batches = sorted({int(b) for b in static_batches})
@@ -179,10 +180,11 @@ class OpenVinoEngines(GraphEngines):
             self.bundle.file(f"engines/openvino/{cache_key(self.core)}")
         try:
             path.mkdir(parents=True, exist_ok=True)
-            if not os.access(path, os.W_OK):
-                raise PermissionError(f"{path} is not writable")
         except OSError as e:
             log.warning("openvino: no model cache (%s); compiling every time", e)
+            return None
+        if not os.access(path, os.W_OK):
+            log.warning("openvino: no model cache (%s is not writable); compiling every time", path)
             return None
         self.core.set_property({"CACHE_DIR": str(path)})
         return path

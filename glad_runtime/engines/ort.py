@@ -19,6 +19,7 @@ import numpy as np
 
 from glad_runtime.core.bundle import Bundle, BundleError
 from glad_runtime.engines import EngineError, GraphEngines, network_graphs
+from glad_runtime.errors import EngineSpecError
 
 __all__ = ["OrtEngines", "PROVIDERS", "session_options"]
 
@@ -73,7 +74,7 @@ class OrtEngines(GraphEngines):
             where the host path measured as fast (tiny ELPV bundle: 136-153 vs 157-173 ms per image in checks).
     Raises:
         BundleError: graphs missing (run ``glad export``) or modified since export.
-        ValueError: unknown precision or provider, or a provider this onnxruntime build lacks (naming the package
+        EngineSpecError: unknown precision or provider, or a provider this onnxruntime build lacks (naming the package
             that has it).
     """
 
@@ -96,15 +97,15 @@ class OrtEngines(GraphEngines):
         else:
             bad = {} if precision in _SUFFIX else {"*": precision}
         if bad:
-            raise ValueError(f"precision must be one of {sorted(_SUFFIX)} (or a {{graph: precision}} map), got "
-                             f"{precision!r}")
+            raise EngineSpecError(f"precision must be one of {sorted(_SUFFIX)} (or a {{graph: precision}} map), got "
+                                  f"{precision!r}")
         if provider not in PROVIDERS:
-            raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+            raise EngineSpecError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
         available = ort.get_available_providers()
         missing = [p for p in PROVIDERS[provider] if p not in available]
         if missing:
-            raise ValueError(f"provider {provider!r} needs {missing}, not in this onnxruntime build (available: "
-                             f"{available}); install onnxruntime-gpu instead of onnxruntime for cuda/tensorrt")
+            raise EngineSpecError(f"provider {provider!r} needs {missing}, not in this onnxruntime build (available: "
+                                  f"{available}); install onnxruntime-gpu instead of onnxruntime for cuda/tensorrt")
         self.precision, self.provider, self.max_batch = precision, provider, max(1, int(max_batch))
         self.opts = session_options(intra_op_threads, inter_op_threads, spinning)
         self.sessions: dict[str, object] = {}

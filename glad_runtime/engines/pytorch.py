@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from glad_runtime.errors import EngineError
+from glad_runtime.errors import EngineError, EngineSpecError
 
 __all__ = ["TorchEngines", "resolve_device", "load_modules"]
 
@@ -19,13 +19,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     """``"auto"`` -> cuda when available, else cpu; otherwise ``torch.device(device)``.
 
     Raises:
-        ValueError: a CUDA device requested on a machine without one.
+        EngineSpecError: a CUDA device requested on a machine without one.
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
+        raise EngineSpecError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
     return dev
 
 
@@ -66,7 +66,7 @@ class TorchEngines:
             torch.set_num_threads(usable_cores())  # affinity and cgroup quota, not the machine's core count
         if not isinstance(dtype, torch.dtype):
             if dtype not in _DTYPES:
-                raise ValueError(f"dtype must be one of {sorted(k for k in _DTYPES if k)}, got {dtype!r}")
+                raise EngineSpecError(f"dtype must be one of {sorted(k for k in _DTYPES if k)}, got {dtype!r}")
             dtype = _DTYPES[dtype]
         self.dtype = dtype
         self.max_batch = max(1, int(max_batch))

@@ -92,8 +92,8 @@ class Backend:
     def accepts(self, setting: str, value: str) -> bool:
         """Whether ``value`` is one of this backend's values for ``setting`` (one of :data:`SETTINGS`)."""
         allowed = getattr(self, f"{setting}s")
-        return value in allowed or (":" in value and value.split(":")[0] in allowed
-                                    and re.fullmatch(r"\d+", value.split(":", 1)[1]) is not None)
+        return value in allowed or (setting == "device" and "cuda" in allowed
+                                    and re.fullmatch(r"cuda:\d+", value) is not None)
 
     def option(self, name: str) -> BackendOption | None:
         """The option called ``name``, or None."""
@@ -101,6 +101,9 @@ class Backend:
 
 
 _THREADS = "ONNX Runtime intra-op / OpenVINO inference threads"
+#: The values a backend without that setting accepts all the same (what it does anyway), so a command line that
+#: spells out the defaults (``--precision fp32 --device cpu``) works with every backend.
+NEUTRAL = {"precision": "fp32", "provider": "cpu", "device": "cpu"}
 #: The backends, one row each (the order of ``--engine``'s choices and help).
 _TABLE = (
     Backend("torch", "glad_runtime.engines.pytorch:TorchEngines.from_spec", extra="torch",
@@ -211,6 +214,9 @@ class EngineSpec:
             if value is None:
                 object.__setattr__(self, setting, allowed[0] if allowed else None)
             elif not allowed:
+                if value == NEUTRAL.get(setting):  # what the backend does anyway (fp32, on the CPU): no conflict
+                    object.__setattr__(self, setting, None)
+                    continue
                 raise EngineSpecError(f"backend {name!r} has no {setting} setting; got {setting} {value!r}")
             elif not row.accepts(setting, value):
                 raise EngineSpecError(f"backend {name!r} accepts {setting} {' / '.join(allowed)}; got {value!r}")
@@ -283,7 +289,8 @@ def open_engines(bundle, spec: EngineSpec | str = DEFAULT_BACKEND):
         the backend's :class:`~glad_runtime.engines.Engines` (numpy in and out; see
         :class:`~glad_runtime.engines.Engines` for the shapes).
     Raises:
-        EngineSpecError: a spec the backend cannot honour (also a ``ValueError`` the backend raised on its settings).
+        EngineSpecError: a spec the backend cannot honour (also what the backend's constructor raised on its
+            settings, an ``EngineSpecError`` or a plugin's plain ``ValueError``, prefixed with the backend's name).
         MissingExtraError: what the backend imports is not installed (the message names the module and the extra).
         EngineFilesError: (a ``BundleError`` and a ``UsageError``) the files the backend loads are missing or
             modified (a ``BundleError`` or ``FileNotFoundError`` of the backend), or the server serves another
@@ -295,6 +302,8 @@ def open_engines(bundle, spec: EngineSpec | str = DEFAULT_BACKEND):
     row = spec.row
     try:
         return _resolve(row.factory)(bundle, spec)
+    except EngineSpecError as e:  # a setting the backend's constructor refuses: say which backend
+        raise EngineSpecError(f"backend {row.name!r}: {e}") from e
     except UsageError:
         raise
     except (BundleError, FileNotFoundError) as e:
@@ -306,7 +315,7 @@ def open_engines(bundle, spec: EngineSpec | str = DEFAULT_BACKEND):
         extra = f"install the {row.extra!r} extra (pip install 'glad-toolkit[{row.extra}]')" if row.extra else ""
         raise MissingExtraError(f"backend {row.name!r} needs {missing}, which this install does not have"
                                 f"{': ' + extra if extra else ''} ({e})", module=missing, extra=row.extra) from e
-    except ValueError as e:  # a setting the backend's constructor refuses
+    except ValueError as e:  # the same from a plugin's backend that raises builtins
         raise EngineSpecError(f"backend {row.name!r}: {e}") from e
 
 

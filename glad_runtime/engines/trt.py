@@ -24,7 +24,8 @@ import numpy as np
 
 from glad_runtime.core.bundle import Bundle, BundleError
 from glad_runtime.engines import EngineError, GraphEngines, network_graphs
-from glad_runtime.errors import TensorRTUnavailable, EngineMismatchError  # noqa: F401 (re-exported)
+from glad_runtime.errors import EngineMismatchError, TensorRTUnavailable  # noqa: F401 (re-exported)
+from glad_runtime.errors import InvalidInputError, UsageError
 
 __all__ = ["EngineKey", "GpuInfo", "TensorRTUnavailable", "EngineMismatchError", "current_gpu", "parse_nvidia_smi",
            "optimization_profile", "find_engine", "TensorRTEngines", "PRECISIONS", "onnx_source"]
@@ -44,7 +45,7 @@ def parse_nvidia_smi(text: str) -> list[GpuInfo]:
     """Parse ``nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader`` output (one GPU per line).
 
     Raises:
-        ValueError: a line without two comma-separated fields.
+        InvalidInputError: a line without two comma-separated fields.
     """
     gpus = []
     for line in text.strip().splitlines():
@@ -52,7 +53,7 @@ def parse_nvidia_smi(text: str) -> list[GpuInfo]:
             continue
         parts = [p.strip() for p in line.rsplit(",", 1)]
         if len(parts) != 2 or not parts[0] or not re.fullmatch(r"\d+\.\d+", parts[1]):
-            raise ValueError(f"unexpected nvidia-smi line: {line!r}")
+            raise InvalidInputError(f"unexpected nvidia-smi line: {line!r}")
         gpus.append(GpuInfo(parts[0], parts[1]))
     return gpus
 
@@ -117,7 +118,7 @@ class EngineKey:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise UsageError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         prof = tuple(sorted((str(n), tuple(map(int, a)), tuple(map(int, b)), tuple(map(int, c)))
                             for n, a, b, c in self.profile))
         object.__setattr__(self, "profile", prof)
@@ -163,16 +164,16 @@ def optimization_profile(inputs: dict[str, list], batch: tuple[int, int, int]) -
         inputs: ``{name: [dim, ...]}`` as in ``onnx/export.json`` (ints, or strings for dynamic dims).
         batch: ``(min, opt, max)``; ``(n, n, n)`` for a static-batch engine.
     Raises:
-        ValueError: ``min <= opt <= max`` violated, batch < 1, or a dynamic dim other than the first.
+        UsageError: ``min <= opt <= max`` violated, batch < 1, or a dynamic dim other than the first.
     """
     lo, opt, hi = (int(b) for b in batch)
     if not 1 <= lo <= opt <= hi:
-        raise ValueError(f"batch profile must satisfy 1 <= min <= opt <= max, got {batch}")
+        raise UsageError(f"batch profile must satisfy 1 <= min <= opt <= max, got {batch}")
     prof = {}
     for name, dims in inputs.items():
         rest = dims[1:]
         if any(not isinstance(d, int) or d <= 0 for d in rest):
-            raise ValueError(f"input {name!r}: only the batch dimension may be dynamic, got {dims}")
+            raise UsageError(f"input {name!r}: only the batch dimension may be dynamic, got {dims}")
         fixed = tuple(int(d) for d in rest)
         if isinstance(dims[0], int) and dims[0] > 0:  # a static first dim: the graph fixes the batch
             prof[name] = ((dims[0],) + fixed,) * 3

@@ -39,7 +39,7 @@ from glad_runtime.core.config import GladConfig
 from glad_runtime.core.detection import Detection
 from glad_runtime.engines import EngineError, Engines, check_output
 from glad_runtime.pipeline.batch import GladPipeline
-from glad_runtime.errors import QueueFullError  # noqa: F401 (re-exported)
+from glad_runtime.errors import QueueFullError, UsageError  # noqa: F401 (re-exported)
 
 __all__ = ["StepScheduler", "QueueFullError"]
 
@@ -80,13 +80,13 @@ class StepScheduler:
             docstring); the engines must accept concurrent calls (ours do: ONNX Runtime sessions, BLS requests,
             Triton clients). Results are unchanged.
     Raises:
-        ValueError: ``max_active`` or ``max_queue`` < 1.
+        UsageError: ``max_active`` or ``max_queue`` < 1.
     """
 
     def __init__(self, engines: Engines, config: GladConfig, *, max_active: int = 8, max_queue: int = 64,
                  overlap: bool = False):
         if max_active < 1 or max_queue < 1:
-            raise ValueError(f"max_active and max_queue must be >= 1, got {max_active}, {max_queue}")
+            raise UsageError(f"max_active and max_queue must be >= 1, got {max_active}, {max_queue}")
         self.pipeline = GladPipeline(engines, config)  # the same helpers, noise and schedule as the batch pipeline
         self.config, self.schedule = config, self.pipeline.schedule
         self.max_active, self.max_queue = int(max_active), int(max_queue)

@@ -41,6 +41,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from glad_runtime.errors import InvalidInputError, UsageError
+
 __all__ = ["TensorSpec", "GLAD_MODEL", "INFLIGHT_MODEL", "ENTRY_MODELS", "is_entry_model",
            "tag_stream_error", "stream_error_status", "GLAD_INPUT", "GLAD_FILE_INPUT", "MAP_SIZE_PARAMETER", "MAP_SIZES",
            "DEFAULT_MAP_SIZE", "ERRORS_OUTPUT", "DEFAULT_MAX_REQUEST_IMAGES",
@@ -262,12 +264,12 @@ def from_wire(array: np.ndarray, batch: int, spec: TensorSpec) -> np.ndarray:
     """A received tensor as the model declared it: per-sample scalars ``[B, 1]`` -> ``[B]``, dtype checked.
 
     Raises:
-        ValueError: the array's size does not fit ``batch`` images of ``spec``.
+        InvalidInputError: the array's size does not fit ``batch`` images of ``spec``.
     """
     a = np.asarray(array)
     if not spec.dims:
         if a.size != batch:
-            raise ValueError(f"{spec.name}: {a.size} values for {batch} images")
+            raise InvalidInputError(f"{spec.name}: {a.size} values for {batch} images")
         return a.reshape(batch).astype(spec.dtype, copy=False)
     return a.astype(spec.dtype, copy=False)
 
@@ -304,17 +306,17 @@ def glad_output_arrays(detections: Sequence, map_size: str = "original") -> dict
     Returns:
         ``{name: array}`` in :data:`GLAD_OUTPUT_NAMES` order; no NaN anywhere (sentinels per :data:`GLAD_OUTPUTS`).
     Raises:
-        ValueError: unknown ``map_size``, or a Detection without a map.
+        UsageError: unknown ``map_size``. InvalidInputError: a Detection without a map.
     """
     from glad_runtime.core.regions import defect_mask
 
     if map_size not in MAP_SIZES:
-        raise ValueError(f"{MAP_SIZE_PARAMETER} must be one of {MAP_SIZES}, got {map_size!r}")
+        raise UsageError(f"{MAP_SIZE_PARAMETER} must be one of {MAP_SIZES}, got {map_size!r}")
     empty = np.zeros((0, 0), np.float32)
     maps = [empty if not d.ok else d.map_at_original_size() if map_size == "original" else d.anomaly_map
             for d in detections]
     if any(m is None for m in maps):
-        raise ValueError("every scored detection needs its anomaly map")
+        raise InvalidInputError("every scored detection needs its anomaly map")
     h = max(m.shape[0] for m in maps)
     w = max(m.shape[1] for m in maps)
     padded = np.zeros((len(maps), h, w), np.float32)
@@ -393,7 +395,7 @@ def detections_from_arrays(arrays: Mapping[str, np.ndarray], sources: Sequence[s
     ``regions`` JSON; ``region_counts`` / ``region_boxes`` (the same numbers) are not needed and may be absent.
 
     Raises:
-        ValueError: a tensor whose size does not fit the batch.
+        InvalidInputError: a tensor whose size does not fit the batch.
     """
     from glad_runtime.core.calibration import label
     from glad_runtime.core.detection import ADS_STATES, Detection

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from glad_runtime.errors import (BadInputError, DeadlineExceededError, ModelNotFoundError, ServerUnavailableError,
-                                 ServingError)
+                                 ServingError, UsageError)
 
 __all__ = ["classify", "classify_error", "error_for", "is_retryable", "is_malformed", "backoff_delay", "Pool", "Lease",
            "Attempts", "Step", "CLOSED", "OPEN", "HALF_OPEN"]
@@ -234,7 +234,7 @@ class Pool:
     def __init__(self, urls: Sequence[str], *, cooldown: float = 1.0, failure_threshold: int = 1,
                  clock: Callable[[], float] = time.monotonic):
         if not urls:
-            raise ValueError("at least one replica URL is needed")
+            raise UsageError("at least one replica URL is needed")
         self.replicas = [_Replica(u, i) for i, u in enumerate(urls)]
         self.cooldown, self.failure_threshold = float(cooldown), max(1, int(failure_threshold))
         self.clock = clock

@@ -8,8 +8,8 @@ built from the generated recipe, and two containers started from it:
 * ``B``: no limits.
 
 Checked against them, in this order (the module's tests share the containers): ready within the manifests' start
-period and healthy by the image's own HEALTHCHECK; tritonserver is PID 1, non-root, and nothing but ``/dev/shm``
-and tmpfs is writable in ``A``; the served ONNX Runtime sessions size their threads by the cgroup rule (1 in ``A``,
+period and healthy by the image's own HEALTHCHECK; the drain-aware entrypoint is PID 1, non-root, and nothing but ``/dev/shm``
+and ``/tmp`` is writable in ``A``; the served ONNX Runtime sessions size their threads by the cgroup rule (1 in ``A``,
 this host's usable cores in ``B``); the same scores as ``glad detect`` over HTTP (tritonclient.http) and gRPC
 (:class:`GladClient`); ``A`` killed (``podman kill``) mid-stream behind the client with every image answered once
 with its in-process score; ``B`` stopped (``podman stop``, SIGTERM) while 16 requests are in flight, every one
@@ -20,7 +20,6 @@ Skipped, with the reason, where podman / runc / mmdebstrap are missing or podman
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 import time
@@ -32,7 +31,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 
-from conftest import detect_without_torch  # noqa: E402
+from conftest import detect_without_torch, png_bytes  # noqa: E402
 from glad_runtime.core.cpus import usable_cores  # noqa: E402
 from triton_models import podman as pm  # noqa: E402
 from triton_models.server import free_port, server_available  # noqa: E402
@@ -48,14 +47,6 @@ START_PERIOD_S = 120
 FIGURES: dict[str, str] = {}
 
 
-def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def files(elpv_images, tmp_path_factory):
     """Eight real ELPV cells as PNG files (four normal, four defective), as a folder and as bytes."""
@@ -63,8 +54,8 @@ def files(elpv_images, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cells")
     data = []
     for k, arr in enumerate([g for pair in zip(good, bad) for g in pair]):
-        (folder / f"cell{k}.png").write_bytes(_png(arr))
-        data.append((f"cell{k}.png", _png(arr)))
+        (folder / f"cell{k}.png").write_bytes(png_bytes(arr))
+        data.append((f"cell{k}.png", png_bytes(arr)))
     return folder, data
 
 
@@ -123,7 +114,7 @@ def containers(image):
 def test_ready_healthy_entrypoint_non_root_read_only(containers):
     """Ready within the start period (the fixture waited at most that), healthy by the image's HEALTHCHECK, the
     entrypoint is PID 1 (it gets the stop signal and drains) with tritonserver its child, the user is uid 1000,
-    and A's root file system refuses writes while /dev/shm takes them."""
+    and A's root file system refuses writes while /dev/shm and /tmp (tmpfs) take them."""
     a, b = containers
     for c in (a, b):
         assert pm.podman("healthcheck", "run", c.name, check=False).returncode == 0, c.logs()[-2000:]
@@ -136,9 +127,11 @@ def test_ready_healthy_entrypoint_non_root_read_only(containers):
         assert len(server) == 1 and server[0].startswith("1 "), procs  # one tritonserver, PID 1's child
         assert "--model-control-mode=explicit" in server[0]
         assert c.exec("id", "-u").strip() == "1000"
-    denied = pm.podman("exec", a.name, "sh", "-c", "echo x > /opt/glad/probe", check=False)
-    assert denied.returncode != 0 and "Read-only file system" in denied.stderr, denied.stderr
-    assert pm.podman("exec", a.name, "sh", "-c", "echo x > /dev/shm/probe && rm /dev/shm/probe").returncode == 0
+    for path in ("/opt/glad/probe", "/var/tmp/probe", "/run/probe", "/models/probe"):
+        denied = pm.podman("exec", a.name, "sh", "-c", f"echo x > {path}", check=False)
+        assert denied.returncode != 0 and "Read-only file system" in denied.stderr, (path, denied.stderr)
+    for path in ("/dev/shm/probe", "/tmp/probe"):  # the two writable places (the python backend needs both)
+        assert pm.podman("exec", a.name, "sh", "-c", f"echo x > {path} && rm {path}").returncode == 0
 
 
 def _threads_logged(container: pm.Container) -> dict[str, tuple[int, int]]:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from glad_runtime.errors import UsageError
 from training.data import (
     MVTecCategory,
     load_mask,
@@ -154,7 +155,7 @@ def test_prepare_textures_small(tmp_path):
         assert np.array_equal(img != base(rec), m)
 
     # seeded: a second run gives identical files; existing folders are protected
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UsageError, match="not empty"):  # a usage error (exit 2), no longer FileExistsError
         prepare_textures(tmp_path, categories=("brick",), seed=3, size=64, n_train=4, n_test_good=3, n_test_defect=5)
     again = prepare_textures(
         tmp_path / "b", categories=("brick",), seed=3, size=64, n_train=4, n_test_good=3, n_test_defect=5

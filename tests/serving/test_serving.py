@@ -22,6 +22,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient.grpc")
 
+from conftest import png_bytes  # noqa: E402
 from glad_runtime.core.bundle import Bundle  # noqa: E402
 from glad_runtime.core.images import Preprocessor, load_image  # noqa: E402
 from glad_runtime.pipeline.batch import GladPipeline  # noqa: E402
@@ -43,14 +44,7 @@ def images(elpv_images):
     return [good[0], bad[0], good[1], bad[1]]
 
 
-def _png(array: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+_png = png_bytes  # the name the serving tests import
 
 
 @pytest.fixture(scope="module")

@@ -253,3 +253,18 @@ def test_detect_bad_set_value_exit_2(stub_cli, tmp_path):
     assert res.exit_code == 2 and not calls
     line = _one_error_line(res)
     assert "--set" in line and "ads_enabled" in line and "a bool" in line
+
+
+def test_detect_missing_input_exit_2(stub_cli, tmp_path):
+    """A missing input is a PathNotFoundError (a UsageError): one line, exit 2, before any engine is opened."""
+    b, src, calls = stub_cli
+    res = _run("detect", b.path, src / "im0.png", tmp_path / "nope.png", "--out", tmp_path / "out")
+    assert res.exit_code == 2 and not calls
+    assert "no such file or folder" in _one_error_line(res) and "nope.png" in res.stderr
+
+
+@pytest.mark.parametrize("batch", ["4:2:1", "x", "1:2"])
+def test_build_bad_batch_exit_2(stub_cli, batch):
+    res = _run("build", stub_cli[0].path, "--batch", batch)
+    assert res.exit_code == 2
+    assert "batch must be N or MIN:OPT:MAX" in _one_error_line(res) and repr(batch) in res.stderr

@@ -51,3 +51,36 @@ def test_podman_env_points_at_our_containers_conf(tmp_path):
     assert env["CONTAINERS_CONF"] == str(conf) and conf.read_text() == pm.CONTAINERS_CONF
     assert "default_ulimits = []" in pm.CONTAINERS_CONF and 'runtime = "runc"' in pm.CONTAINERS_CONF
     assert pm.podman_env({"CONTAINERS_CONF": "/x.conf"})["CONTAINERS_CONF"] == "/x.conf"  # the caller's wins
+
+
+def _supervised(child: str, grace: float = 1.0) -> subprocess.Popen:
+    code = ("import os, sys\nfrom triton_models.entrypoint import supervise\n"
+            f"sys.exit(supervise([sys.executable, '-c', {child!r}], dict(os.environ), http_url='127.0.0.1:9', "
+            f"grace={grace}, drains=False))\n")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_supervise_passes_the_servers_exit_code_through():
+    proc = _supervised("import sys; sys.exit(3)")
+    assert proc.wait(timeout=60) == 3
+
+
+def test_supervise_forwards_sigterm_after_the_drain_and_returns_the_servers_code():
+    """The child (a stand-in for tritonserver, in its own session) gets SIGTERM only from the supervisor, after the
+    drain step, and its exit code is the container's."""
+    import signal
+    import time
+
+    child = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: (print('child got SIGTERM', flush=True), sys.exit(7)))\n"
+             "print('child up', flush=True)\ntime.sleep(60)\n")
+    proc = _supervised(child)
+    assert proc.stdout.readline().strip() == "child up"
+    time.sleep(0.3)  # the supervisor's handlers are installed before it starts the child
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 7, out
+    lines = out.splitlines()
+    drain = next(k for k, ln in enumerate(lines) if "SIGTERM: draining" in ln)
+    assert lines.index("child got SIGTERM") > drain and "not in explicit model control" in out

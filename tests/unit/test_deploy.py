@@ -231,9 +231,23 @@ def test_cpu_target_requests_no_gpu_and_sets_namespace(recipes):
     assert "--exit-timeout-secs=60" in c["args"]
     assert objs[0]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 60
     assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "/opt/glad/venv/bin/python"
+    # the read-only root file system tests/container runs: only /dev/shm and /tmp are written, both volumes
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/dev/shm", "/tmp"}
     cmd = json.loads(next(ln for ln in (out / "Dockerfile").read_text().splitlines()
                           if ln.startswith("CMD ")).removeprefix("CMD "))
     assert c["args"] == cmd  # the manifest runs what the image would (flags: the image's entrypoint runs the server)
+
+
+def test_kserve_runtime_drains_before_sigterm(recipes):
+    """KServe pods get the Deployment's shutdown: a preStop drain on KServe's HTTP port and a grace period for it."""
+    for target in ("gpu", "cpu"):
+        rt, isvc = _docs(recipes[target][1] / "k8s" / "kserve.yaml")
+        (c,) = rt["spec"]["containers"]
+        code = c["lifecycle"]["preStop"]["exec"]["command"][2]
+        assert "drain('127.0.0.1:8080'" in code
+        exit_timeout = int(next(a for a in c["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
+        assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] > 2 * exit_timeout
 
 
 def test_cpu_dockerfile_content(recipes):
@@ -523,7 +537,8 @@ def test_refuses_bad_input(recipes, tmp_path):
            dict(image=IMAGE, name="Glad_Triton"), dict(image=IMAGE, http_port=8001),
            dict(image=IMAGE, replicas=3, max_replicas=2), dict(image=IMAGE, replicas=0),
            dict(image=IMAGE, triton_version="25.1"), dict(image=IMAGE, server_args=["log-verbose=1"]),
-           dict(image=IMAGE, exit_timeout_s=0)]
+           dict(image=IMAGE, exit_timeout_s=0), dict(image=IMAGE, server_args=["--http-port=9000"]),
+           dict(image=IMAGE, server_args=["--exit-timeout-secs=120"]), dict(image=IMAGE, server_args=["--allow-http=false"])]
     for kw in bad:
         with pytest.raises(ValueError):
             deploy.write_deploy(repo, tmp_path / "o", **kw)

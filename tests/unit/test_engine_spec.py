@@ -72,7 +72,9 @@ def test_spec_defaults_come_from_the_row():
     (dict(backend="torch", provider="cuda"), ["'torch' has no provider setting"]),
     (dict(backend="ort", device="cuda"), ["'ort' has no device setting"]),
     (dict(backend="torch", device="cuda:x"), ["'torch' accepts device cpu / cuda / auto", "'cuda:x'"]),
-    (dict(backend="mix", precision="fp32"), ["'mix' has no precision setting"]),
+    (dict(backend="mix", precision="fp16"), ["'mix' has no precision setting"]),
+    (dict(backend="torch", device="auto:1"), ["'torch' accepts device cpu / cuda / auto", "'auto:1'"]),
+    (dict(backend="ort", precision="fp32:9"), ["'ort' accepts precision", "'fp32:9'"]),
     (dict(backend="torch", threads=2), ["'torch' has no thread setting"]),
     (dict(backend="ort", threads=-1), ["threads must be an integer >= 0"]),
     (dict(backend="ort", max_batch=0), ["max_batch must be an integer >= 1"]),
@@ -90,8 +92,18 @@ def test_spec_refuses_what_the_backend_cannot_honour(kwargs, words):
 def test_spec_replace_checks_again():
     spec = EngineSpec("ort", threads=2)
     assert spec.replace(max_batch=3).max_batch == 3 and spec.replace(max_batch=3).threads == 2
-    with pytest.raises(EngineSpecError, match="'torch' has no provider setting"):  # ort's resolved values
+    with pytest.raises(EngineSpecError, match="'torch' has no thread setting"):  # ort's settings, checked again
         spec.replace(backend="torch")
+
+
+def test_spec_accepts_the_neutral_value_of_a_setting_the_backend_lacks():
+    """A command line that spells out the defaults works with every backend (``--precision fp32 --device cpu
+    --provider cpu``): what the backend does anyway is no conflict; the setting is then None."""
+    assert EngineSpec("mix", precision="fp32").precision is None
+    assert EngineSpec("ort", device="cpu").device is None
+    assert EngineSpec("torch", provider="cpu").provider is None
+    assert EngineSpec("triton", precision="fp32", options={"url": "h:1"}).precision is None
+    assert EngineSpec("torch", device="cuda:1").device == "cuda:1"
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
@@ -213,3 +225,17 @@ def test_cli_server_selects_triton(stub_backends, bundle, tmp_path):
     assert res.exit_code == 0, res.output
     assert stub_backends == [EngineSpec("triton", max_batch=4,
                                         options={"url": "h:1", "model_prefix": "p", "shared_memory": True})]
+
+
+def test_calibrate_quantize_opens_onnx_runtime_by_default():
+    """`glad calibrate --quantize int8 --threads 4` (no --engine): the threads are ONNX Runtime's, as before the
+    engine table, so the spec is ort's, not the default torch's (which has no thread setting)."""
+    from glad_cli import options as o
+
+    kw = {"engine_backend": None, "engine_threads": 4, "quantize_mode": "int8",
+          **{f"engine_{k}": None for k in ("precision", "provider", "device")},
+          **{o._option_dest(r.name, opt.name): None for r in BACKENDS.values() for opt in r.options if opt.flag}}
+    spec = o._engine_spec(dict(kw))
+    assert (spec.backend, spec.threads) == ("ort", 4)
+    with pytest.raises(EngineSpecError, match="'torch' has no thread setting"):
+        o._engine_spec(dict(kw, quantize_mode=None))

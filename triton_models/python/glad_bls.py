@@ -28,7 +28,7 @@ from glad_runtime.core.config import GladConfig
 from glad_runtime.core.images import load_image
 from glad_runtime.detector import Detector
 from glad_runtime.engines import EngineError, GraphEngines, network_graphs
-from glad_runtime.errors import GladError, ImageLoadError, InvalidInputError
+from glad_runtime.errors import GladError, ImageLoadError, InvalidInputError, ServerStartError
 from glad_runtime.serving import protocol
 
 
@@ -285,8 +285,8 @@ class Served:
                                calibration=calibration, inflight=inflight)
         missing = self.missing_networks(Path(args["model_repository"]).parent)
         if missing:  # a partial deployment: fail to load, so this entry model is never READY without them
-            raise RuntimeError(f"network models missing from the model repository: {', '.join(missing)} (version "
-                               f"{version}); this entry model calls them, so it is not served without them")
+            raise ServerStartError(f"network models missing from the model repository: {', '.join(missing)} (version "
+                                   f"{version}); this entry model calls them, so it is not served without them")
 
     def missing_networks(self, repository):
         """The network models this entry model calls that have no ``<name>/<version>/`` with a ``config.pbtxt`` in

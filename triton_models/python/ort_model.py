@@ -20,6 +20,7 @@ import triton_python_backend_utils as pb_utils
 from glad_runtime.core.bundle import sha256_file
 from glad_runtime.core.cpus import threads_for, usable_cores
 from glad_runtime.engines.ort import session_options
+from glad_runtime.errors import BundleError
 
 
 def _error(message, code="INTERNAL"):
@@ -32,15 +33,15 @@ def verify_file(path, expected):
     the repository generator wrote into the config (the bundle's manifest checked it then); None or "" skips.
 
     Raises:
-        RuntimeError: naming the file and both digests (the model fails to load; nothing is served from it).
+        BundleError: naming the file and both digests (the model fails to load; nothing is served from it).
     """
     if not expected:
         return
     got = sha256_file(path)
     if got != expected:
-        raise RuntimeError(f"{path}: sha256 {got} does not match the {expected} the model configuration carries "
-                           "(the file was modified or replaced after `glad serve` wrote the repository); "
-                           "regenerate the repository from the bundle")
+        raise BundleError(f"{path}: sha256 {got} does not match the {expected} the model configuration carries "
+                          "(the file was modified or replaced after `glad serve` wrote the repository); "
+                          "regenerate the repository from the bundle")
 
 
 class TritonPythonModel:

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any, Callable, Generator, Iterable, Sequence
 
 from glad_runtime.core.detection import Detection
-from glad_runtime.errors import BadInputError, ServerUnavailableError, ServingError
+from glad_runtime.errors import BadInputError, ServerUnavailableError, ServingError, UsageError
 from glad_runtime.serving import protocol, routing
 from glad_runtime.serving.client import plan
 
@@ -106,9 +106,9 @@ class ClientCore:
                  threshold: float | None = None, cooldown: float = 1.0, failure_threshold: int = 1):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
-            raise ValueError("at least one server URL is needed")
+            raise UsageError("at least one server URL is needed")
         if len(set(self.urls)) != len(self.urls):
-            raise ValueError(f"server URLs must be distinct: {self.urls}")
+            raise UsageError(f"server URLs must be distinct: {self.urls}")
         self.model_prefix = model_prefix
         self.model_name = protocol.model_name(model_prefix)
         self.timeout = float(timeout)

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from glad_runtime.core.detection import Detection
-from glad_runtime.errors import BadInputError, DeadlineExceededError, ServerUnavailableError
+from glad_runtime.errors import BadInputError, DeadlineExceededError, ServerUnavailableError, UsageError
 from glad_runtime.serving import protocol, routing
 from glad_runtime.serving.client import plan
 from glad_runtime.serving.client.core import GRPC_CHANNEL_ARGS, classify_error
@@ -123,7 +123,7 @@ class InflightStream:
 
     def __init__(self, client, window: int = 16, timeout: float | None = None):
         if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+            raise UsageError(f"window must be >= 1, got {window}")
         self.client, self.window = client, window
         self.budget = client.timeout if timeout is None else float(timeout)
         self.name = protocol.model_name(client.model_prefix, protocol.INFLIGHT_MODEL)
