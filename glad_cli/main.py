@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import click
 
-from glad_cli.commands import (bench, build, calibrate, data, demo, detect, eval as eval_, export, init, perf,
-                               presets, serve, train)
+from glad_cli.commands import (bench, build, calibrate, container, data, demo, detect, eval as eval_, export,
+                               init, perf, presets, serve, train)
 from glad_cli.options import error_line, exit_code, missing_extra_line
 from glad_runtime.errors import GladError
 
@@ -60,7 +60,7 @@ def cli() -> None:
 # registered in the order of the former single-module CLI (`glad --help` lists them sorted)
 for _command in (presets.presets_cmd, init.init_cmd, export.export_cmd, build.build_cmd, bench.bench_cmd,
                  serve.serve_cmd, detect.detect_cmd, calibrate.calibrate_cmd, data.data_grp, train.train_cmd,
-                 eval_.eval_cmd, demo.demo_cmd, perf.perf_cmd):
+                 eval_.eval_cmd, demo.demo_cmd, perf.perf_cmd, container.container_grp):
     cli.add_command(_command)
 del _command
 

@@ -307,7 +307,7 @@ def _dockerfile_cpu(*, prefixes: list[str], args: list[str], http: int, grpc: in
 # Build from this folder:  docker build -t IMAGE .       (or podman build --format docker, for the HEALTHCHECK)
 #   --build-arg BASE_IMAGE=...   any Debian 12 image with python3 3.11, its venv module and libpython3.11
 #                                (default {CPU_BASE_IMAGE}; where no registry is reachable, a base made from
-#                                Debian's packages: python -m triton_models.podman base)
+#                                Debian's packages: glad container base)
 #   --secret id=pip_ca,src=FILE  optional: the CA bundle of a TLS-intercepting proxy between pip and the index;
 #                                used for the install only, never stored in the image
 #

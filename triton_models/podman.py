@@ -4,8 +4,8 @@ The recipe is what :func:`triton_models.deploy.write_deploy` writes for ``--targ
 --target cpu --deploy OUT --image NAME:TAG``); this module turns it into a running container, on loopback ports
 only, for the checks in ``tests/container`` and for an operator trying the image before pushing it::
 
-    python -m triton_models.podman up BUNDLE --image localhost/glad-triton-cpu:1 [--cpus 1] [--read-only]
-    python -m triton_models.podman base          # the Debian 12 base only (mmdebstrap + podman import)
+    glad container up BUNDLE --image localhost/glad-triton-cpu:1 [--cpus 1] [--read-only]
+    glad container base          # the Debian 12 base only (mmdebstrap + podman import)
 
 What this host needs, learnt here (Debian 12, root, cgroups v1):
 
@@ -28,7 +28,6 @@ command and the tail of its output.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -43,7 +42,7 @@ from pathlib import Path
 from glad_runtime.errors import ContainerError
 
 __all__ = ["DEBIAN_BASE", "CONTAINERS_CONF", "podman_env", "runtime_problem", "podman", "image_exists",
-           "make_base", "runs_containers", "build_image", "image_size", "run_container", "Container", "pip_ca_bundle", "main"]
+           "make_base", "runs_containers", "build_image", "image_size", "run_container", "Container", "pip_ca_bundle"]
 
 #: The locally made stand-in for ``python:3.11-slim`` (Debian 12, Python 3.11).
 DEBIAN_BASE = "localhost/glad-debian-base:bookworm"
@@ -290,53 +289,3 @@ def run_container(image: str, name: str, *, http_port: int, grpc_port: int, metr
     started = time.monotonic()
     podman(*args, image)
     return Container(name, image, http_port, grpc_port, metrics_port, started=started)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m triton_models.podman base|up``: make the base; or serve a bundle in a container (repository,
-    recipe, base, image, container), print its URLs and leave it running."""
-    parser = argparse.ArgumentParser(prog="python -m triton_models.podman", description=main.__doc__)
-    sub = parser.add_subparsers(dest="verb", required=True)
-    b = sub.add_parser("base", help=f"make the Debian 12 / Python 3.11 base ({DEBIAN_BASE})")
-    b.add_argument("--force", action="store_true", help="remake it when it exists")
-    u = sub.add_parser("up", help="build the CPU image of a bundle and run it on 127.0.0.1")
-    u.add_argument("bundle", type=Path)
-    u.add_argument("--image", default="localhost/glad-triton-cpu:dev", help="image name:tag (default %(default)s)")
-    u.add_argument("--name", default="glad-triton-cpu", help="container name (default %(default)s)")
-    u.add_argument("--work", type=Path, default=Path("container-build"),
-                   help="folder for the repository and the recipe (default %(default)s)")
-    u.add_argument("--ports", default="8000,8001,8002", help="host HTTP,gRPC,metrics ports (default %(default)s)")
-    u.add_argument("--cpus", type=float, default=None)
-    u.add_argument("--read-only", action="store_true")
-    a = parser.parse_args(argv)
-    problem = runtime_problem()
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    try:
-        made = make_base(force=a.verb == "base" and a.force)
-        print(f"base {DEBIAN_BASE}: " + (f"made in {made:.0f} s" if made else "present"))
-        if a.verb == "base":
-            return 0
-        from glad_runtime.core.bundle import Bundle
-        from triton_models.deploy import write_deploy
-        from triton_models.repository import generate_repository
-
-        repo, recipe = a.work / "model_repository", a.work / "deploy"
-        generate_repository(Bundle(a.bundle), repo, target="cpu")
-        write_deploy(repo, recipe, image=a.image, target="cpu")
-        print(f"image {a.image}: building from {recipe} ...", flush=True)
-        print(f"built in {build_image(recipe, a.image, quiet=False):.0f} s, {image_size(a.image) / 2**20:.0f} MiB")
-        http, grpc, metrics = (int(p) for p in a.ports.split(","))
-        c = run_container(a.image, a.name, http_port=http, grpc_port=grpc, metrics_port=metrics, cpus=a.cpus,
-                          read_only=a.read_only)
-        print(f"container {c.name}: ready in {c.wait_ready(300):.1f} s; HTTP {c.http_url}, gRPC {c.grpc_url}, "
-              f"metrics 127.0.0.1:{metrics}; stop with: podman stop {c.name}")
-    except ContainerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -104,8 +104,9 @@ def test_real_command_bundle_error_exit_1(tmp_path):
 
 def test_every_verb_is_registered():
     assert set(cli.commands) == {"presets", "init", "export", "build", "bench", "serve", "detect", "calibrate",
-                                 "data", "train", "eval", "demo", "perf"}
+                                 "data", "train", "eval", "demo", "perf", "container"}
     assert set(cli.commands["data"].commands) == {"elpv", "textures"}
+    assert set(cli.commands["container"].commands) == {"base", "up"}
 
 
 # ---------------------------------------------------------------------------------------------- typed --set
