@@ -97,10 +97,12 @@ def podman(*args: str, timeout: float = 600.0, check: bool = True, quiet: bool =
     return proc
 
 
-def runtime_problem() -> str | None:
-    """Why containers cannot be built and run here (podman, runc or mmdebstrap missing, or podman unusable), or
-    None when they can. Cheap: runs ``podman info`` only."""
-    for tool, package in (("podman", "podman"), ("runc", "runc"), ("mmdebstrap", "mmdebstrap")):
+def runtime_problem(need_base_tools: bool = True) -> str | None:
+    """Why containers cannot be built and run here (podman or runc missing, mmdebstrap missing when
+    ``need_base_tools`` (to make :data:`DEBIAN_BASE`), or podman unusable), or None when they can. Cheap: runs
+    ``podman info`` only."""
+    tools = (("podman", "podman"), ("runc", "runc")) + ((("mmdebstrap", "mmdebstrap"),) if need_base_tools else ())
+    for tool, package in tools:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (Debian: apt-get install {package})"
     try:

@@ -53,7 +53,8 @@ import click
               help="Also write a container build context, Kubernetes / KServe manifests and a Grafana dashboard "
                    "for the repository into this folder (needs --image). --target cpu: a Debian / Python 3.11 image "
                    "(--build-arg BASE_IMAGE, default python:3.11-slim) that drains on SIGTERM; build and run it "
-                   "here with `glad container up BUNDLE`. --target gpu: on NGC tritonserver.")
+                   "here with `glad container build DIR --image NAME:TAG` and `glad container run NAME:TAG`. "
+                   "--target gpu: on NGC tritonserver.")
 @click.option("--image", help="--deploy: the container image name with a tag (e.g. registry/glad-triton:1.0).")
 @click.option("--rollout", "rollout_urls", multiple=True, metavar="HOST:HTTP_PORT",
               help="Switch running servers that read --repo to the version just written (repeat per server; "

@@ -212,7 +212,7 @@ def test_kill_one_container_mid_stream(containers, files, expected):
 
 
 def test_sigterm_drains_in_flight_requests(containers, files, expected):
-    """16 concurrent one-image requests to B, then ``podman stop`` (SIGTERM to tritonserver, PID 1) once the
+    """16 concurrent one-image requests to B, then ``podman stop`` (SIGTERM to the entrypoint, PID 1) once the
     server holds them: every request is answered with its score before the container exits with code 0 (the
     entrypoint drains the entry models before tritonserver gets SIGTERM)."""
     from glad_runtime.serving.client import GladClient

@@ -106,7 +106,7 @@ def test_every_verb_is_registered():
     assert set(cli.commands) == {"presets", "init", "export", "build", "bench", "serve", "detect", "calibrate",
                                  "data", "train", "eval", "demo", "perf", "container"}
     assert set(cli.commands["data"].commands) == {"elpv", "textures"}
-    assert set(cli.commands["container"].commands) == {"base", "up"}
+    assert set(cli.commands["container"].commands) == {"base", "build", "run", "up"}
 
 
 # ---------------------------------------------------------------------------------------------- typed --set

@@ -227,6 +227,7 @@ def test_cpu_target_requests_no_gpu_and_sets_namespace(recipes):
     assert all(o["metadata"]["namespace"] == "inspection" for o in objs)
     c = objs[0]["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in json.dumps(c["resources"])
+    assert c["resources"]["limits"]["cpu"] == c["resources"]["requests"]["cpu"]  # a quota: the thread rule applies
     assert "tolerations" not in objs[0]["spec"]["template"]["spec"]
     assert "--exit-timeout-secs=60" in c["args"]
     assert objs[0]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 60
