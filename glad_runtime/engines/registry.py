@@ -121,8 +121,8 @@ _TABLE = (
                  "plan), measured on this machine by `python -m bench.cpu_mix BUNDLE`",
             precisions=(), providers=("cpu",), threads=True),
     Backend("tensorrt", "glad_runtime.engines.trt:TensorRTEngines.from_spec", extra="tensorrt",
-            help="engines of `glad build` (GPU) at their precision",
-            precisions=("fp32", "fp16", "int8", "fp8")),
+            help="engines of `glad build` (GPU); --precision as built (default fp16, `glad build`'s default)",
+            precisions=("fp16", "fp32", "int8", "fp8")),
     Backend("triton", "glad_runtime.engines.triton:TritonEngines.from_spec", extra="serve",
             help="the network models of a `glad serve` server (the ADS/SAFF loop stays here; results equal the "
                  "in-process engines')",
