@@ -24,7 +24,8 @@ from glad_cli.options import bundle_argument
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(1),
               help="Rounds per batch size; the engines alternate within each round (medians, min-max, spread).")
 @click.option("--ads/--no-ads", default=True, show_default=True, help="Run with ADS on (its cost is measured).")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0 = default).")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime / OpenVINO threads of the ort, openvino and mix engines (0 = the cores this "
+              "process may use, threads that sleep when idle).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default BUNDLE/bench).")
 @click.option("--stream", is_flag=True, help="Instead: a stream of mixed images served one at a time, per batch and "

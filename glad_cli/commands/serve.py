@@ -79,7 +79,9 @@ import click
               help="--start: server log (default <repo parent>/tritonserver-<grpc port>.log; an older one is "
                    "kept as .1).")
 @click.option("--server-arg", "server_args", multiple=True, metavar="FLAG",
-              help="--start: one more tritonserver flag, passed through (repeat), e.g. --server-arg=--log-verbose=1")
+              help="One more tritonserver flag (repeat), e.g. --server-arg=--log-verbose=1: passed to the server of "
+                   "--start and written into --deploy's image CMD and manifests (ports, exit timeout and "
+                   "--allow-http are the generator's own).")
 def serve_cmd(bundles, repo: Path, target: str, prefixes, max_batch: int, instances: int, glad_instances: int,
               max_image_pixels, queue_delay_us: int, precision: str, threads: int, queue_timeout_us: int, model_version,
               no_warmup: bool, inflight: bool, inflight_max_active, inflight_max_queue, deploy_dir, image, rollout_urls, start: bool, host: str, http_port: int, grpc_port: int,
