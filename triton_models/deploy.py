@@ -232,6 +232,17 @@ def _server_args(repository: str, http: int, grpc: int, metrics: int, exit_timeo
     return flags if target == "cpu" else ["tritonserver"] + flags
 
 
+#: The environment both images set: no .pyc writes, unbuffered logs, one OpenMP thread (ONNX Runtime sizes its own
+#: pools: glad_runtime.core.cpus), no pip self-check.
+_COMMON_ENV = ("PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1", "OMP_NUM_THREADS=1", "PIP_DISABLE_PIP_VERSION_CHECK=1")
+
+
+def _env(*first: str, last: str | None = None) -> str:
+    """One Dockerfile ``ENV`` instruction: ``first``, the common variables, then ``last``, one per line."""
+    items = [*first, *_COMMON_ENV, *([last] if last else [])]
+    return "ENV " + " \\\n    ".join(items)
+
+
 def _dockerfile(*, triton_version: str, target: str, prefixes: list[str], args: list[str], http: int, grpc: int,
                 metrics: int, glad_version: str) -> str:
     cmd = json.dumps(args)
@@ -260,11 +271,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN ldd /opt/tritonserver/backends/python/triton_python_backend_stub \\
     | grep -qF "$(python3 -c 'import sys; print("libpython%d.%d" % sys.version_info[:2])')"
 
-ENV PYTHONPATH={_SITE} \\
-    PYTHONDONTWRITEBYTECODE=1 \\
-    PYTHONUNBUFFERED=1 \\
-    OMP_NUM_THREADS=1 \\
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+{_env(f"PYTHONPATH={_SITE}")}
 
 # The runtime only (`.[onnx]`: numpy, Pillow, scipy, scikit-image, onnx, onnxruntime), every version pinned by
 # constraints.txt (PIP_CONSTRAINT also pins setuptools in pip's isolated build environment).
@@ -319,13 +326,8 @@ FROM ${{BASE_IMAGE}}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-ENV VIRTUAL_ENV={_VENV} \\
-    PATH={_VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
-    PYTHONDONTWRITEBYTECODE=1 \\
-    PYTHONUNBUFFERED=1 \\
-    OMP_NUM_THREADS=1 \\
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \\
-    PIP_NO_CACHE_DIR=1
+{_env(f"VIRTUAL_ENV={_VENV}", f"PATH={_VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+       last="PIP_NO_CACHE_DIR=1")}
 
 # The project with its serve extra, every version pinned by constraints.txt (PIP_CONSTRAINT also pins setuptools
 # in pip's isolated build environment); the python backend directory assembled now (the root file system may be
