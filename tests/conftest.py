@@ -138,6 +138,18 @@ def elpv_images():
     return images[good], images[bad]
 
 
+def bundle_copy(bundle, tmp_path_factory, folder: str):
+    """A private copy of ``bundle`` (a :class:`~glad_runtime.core.bundle.Bundle`) under a new temporary folder
+    ``folder``/<bundle name>, for tests that write into it (model caches, quantised graphs, calibration)."""
+    import shutil
+
+    from glad_runtime.core.bundle import Bundle
+
+    path = tmp_path_factory.mktemp(folder) / Path(bundle.path).name
+    shutil.copytree(bundle.path, path)
+    return Bundle(path)
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     """``array`` (uint8 [H, W] or [H, W, 3]) encoded as a PNG file's bytes (Pillow)."""
     import io

@@ -255,16 +255,15 @@ def test_sigterm_drains_in_flight_requests(containers, files, expected):
 
 
 def _pending(c: pm.Container) -> int:
-    """Requests the server holds now (queued or executing) for the entry model, from Triton's metrics."""
+    """Requests the server holds now (queued, not yet executing) for the entry model, from Triton's metrics."""
     import urllib.request
+
+    from bench.perf.rules import parse_prometheus
 
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=2) as r:
-            text = r.read().decode()
+            series = parse_prometheus(r.read().decode())
     except OSError:
         return 0
-    total = 0
-    for line in text.splitlines():
-        if line.startswith("nv_inference_pending_request_count") and f'model="{PREFIX}_glad"' in line:
-            total += int(float(line.rsplit(" ", 1)[1]))
-    return total
+    return int(sum(v for (name, labels), v in series.items()
+                   if name == "nv_inference_pending_request_count" and ("model", f"{PREFIX}_glad") in labels))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import detect_without_torch
+from conftest import bundle_copy, detect_without_torch
 
 ov = pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")
@@ -45,9 +45,7 @@ PRECISIONS = ["f32", pytest.param("bf16", marks=pytest.mark.skipif(not HAS_BF16,
 @pytest.fixture(scope="module")
 def bundle(exported_bundle, tmp_path_factory):
     """A copy of the session's exported tiny bundle (the engine writes its model cache into the bundle)."""
-    path = tmp_path_factory.mktemp("openvino") / "tiny"
-    shutil.copytree(exported_bundle[0].path, path)
-    return Bundle(path)
+    return bundle_copy(exported_bundle[0], tmp_path_factory, "openvino")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -18,10 +17,10 @@ from calib.quantize import (CalibrationSet, GraphDataReader, QuantizationError, 
                             RecordingEngines, accuracy_gate, format_gate_table, graph_errors, is_qdq,
                             nodes_to_exclude, quantize_bundle, quantize_graph, quantize_graph_modelopt,
                             quantized_path, record_calibration)
-from glad_runtime.core.bundle import Bundle, BundleError  # noqa: E402
+from glad_runtime.core.bundle import BundleError  # noqa: E402
 from glad_runtime.core.images import preprocess  # noqa: E402
 from glad_runtime.pipeline.batch import GladPipeline  # noqa: E402
-from tests.conftest import StubEngines, stub_config  # noqa: E402
+from tests.conftest import StubEngines, bundle_copy, stub_config  # noqa: E402
 
 # Documented tolerances (README "Quantisation"): on the RANDOM-INIT tiny networks of the fixtures (the worst case:
 # no trained weight structure), INT8 MinMax per-channel outputs on held-out recorded inputs keep a per-sample cosine
@@ -152,9 +151,7 @@ def test_gate_rule():
 @pytest.fixture(scope="module")
 def exported32(tmp_path_factory, exported_bundle):
     """A private copy of the session's exported tiny bundle (ADS on; quantisation writes into it)."""
-    path = tmp_path_factory.mktemp("quant") / "tiny"
-    shutil.copytree(exported_bundle[0].path, path)
-    return Bundle(path)
+    return bundle_copy(exported_bundle[0], tmp_path_factory, "quant")
 
 
 @pytest.fixture(scope="module")
