@@ -475,6 +475,12 @@ def _prestop(target: str, http: int, prestop_s: int, exit_timeout_s: int) -> lis
             f"drain('127.0.0.1:{int(http)}', {int(exit_timeout_s)})"]
 
 
+def _grace(prestop_s: int, exit_timeout_s: int) -> int:
+    """``terminationGracePeriodSeconds``: the preStop sleep, its drain (at most the exit timeout), Triton's own exit
+    after SIGTERM (at most the exit timeout again) and 15 s of margin."""
+    return prestop_s + 2 * exit_timeout_s + 15
+
+
 def _container_security(target: str) -> dict:
     """Non-root, no privilege escalation, no capabilities; on the CPU image also a read-only root file system (run
     that way in tests/container: only /dev/shm and /tmp are written, both volumes, :func:`_volumes`)."""
@@ -511,7 +517,8 @@ def _k8s_objects(*, name: str, namespace: str | None, image: str, target: str, p
         return m
 
     # preStop: the sleep lets the Service drop the pod, then the drain (both bounded), then the kubelet's SIGTERM
-    grace = prestop_s + 2 * exit_timeout_s + 15
+    grace = _grace(prestop_s, exit_timeout_s)
+    volumes, mounts = _volumes(target, shm_size)
     period = 10
     ports = [{"name": "http", "containerPort": http, "protocol": "TCP"},
              {"name": "grpc", "containerPort": grpc, "protocol": "TCP"},
@@ -533,9 +540,9 @@ def _k8s_objects(*, name: str, namespace: str | None, image: str, target: str, p
             "livenessProbe": _probe("/v2/health/live", http, 10, 3),
             "lifecycle": {"preStop": {"exec": {"command": _prestop(target, http, prestop_s, exit_timeout_s)}}},
             "securityContext": _container_security(target),
-            "volumeMounts": _volumes(target, shm_size)[1],
+            "volumeMounts": mounts,
         }],
-        "volumes": _volumes(target, shm_size)[0],
+        "volumes": volumes,
     }
     if target == "gpu":
         pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -649,6 +656,7 @@ def _kserve_objects(*, name: str, namespace: str | None, image: str, target: str
     if namespace:
         meta_rt["namespace"] = namespace
         meta_is["namespace"] = namespace
+    volumes, mounts = _volumes(target, shm_size)
     serving_runtime = {
         "apiVersion": "serving.kserve.io/v1alpha1", "kind": "ServingRuntime", "metadata": meta_rt,
         "spec": {
@@ -666,9 +674,9 @@ def _kserve_objects(*, name: str, namespace: str | None, image: str, target: str
                 "livenessProbe": _probe("/v2/health/live", 8080, 10, 3, initial=30),
                 "lifecycle": {"preStop": {"exec": {"command": _prestop(target, 8080, prestop_s, exit_timeout_s)}}},
                 "securityContext": _container_security(target),
-                "volumeMounts": _volumes(target, shm_size)[1],
+                "volumeMounts": mounts,
             }],
-            "volumes": _volumes(target, shm_size)[0],
+            "volumes": volumes,
         },
     }
     model = {"modelFormat": {"name": "triton", "version": "2"}, "runtime": runtime, "protocolVersion": "v2",
@@ -679,7 +687,7 @@ def _kserve_objects(*, name: str, namespace: str | None, image: str, target: str
         "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": meta_is,
         "spec": {"predictor": {"minReplicas": replicas, "maxReplicas": max_replicas,
                                "scaleMetric": "concurrency", "scaleTarget": target_pending,
-                               "terminationGracePeriodSeconds": prestop_s + 2 * exit_timeout_s + 15,
+                               "terminationGracePeriodSeconds": _grace(prestop_s, exit_timeout_s),
                                "timeout": 300, "model": model}},
     }
     models = ", ".join(f"{p}_glad" for p in prefixes)

@@ -73,8 +73,6 @@ def server_command(args: list[str], backends_dir: str = BACKENDS_DIR) -> list[st
 def missing_libraries(paths: list[str], env: dict[str, str]) -> list[str]:
     """The ``ldd`` lines ``... => not found`` of the executables / libraries ``paths`` under ``env`` (empty: every
     shared library resolves), each prefixed with the file's name."""
-    import subprocess
-
     missing = []
     for path in paths:
         out = subprocess.run(["ldd", str(path)], capture_output=True, text=True, env=env).stdout

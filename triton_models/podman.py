@@ -74,8 +74,7 @@ def podman_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def podman(*args: str, timeout: float = 600.0, check: bool = True, quiet: bool = True,
-           input: bytes | None = None) -> subprocess.CompletedProcess:
+def podman(*args: str, timeout: float = 600.0, check: bool = True, quiet: bool = True) -> subprocess.CompletedProcess:
     """Run ``podman ARGS`` with :func:`podman_env`; returns the completed process (text stdout / stderr when
     ``quiet``, else streamed to this process's).
 
@@ -87,8 +86,7 @@ def podman(*args: str, timeout: float = 600.0, check: bool = True, quiet: bool =
         raise ContainerError("podman is not installed (Debian: apt-get install podman runc)")
     cmd = [exe, *args]
     try:
-        proc = subprocess.run(cmd, env=podman_env(), timeout=timeout, input=input,
-                              capture_output=quiet, text=quiet and input is None)
+        proc = subprocess.run(cmd, env=podman_env(), timeout=timeout, capture_output=quiet, text=quiet)
     except subprocess.TimeoutExpired:
         raise ContainerError(f"{' '.join(cmd[:4])} ...: no answer after {timeout:.0f} s") from None
     if check and proc.returncode != 0:

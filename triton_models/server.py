@@ -499,7 +499,7 @@ def launch_server(repo: str | os.PathLike, *, binary: str | os.PathLike | None =
            f"--http-address={host}", f"--http-port={ports[0]}", f"--grpc-address={host}", f"--grpc-port={ports[1]}",
            f"--metrics-address={host}", f"--metrics-port={ports[2]}", "--allow-gpu-metrics=false",
            f"--exit-timeout-secs={int(exit_timeout)}", *extra_args]
-    if root is not None and Path(binary) == root / "bin" / "tritonserver":
+    if bundled:
         cmd += list(PYTRITON_CPU_FLAGS)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             preexec_fn=_pdeathsig if die_with_parent and sys.platform == "linux" else None)
